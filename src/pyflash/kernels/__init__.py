@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA GPUs; CPU under TRITON_INTERPRET=1)."""
