@@ -1,0 +1,19 @@
+"""Test setup. Without a GPU the Triton kernels run under the interpreter, which must be switched
+on before any kernel is defined, so this happens before pyflash is imported anywhere."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.py on the device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
