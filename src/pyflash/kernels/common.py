@@ -45,3 +45,41 @@ def dropout_uniform(seed, offset, bh, rows, cols):
 @triton.jit
 def dropout_keep(seed, offset, p_dropout, bh, rows, cols):
     return dropout_uniform(seed, offset, bh, rows, cols) >= p_dropout
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates cleanly to +-1 where e^{2x} over- or underflows
+    # (libdevice's tanh does not run under the interpreter).
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def visible_block_ranges(start, own_len, other_len, diag, lo_window, hi_window,
+                         OWN_BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr,
+                         HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """For the indices [start, start + OWN_BLOCK) of one side (valid below own_len), the range of the
+    other side they can see, where own index t sees other index x iff
+    t + diag - lo_window <= x <= t + diag + hi_window (a bound is absent without HAS_LO / HAS_HI).
+
+    Queries seeing keys: (seqlen_q, seqlen_k, seqlen_k - seqlen_q, left, right).
+    Keys seen by queries: (seqlen_k, seqlen_q, seqlen_q - seqlen_k, right, left).
+    Returns lo <= full_lo <= full_hi <= hi: other indices outside [lo, hi) are seen by no own index,
+    blocks in [full_lo, full_hi) are seen whole by every own index (no mask), the rest need the mask.
+    lo, full_lo, full_hi are multiples of OTHER_BLOCK (or equal hi)."""
+    first = start
+    last = tl.minimum(start + OWN_BLOCK, own_len) - 1
+    lo = 0
+    full_lo = 0
+    hi = other_len
+    full_hi = other_len // OTHER_BLOCK * OTHER_BLOCK
+    if HAS_LO:
+        lo = tl.maximum(first + diag - lo_window, 0) // OTHER_BLOCK * OTHER_BLOCK
+        full_lo = tl.cdiv(tl.maximum(last + diag - lo_window, 0), OTHER_BLOCK) * OTHER_BLOCK
+    if HAS_HI:
+        hi = tl.minimum(last + diag + hi_window + 1, other_len)
+        full_hi = tl.maximum(tl.minimum(first + diag + hi_window + 1, other_len), 0) // OTHER_BLOCK * OTHER_BLOCK
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi

@@ -1,0 +1,459 @@
+"""FlashAttention-2 backward in Triton: one set of kernels for dense and varlen inputs, every
+feature a compile-time switch (see DEVELOPERS.md for the backend contract and the rules).
+
+Three launches:
+1. ``_delta_kernel``: delta = rowsum(dO * O) per query row, written to ``softmax_d``.
+2. ``_dkdv_kernel``: one program per (key block, kv head, sequence) holds its K, V tile and dK, dV
+   accumulators, and walks the query blocks that see its keys, for every query head of its GQA
+   group (no atomics, no expanded copies). Optionally it also adds dS K into an fp32 dQ buffer
+   with atomics (``ATOMIC_DQ``), then ``_dq_from_accumulator_kernel`` scales and casts it.
+3. ``_dq_kernel`` (when not atomic): one program per (query block, head, sequence) walks the key
+   blocks its rows see; a fixed order, so deterministic.
+
+Scores are recomputed as in the forward, in the log2 domain: P = exp2(log2(e) * s - log2(e) * lse).
+Given dP = dO V^T (times keep / (1 - p) under dropout) and delta = rowsum(dO * O):
+dV = P_dropped^T dO, dS = P * (dP - delta) (times tanh' under softcap),
+dK = scale * dS^T Q, dQ = scale * dS K.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from pyflash.kernels import configs
+from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, tanh, visible_block_ranges, visible_mask
+
+LOG2E = math.log2(math.e)
+# Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
+ROW_BLOCK = 64
+
+
+@triton.jit
+def _sequence(batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dense_seqlen_k,
+              IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr):
+    """(first query row, seqlen_q, first key row, keys used, keys stored) of sequence ``batch``.
+    Keys past the used ones (seqused_k) get dK = dV = 0."""
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + batch)
+        seqlen_q = tl.load(cu_seqlens_q + batch + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + batch)
+        stored_k = tl.load(cu_seqlens_k + batch + 1) - k_start
+        if HAS_SEQUSED_K:
+            seqlen_k = tl.load(seqused_k + batch)
+        else:
+            seqlen_k = stored_k
+    else:
+        q_start = 0
+        seqlen_q = dense_seqlen_q
+        k_start = 0
+        seqlen_k = dense_seqlen_k
+        stored_k = dense_seqlen_k
+    return q_start, seqlen_q, k_start, seqlen_k, stored_k
+
+
+@triton.jit
+def _load_rows(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, MMA_DTYPE: tl.constexpr):
+    """A (rows, BLOCK_D) tile from ``ptr`` (offset to the sequence and head), 0 where out of bounds."""
+    ptrs = ptr + rows[:, None] * stride_row + offs_d[None, :]
+    if CHECK_ROWS:
+        tile = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile.to(MMA_DTYPE)
+
+
+@triton.jit
+def _store_rows(ptr, tile, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr):
+    ptrs = ptr + rows[:, None] * stride_row + offs_d[None, :]
+    tl.store(ptrs, tile.to(ptr.dtype.element_ty), mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, stride_row, seqlen_q, CHECK_ROWS: tl.constexpr):
+    """log2(e) * lse and delta of query rows; rows past the sequence get lse = +inf, so P = 0."""
+    if CHECK_ROWS:
+        lse = tl.load(lse_ptr + rows * stride_row, mask=rows < seqlen_q, other=float("inf"))
+        delta = tl.load(delta_ptr + rows * stride_row, mask=rows < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(lse_ptr + rows * stride_row)
+        delta = tl.load(delta_ptr + rows * stride_row)
+    return lse * 1.4426950408889634, delta
+
+
+@triton.jit
+def _score_grads(qk, dp, rows, cols, lse_log2, delta, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+                 alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed,
+                 philox_offset, bh, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """The softmax backward of one tile, in either orientation (rows, cols, lse_log2 and delta
+    broadcast against qk = q.k and dp = dO.v). Returns the dropped P (which multiplies dO into dV)
+    and dS = dL/d(q.k) / softmax_scale (which multiplies K into dQ and Q into dK)."""
+    if HAS_SOFTCAP:
+        # s = softcap * tanh(scale * qk / softcap): qk_scale = scale / softcap, softcap_scale = log2(e) * softcap
+        capped = tanh(qk * qk_scale)
+        s = softcap_scale * capped
+    else:
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        s += alibi_bias(alibi_slope, rows, cols, seqlen_q, seqlen_k)
+    p = tl.exp2(s - lse_log2)
+    if MASKED:
+        visible = visible_mask(rows, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT, True)
+        p = tl.where(visible, p, 0.0)
+    if HAS_DROPOUT:
+        # O = (P * keep / (1 - p_dropout)) V: the same factor scales dP, and dV sees the dropped P.
+        keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows, cols)
+        keep_scale = tl.where(keep, dropout_scale, 0.0)
+        p_dropped = p * keep_scale
+        dp = dp * keep_scale
+    else:
+        p_dropped = p
+    ds = p * (dp - delta)
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - capped * capped)
+    return p_dropped, ds
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom, stride_dqm,
+               stride_lse_m, row_lo, row_hi, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+               alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [row_lo, row_hi). Tiles are
+    (keys, queries): the accumulators take them without a transpose."""
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
+        do = _load_rows(do_ptr, rows, stride_dom, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
+        lse_log2, delta = _row_stats(lse_ptr, delta_ptr, rows, stride_lse_m, seqlen_q, MASKED)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        p_t, ds_t = _score_grads(qk_t, dp_t, rows[None, :], cols[:, None], lse_log2[None, :], delta[None, :],
+                                 seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
+                                 window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+                                 MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
+        ds_t = ds_t.to(MMA_DTYPE)
+        dv = tl.dot(p_t.to(MMA_DTYPE), do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+            dq_ptrs = dq_ptr + rows[:, None] * stride_dqm + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    q, k, v, dout, softmax_lse, softmax_d, dq_accum, dk, dv, alibi_slopes,
+    cu_seqlens_q, cu_seqlens_k, seqused_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_lse_b, stride_lse_h, stride_lse_m, stride_alibi_b, stride_alibi_h,
+    num_heads, group_size, dense_seqlen_q, dense_seqlen_k, softmax_scale, qk_scale, softcap_scale,
+    window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    head_k = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k, stored_k = _sequence(
+        batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dense_seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
+    if start_n >= stored_k:
+        return
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_tile = _load_rows(k + batch * stride_kb + k_start * stride_kn + head_k * stride_kh, cols, stride_kn,
+                        seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True, MMA_DTYPE)
+    v_tile = _load_rows(v + batch * stride_vb + k_start * stride_vn + head_k * stride_vh, cols, stride_vn,
+                        seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True, MMA_DTYPE)
+    dk_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    row_lo, full_lo, full_hi, row_hi = visible_block_ranges(
+        start_n, seqlen_k, seqlen_q, seqlen_q - seqlen_k, window_right, window_left,
+        BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
+    if start_n + BLOCK_N > seqlen_k:
+        # Keys past seqlen_k load as 0 but their P need not vanish: mask every query block.
+        full_hi = full_lo
+    for head in range(head_k * group_size, (head_k + 1) * group_size):
+        q_ptr = q + batch * stride_qb + q_start * stride_qm + head * stride_qh
+        do_ptr = dout + batch * stride_dob + q_start * stride_dom + head * stride_doh
+        dq_ptr = dq_accum + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh
+        stats_offset = batch * stride_lse_b + head * stride_lse_h + q_start * stride_lse_m
+        lse_ptr = softmax_lse + stats_offset
+        delta_ptr = softmax_d + stats_offset
+        alibi_slope = 0.0
+        if HAS_ALIBI:
+            alibi_slope = tl.load(alibi_slopes + batch * stride_alibi_b + head * stride_alibi_h) * 1.4426950408889634
+        bh = batch * num_heads + head
+        dk_acc, dv_acc = _dkdv_loop(
+            dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
+            stride_dqm, stride_lse_m, row_lo, full_lo, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+            alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+            True, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+        dk_acc, dv_acc = _dkdv_loop(
+            dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
+            stride_dqm, stride_lse_m, full_lo, full_hi, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+            alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+            False, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+        dk_acc, dv_acc = _dkdv_loop(
+            dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
+            stride_dqm, stride_lse_m, full_hi, row_hi, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+            alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+            True, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+    _store_rows(dk + batch * stride_dkb + k_start * stride_dkn + head_k * stride_dkh, dk_acc * softmax_scale,
+                cols, stride_dkn, stored_k, offs_d, HEAD_DIM)
+    _store_rows(dv + batch * stride_dvb + k_start * stride_dvn + head_k * stride_dvh, dv_acc,
+                cols, stride_dvn, stored_k, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, col_lo, col_hi, rows, offs_d,
+             seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+             dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MMA_DTYPE: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [col_lo, col_hi)."""
+    for start_n in range(col_lo, col_hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr, cols, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
+        v = _load_rows(v_ptr, cols, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        _, ds = _score_grads(qk, dp, rows[:, None], cols[None, :], lse_log2[:, None], delta[:, None],
+                             seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
+                             window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+                             MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
+        dq = tl.dot(ds.to(MMA_DTYPE), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    q, k, v, dout, softmax_lse, softmax_d, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+    stride_lse_b, stride_lse_h, stride_lse_m, stride_alibi_b, stride_alibi_h,
+    num_heads, group_size, dense_seqlen_q, dense_seqlen_k, softmax_scale, qk_scale, softcap_scale,
+    window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k, _ = _sequence(
+        batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dense_seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
+    if start_m >= seqlen_q:
+        return
+    head_k = head // group_size
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_tile = _load_rows(q + batch * stride_qb + q_start * stride_qm + head * stride_qh, rows, stride_qm,
+                        seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, MMA_DTYPE)
+    do_tile = _load_rows(dout + batch * stride_dob + q_start * stride_dom + head * stride_doh, rows, stride_dom,
+                         seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, MMA_DTYPE)
+    stats_offset = batch * stride_lse_b + head * stride_lse_h + q_start * stride_lse_m
+    lse_log2, delta = _row_stats(softmax_lse + stats_offset, softmax_d + stats_offset, rows, stride_lse_m,
+                                 seqlen_q, True)
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(alibi_slopes + batch * stride_alibi_b + head * stride_alibi_h) * 1.4426950408889634
+    bh = batch * num_heads + head
+    k_ptr = k + batch * stride_kb + k_start * stride_kn + head_k * stride_kh
+    v_ptr = v + batch * stride_vb + k_start * stride_vn + head_k * stride_vh
+    col_lo, full_lo, full_hi, col_hi = visible_block_ranges(
+        start_m, seqlen_q, seqlen_k, seqlen_k - seqlen_q, window_left, window_right,
+        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, col_lo, full_lo,
+                      rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
+                      window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+                      True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION)
+    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, full_lo, full_hi,
+                      rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
+                      window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+                      False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION)
+    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, full_hi, col_hi,
+                      rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
+                      window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+                      True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION)
+    _store_rows(dq + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh, dq_acc * softmax_scale,
+                rows, stride_dqm, seqlen_q, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _delta_kernel(out, dout, softmax_d, cu_seqlens_q, stride_ob, stride_om, stride_oh,
+                  stride_dob, stride_dom, stride_doh, stride_d_b, stride_d_h, stride_d_m, dense_seqlen_q,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """softmax_d = rowsum(dO * O) in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, seqlen_q, _, _, _ = _sequence(batch, cu_seqlens_q, cu_seqlens_q, cu_seqlens_q, dense_seqlen_q,
+                                           dense_seqlen_q, IS_VARLEN, False)
+    if start_m >= seqlen_q:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(out + batch * stride_ob + q_start * stride_om + head * stride_oh, rows, stride_om, seqlen_q,
+                   offs_d, HEAD_DIM, BLOCK_D, True, tl.float32)
+    do = _load_rows(dout + batch * stride_dob + q_start * stride_dom + head * stride_doh, rows, stride_dom,
+                    seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, tl.float32)
+    tl.store(softmax_d + batch * stride_d_b + head * stride_d_h + (q_start + rows) * stride_d_m,
+             tl.sum(o * do, axis=1), mask=rows < seqlen_q)
+
+
+@triton.jit
+def _dq_from_accumulator_kernel(dq_accum, dq, cu_seqlens_q, stride_ab, stride_am, stride_ah,
+                                stride_dqb, stride_dqm, stride_dqh, dense_seqlen_q, softmax_scale,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                IS_VARLEN: tl.constexpr):
+    """dq = softmax_scale * (the fp32 sum of dS K that the dK/dV programs added atomically)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    q_start, seqlen_q, _, _, _ = _sequence(batch, cu_seqlens_q, cu_seqlens_q, cu_seqlens_q, dense_seqlen_q,
+                                           dense_seqlen_q, IS_VARLEN, False)
+    if start_m >= seqlen_q:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = _load_rows(dq_accum + batch * stride_ab + q_start * stride_am + head * stride_ah, rows, stride_am,
+                     seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, tl.float32)
+    _store_rows(dq + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh, acc * softmax_scale,
+                rows, stride_dqm, seqlen_q, offs_d, HEAD_DIM)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+class BackwardConfig(NamedTuple):
+    """One row of configs.BACKWARD, named."""
+
+    dkdv: Tuple[int, int, int, int]  # (block_m, block_n, num_warps, num_stages) of the dK/dV kernel
+    dq: Tuple[int, int, int, int]  # the same for the dQ kernel
+    atomic_dq: bool  # when not deterministic: dQ by fp32 atomics inside the dK/dV kernel
+
+
+def backward_config(q: torch.Tensor, head_dim: int, causal: bool) -> BackwardConfig:
+    """The tuning row of configs.BACKWARD for q's device, dtype and head dim."""
+    major = 0
+    if q.is_cuda and not INTERPRET:
+        major = torch.cuda.get_device_capability(q.device)[0]
+    # Newer GPUs use the newest generation tuned so far; older ones the oldest.
+    known = sorted({key[0] for key in configs.BACKWARD if key[0] > 0})
+    if major > 0:
+        major = max([m for m in known if m <= major] or [known[0]])
+    return BackwardConfig(*configs.BACKWARD[(major, q.element_size(), _block_d(head_dim), causal)])
+
+
+def _row_strides(t: torch.Tensor, varlen: bool):
+    """(batch, row, head) strides of a (b, s, h, d) or varlen (total, h, d) tensor."""
+    return (0, t.stride(0), t.stride(1)) if varlen else t.stride()[:3]
+
+
+def _stat_strides(t: torch.Tensor, varlen: bool):
+    """(batch, head, row) strides of a (b, h, s) or varlen (h, total) tensor."""
+    return (0, t.stride(0), t.stride(1)) if varlen else t.stride()
+
+
+def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
+             config=None) -> None:
+    """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
+
+    config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests)."""
+    varlen = seqlens.is_varlen
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_heads_k = k.shape[-2]
+    batch = seqlens.batch_size
+    max_seqlen_q, max_seqlen_k = seqlens.max_seqlen_q, seqlens.max_seqlen_k
+    if batch == 0:
+        return
+    block_d = _block_d(head_dim)
+    cfg = BackwardConfig(*(config or backward_config(q, head_dim, params.is_causal)))
+    dkdv_block_m, dkdv_block_n, dkdv_warps, dkdv_stages = cfg.dkdv
+    dq_block_m, dq_block_n, dq_warps, dq_stages = cfg.dq
+    atomic_dq = cfg.atomic_dq and not deterministic
+    # softmax_d shares softmax_lse's layout: one set of strides serves both.
+    delta = softmax_d if softmax_d.stride() == softmax_lse.stride() else torch.empty_like(softmax_lse)
+    dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
+    cu_q = seqlens.cu_seqlens_q if varlen else dummy
+    cu_k = seqlens.cu_seqlens_k if varlen else dummy
+    dense_seqlen_q, dense_seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
+    stat_strides = _stat_strides(softmax_lse, varlen)
+
+    if max_seqlen_q > 0:
+        grid = (triton.cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
+        _delta_kernel[grid](out, dout, delta, cu_q, *_row_strides(out, varlen), *_row_strides(dout, varlen),
+                            *stat_strides, dense_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK,
+                            BLOCK_D=block_d, IS_VARLEN=varlen)
+
+    softcap, scale = params.softcap, params.softmax_scale
+    qk_scale, softcap_scale = (scale / softcap, softcap * LOG2E) if softcap > 0 else (scale * LOG2E, 0.0)
+    alibi = params.alibi_slopes
+    common_args = (
+        num_heads, num_heads // num_heads_k, dense_seqlen_q, dense_seqlen_k, scale, qk_scale, softcap_scale,
+        params.window_left, params.window_right, params.dropout_p, 1.0 / (1.0 - params.dropout_p),
+        params.philox_seed, params.philox_offset)
+    switches = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen,
+        HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
+        HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi is not None, HAS_DROPOUT=params.dropout_p > 0,
+        MMA_DTYPE=tl.float32 if INTERPRET or q.dtype == torch.float32 else
+        {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[q.dtype],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    tensors = (alibi if alibi is not None else dummy, cu_q, cu_k,
+               seqlens.seqused_k if varlen and seqlens.seqused_k is not None else dummy)
+    input_strides = (*_row_strides(q, varlen), *_row_strides(k, varlen), *_row_strides(v, varlen),
+                     *_row_strides(dout, varlen))
+    alibi_strides = alibi.stride() if alibi is not None else (0, 0)
+
+    dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
+    if max_seqlen_k > 0:
+        grid = (triton.cdiv(max_seqlen_k, dkdv_block_n), num_heads_k, batch)
+        _dkdv_kernel[grid](
+            q, k, v, dout, softmax_lse, delta, dq_target, dk, dv, *tensors,
+            *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen),
+            *stat_strides, *alibi_strides, *common_args,
+            BLOCK_M=dkdv_block_m, BLOCK_N=dkdv_block_n, ATOMIC_DQ=atomic_dq, **switches,
+            num_warps=dkdv_warps, num_stages=dkdv_stages)
+    if max_seqlen_q > 0 and atomic_dq:
+        grid = (triton.cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
+        _dq_from_accumulator_kernel[grid](
+            dq_target, dq, cu_q, *_row_strides(dq_target, varlen), *_row_strides(dq, varlen), dense_seqlen_q,
+            scale, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
+    elif max_seqlen_q > 0:
+        grid = (triton.cdiv(max_seqlen_q, dq_block_m), num_heads, batch)
+        _dq_kernel[grid](
+            q, k, v, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
+            *stat_strides, *alibi_strides, *common_args,
+            BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, **switches,
+            num_warps=dq_warps, num_stages=dq_stages)
+    if delta is not softmax_d:
+        softmax_d.copy_(delta)
