@@ -1,0 +1,295 @@
+"""Split-KV decoding: attention of a few query tokens to a long (optionally paged) KV cache.
+
+Decoding reads the whole cache once per step and does little math, so the goal is memory
+bandwidth. Each program owns one (batch, kv head) pair, the query heads of its GQA group packed as
+the rows of one tile (``row = query_index * groups + group_member``), so K/V are read once per group;
+and one of ``num_splits`` contiguous parts of the key range, so a small batch still fills the card.
+Each part leaves an fp32 partial output and its logsumexp; ``_combine_kernel`` merges them:
+``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``.
+
+Keys are addressed by sequence-local index ``j`` at memory position ``leftpad[b] + j`` of cache row
+``batch_rows[b]``, or of page ``block_table[b, pos // PAGE_SIZE]`` row ``pos % PAGE_SIZE``: each key
+row is gathered by its own address, so any page size works with any ``block_n``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pyflash.kernels.common import INTERPRET, alibi_bias, visible_mask
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_SPLITS = 128
+
+# (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
+# blocks keep the CPU tests fast while still crossing block, page and split boundaries.
+DECODE_CONFIGS = {64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+INTERPRET_BLOCK_N = 32
+
+
+def _config(head_dim: int):
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n, num_warps, num_stages = next(c for d, c in sorted(DECODE_CONFIGS.items()) if block_d <= d)
+    if INTERPRET:
+        block_n = INTERPRET_BLOCK_N
+    return block_d, block_n, num_warps, num_stages
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: small, so the heuristic still splits the tests' short caches
+
+
+def pick_num_splits(programs: int, max_seqlen_k: int, block_n: int, multiprocessors: int) -> int:
+    """Enough splits that ``programs * splits`` fills every multiprocessor about once, keeping at
+    least two key blocks per split so each part still streams."""
+    if programs >= multiprocessors:
+        return 1
+    key_blocks = triton.cdiv(max(max_seqlen_k, 1), block_n)
+    return max(1, min(triton.cdiv(multiprocessors, programs), key_blocks // 2, MAX_SPLITS))
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
+                   start_pos, seqlen_k, seqlen_q, key_lo, t_begin, t_end,
+                   stride_kb, stride_ks, stride_vb, stride_vs,
+                   scale, softcap, window_left, window_right, offs_d, d_ok,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks ``key_lo + t * BLOCK_N`` for t in [t_begin, t_end).
+    MASKED blocks apply the visibility rule; the others are known to be fully visible."""
+    for t in range(t_begin, t_end):
+        cols = key_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos = start_pos + cols
+        load_ok = d_ok[None, :]
+        if MASKED:
+            load_ok = load_ok & (cols < seqlen_k)[:, None]
+        if PAGED:
+            if MASKED:
+                page = tl.load(BlockTable + pos // PAGE_SIZE, mask=cols < seqlen_k, other=0)
+            else:
+                page = tl.load(BlockTable + pos // PAGE_SIZE)
+            page = page.to(tl.int64)
+            k_rows = page * stride_kb + (pos % PAGE_SIZE) * stride_ks
+            v_rows = page * stride_vb + (pos % PAGE_SIZE) * stride_vs
+        else:
+            k_rows = cache_row * stride_kb + pos.to(tl.int64) * stride_ks
+            v_rows = cache_row * stride_vb + pos.to(tl.int64) * stride_vs
+        if HEAD_DIM == BLOCK_D and not MASKED:
+            k = tl.load(K + kh_offset_k + k_rows[:, None] + offs_d[None, :])
+            v = tl.load(V + kh_offset_v + v_rows[:, None] + offs_d[None, :])
+        else:
+            k = tl.load(K + kh_offset_k + k_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            v = tl.load(V + kh_offset_v + v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+        if UPCAST:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = qk * scale
+        if HAS_SOFTCAP:
+            # softcap * tanh(s / softcap), tanh through exp: 1 - 2 / (exp(2x) + 1)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        if HAS_ALIBI:
+            s += alibi_bias(slope[:, None], rows[:, None], cols[None, :], seqlen_q, seqlen_k)
+        s = s * 1.4426950408889634  # log2(e): the softmax runs in base 2
+        if MASKED:
+            visible = visible_mask(rows[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
+                                   HAS_LEFT, HAS_RIGHT, True)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, Out, Lse, SeqlensK, Leftpad, BatchRows, BlockTable, Alibi,
+                   stride_qb, stride_qs, stride_qh,
+                   stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh,
+                   stride_o_split, stride_ob, stride_os, stride_oh,
+                   stride_l_split, stride_lb, stride_lh,
+                   stride_bt, stride_alibi,
+                   seqlen_q, num_heads_k, groups, num_splits,
+                   scale, softcap, window_left, window_right,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bkh = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = pid_bkh // num_heads_k
+    head_k = pid_bkh % num_heads_k
+
+    # Rows of the tile: the query heads of this kv head's group for each query index.
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_r // groups  # query index within the sequence
+    heads = head_k * groups + offs_r % groups
+    row_ok = rows < seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + batch * stride_qb + rows[:, None] * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + batch * stride_alibi + heads, mask=row_ok, other=0.0)
+
+    start_pos = tl.load(Leftpad + batch)
+    seqlen_k = tl.load(SeqlensK + batch) - start_pos
+    # Keys any row of the tile may see ([lo, hi)), and keys every row sees ([full_lo, full_hi)).
+    row_first = (pid_m * BLOCK_M) // groups
+    row_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // groups, seqlen_q - 1)
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(row_first + seqlen_k - seqlen_q - window_left, 0)
+        full_lo = tl.maximum(row_last + seqlen_k - seqlen_q - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(row_last + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
+        full_hi = tl.minimum(row_first + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
+    hi = tl.maximum(hi, lo)
+    # This split's share: whole blocks, so neighbouring splits never overlap.
+    blocks_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+    key_lo = lo + split * blocks_per_split * BLOCK_N
+    n_blocks = tl.minimum(tl.cdiv(tl.maximum(hi - key_lo, 0), BLOCK_N), blocks_per_split)
+    # Blocks t in [t_full_begin, t_full_end) lie inside [full_lo, full_hi): no mask needed.
+    t_full_begin = tl.minimum(tl.cdiv(tl.maximum(full_lo - key_lo, 0), BLOCK_N), n_blocks)
+    t_full_end = tl.maximum(tl.minimum(tl.maximum(full_hi - key_lo, 0) // BLOCK_N, n_blocks), t_full_begin)
+
+    cache_row = tl.load(BatchRows + batch).to(tl.int64)
+    BlockTable += batch.to(tl.int64) * stride_bt
+    kh_offset_k = head_k.to(tl.int64) * stride_kh
+    kh_offset_v = head_k.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
+        start_pos, seqlen_k, seqlen_q, key_lo, 0, t_full_begin, stride_kb, stride_ks, stride_vb, stride_vs,
+        scale, softcap, window_left, window_right, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N,
+        PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
+        start_pos, seqlen_k, seqlen_q, key_lo, t_full_begin, t_full_end, stride_kb, stride_ks, stride_vb,
+        stride_vs, scale, softcap, window_left, window_right, offs_d, d_ok, HEAD_DIM, BLOCK_D,
+        BLOCK_N, PAGE_SIZE, PAGED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
+        start_pos, seqlen_k, seqlen_q, key_lo, t_full_end, n_blocks, stride_kb, stride_ks, stride_vb, stride_vs,
+        scale, softcap, window_left, window_right, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N,
+        PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    # A part that saw no key has weight 0 in the merge (-inf); a final row that saw none has +inf.
+    if IS_SPLIT:
+        lse = tl.where(empty, float("-inf"), lse)
+    else:
+        lse = tl.where(empty, float("inf"), lse)
+    out_ptrs = (Out + split * stride_o_split + batch * stride_ob + rows[:, None] * stride_os
+                + heads[:, None] * stride_oh + offs_d[None, :])
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + split * stride_l_split + batch * stride_lb + heads * stride_lh + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(OutPartial, LsePartial, Out, Lse, num_splits, seqlen_q, num_heads,
+                    stride_p_split, stride_l_split, stride_ob, stride_os, stride_oh,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One (batch, query, head) row: merge the parts' outputs by their logsumexp."""
+    row = tl.program_id(0)  # (batch, query, head) flattened, as the partial output is laid out
+    head = row % num_heads
+    query = (row // num_heads) % seqlen_q
+    batch = row // (num_heads * seqlen_q)
+    lse_row = (batch * num_heads + head) * seqlen_q + query  # (b, h, sq) layout
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    lse_parts = tl.load(LsePartial + offs_s * stride_l_split + lse_row, mask=s_ok, other=float("-inf"))
+    lse_max = tl.max(lse_parts, 0)
+    lse_max_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp(lse_parts - lse_max_safe)
+    total = tl.sum(weights, 0)
+    parts = tl.load(OutPartial + offs_s[:, None] * stride_p_split + row.to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    lse = tl.where(total == 0.0, float("inf"), lse_max_safe + tl.log(total))
+    tl.store(Out + batch * stride_ob + query * stride_os + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(Lse + lse_row, lse)
+
+
+def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, softmax_scale, window_left,
+           window_right, softcap, alibi_slopes, num_splits, out, softmax_lse) -> None:
+    """Attention of ``q (b, sq, h, d)`` to the cache; writes ``out`` (b, sq, h, d) and
+    ``softmax_lse`` (b, h, sq, contiguous). Inputs validated by ``pyflash.kvcache``:
+    ``seqlens_k``/``leftpad`` (b,) int32 memory positions ending/starting each sequence,
+    ``batch_rows`` (b,) cache rows (ignored when paged), ``alibi_slopes`` None or fp32 (b, h)."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_heads_k = k_cache.shape[2]
+    groups = num_heads // num_heads_k
+    paged = block_table is not None
+    block_d, block_n, num_warps, num_stages = _config(head_dim)
+    block_m = max(16, min(64, triton.next_power_of_2(groups * seqlen_q)))
+    m_blocks = triton.cdiv(groups * seqlen_q, block_m)
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    if num_splits == 0:
+        num_splits = pick_num_splits(batch * num_heads_k * m_blocks, capacity, block_n,
+                                     _multiprocessors(q.device))
+    num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(max(capacity, 1), block_n)))
+    if num_splits > 1:
+        out_partial = torch.empty(num_splits, batch, seqlen_q, num_heads, head_dim, dtype=torch.float32,
+                                  device=q.device)
+        lse_partial = torch.empty(num_splits, batch, num_heads, seqlen_q, dtype=torch.float32, device=q.device)
+        dest, dest_lse = out_partial, lse_partial
+        dest_strides = (out_partial.stride(0),) + out_partial.stride()[1:4]
+        lse_split_stride = lse_partial.stride(0)
+    else:
+        dest, dest_lse = out, softmax_lse
+        dest_strides = (0,) + out.stride()[:3]
+        lse_split_stride = 0
+    dummy = seqlens_k  # stands in for absent optional tensors (never read)
+    grid = (m_blocks, batch * num_heads_k, num_splits)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, dest, dest_lse, seqlens_k, leftpad, batch_rows,
+        block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *dest_strides,
+        lse_split_stride, dest_lse.stride(-3), dest_lse.stride(-2),
+        block_table.stride(0) if paged else 0, alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+        seqlen_q, num_heads_k, groups, num_splits,
+        softmax_scale, softcap, window_left, window_right,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
+        UPCAST=INTERPRET or q.dtype == torch.float32,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _combine_kernel[(batch * seqlen_q * num_heads,)](
+            out_partial, lse_partial, out, softmax_lse, num_splits, seqlen_q, num_heads,
+            out_partial.stride(0), lse_partial.stride(0), out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4 if block_d >= 128 else 2)
