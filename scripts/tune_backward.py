@@ -1,0 +1,130 @@
+"""Backward speed on the GPU: sweep the launch configs of kernels/backward.py and compare with
+SDPA's FLASH_ATTENTION and CUDNN_ATTENTION backends in the same run (BENCHMARK.md workload:
+bf16, batch * seqlen = 16384, heads * head_dim = 2048).
+
+    PYTHONPATH=src python3 scripts/tune_backward.py --sweep --head-dims 128 --seqlens 4096
+    PYTHONPATH=src python3 scripts/tune_backward.py --head-dims 64 128 256 --seqlens 1024 4096 16384
+
+Without --sweep the table's configs are timed. Rows go to stdout and, as JSON lines, to
+$OUT/tune_backward.jsonl when OUT is set.
+"""
+import argparse
+import itertools
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pyflash.kernels.backward import BackwardConfig, backward, backward_config
+from pyflash.params import AttentionParams, Seqlens
+
+DKDV_CANDIDATES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+                   (32, 128, 8, 3), (64, 128, 4, 2)]
+DQ_CANDIDATES = [(128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+                 (64, 128, 4, 2)]
+
+
+def bench_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make_case(head_dim, seqlen, causal, dtype=torch.bfloat16):
+    batch, num_heads = 16384 // seqlen, 2048 // head_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(batch, seqlen, num_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+                     for _ in range(4))
+    scale = head_dim ** -0.5
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
+                                                           False, scale=scale)
+    flops = 2.5 * 4 * batch * num_heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    return dict(q=q, k=k, v=v, dout=dout, out=out, lse=lse, causal=causal, scale=scale, flops=flops,
+                seqlens=Seqlens(batch, seqlen, seqlen))
+
+
+def ours(case, config=None, deterministic=False):
+    q, k, v = case["q"], case["k"], case["v"]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    softmax_d = torch.empty_like(case["lse"])
+    params = AttentionParams(case["scale"], -1, 0 if case["causal"] else -1)
+    return lambda: backward(case["dout"], q, k, v, case["out"], case["lse"], dq, dk, dv, softmax_d, params,
+                            case["seqlens"], deterministic, config=config)
+
+
+def sdpa(case, backend):
+    q, k, v = (case[n].transpose(1, 2).detach().requires_grad_() for n in ("q", "k", "v"))
+    dout = case["dout"].transpose(1, 2)
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=case["causal"], scale=case["scale"])
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+def timed(case, fn_factory, label, log):
+    try:
+        ms = bench_ms(fn_factory())
+    except Exception as exc:  # a config that does not compile (shared memory) or a peer without the case
+        print(f"  {label}: failed ({type(exc).__name__}: {str(exc)[:120]})", flush=True)
+        return None
+    tflops = case["flops"] / ms * 1e-9
+    print(f"  {label}: {ms:.3f} ms {tflops:.0f} TFLOP/s", flush=True)
+    log(dict(label=label, ms=ms, tflops=tflops))
+    return ms
+
+
+def sweep(case, log):
+    """dK/dV configs with a fixed dQ config, then dQ configs with the best dK/dV, then atomic dQ."""
+    base = backward_config(case["q"], case["q"].shape[-1], case["causal"])
+    best_dkdv, best_ms = base.dkdv, float("inf")
+    for dkdv in DKDV_CANDIDATES:
+        ms = timed(case, lambda: ours(case, BackwardConfig(dkdv, base.dq, False), True), f"det dkdv={dkdv}", log)
+        if ms is not None and ms < best_ms:
+            best_dkdv, best_ms = dkdv, ms
+    best_dq, best_ms = base.dq, float("inf")
+    for dq in DQ_CANDIDATES:
+        ms = timed(case, lambda: ours(case, BackwardConfig(best_dkdv, dq, False), True), f"det dq={dq}", log)
+        if ms is not None and ms < best_ms:
+            best_dq, best_ms = dq, ms
+    best_atomic, best_atomic_ms = base.dkdv, float("inf")
+    for dkdv in DKDV_CANDIDATES:
+        ms = timed(case, lambda: ours(case, BackwardConfig(dkdv, best_dq, True)), f"atomic dkdv={dkdv}", log)
+        if ms is not None and ms < best_atomic_ms:
+            best_atomic, best_atomic_ms = dkdv, ms
+    print(f"  best deterministic: dkdv={best_dkdv} dq={best_dq} {best_ms:.3f} ms; "
+          f"best atomic: dkdv={best_atomic} {best_atomic_ms:.3f} ms", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    out_dir = os.environ.get("OUT")
+    log_file = open(os.path.join(out_dir, "tune_backward.jsonl"), "a") if out_dir else None
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    for head_dim, seqlen, causal in itertools.product(args.head_dims, args.seqlens, causals):
+        print(f"d={head_dim} s={seqlen} causal={causal}", flush=True)
+        case = make_case(head_dim, seqlen, causal)
+        tag = dict(head_dim=head_dim, seqlen=seqlen, causal=causal)
+
+        def log(row):
+            if log_file:
+                log_file.write(json.dumps({**tag, **row}) + "\n")
+                log_file.flush()
+
+        timed(case, lambda: sdpa(case, SDPBackend.FLASH_ATTENTION), "sdpa FLASH", log)
+        timed(case, lambda: sdpa(case, SDPBackend.CUDNN_ATTENTION), "sdpa CUDNN", log)
+        timed(case, lambda: ours(case, deterministic=False), "pyflash", log)
+        timed(case, lambda: ours(case, deterministic=True), "pyflash deterministic", log)
+        if args.sweep:
+            sweep(case, log)
+        del case
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

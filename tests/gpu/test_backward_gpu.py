@@ -1,0 +1,193 @@
+"""The Triton backward at real sizes on the GPU (run through scripts/gpu_check.py on the device).
+
+Against a float32 reference through autograd (the flash_attn error rule: at most twice the error
+of the same reference run in the input dtype, plus a small atol), against PyTorch's own
+FlashAttention-2 backward (``aten._flash_attention_backward``) where it has the feature, and
+bitwise determinism.
+"""
+import math
+
+import pytest
+import torch
+
+from pyflash import masks, philox
+from pyflash.kernels.backward import backward
+from pyflash.params import AttentionParams, Seqlens
+
+pytestmark = pytest.mark.gpu
+
+
+def reference(q, k, v, params: AttentionParams, batch_offset=0, compute_dtype=torch.float32):
+    """Materialised attention of dense (b, s, h, d) inputs, differentiable, on q's device.
+    batch_offset: the sequence index of q[0] (varlen sequences are checked one at a time)."""
+    batch, seqlen_q, num_heads, _ = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
+    k = k.repeat_interleave(num_heads // num_heads_k, dim=2)
+    v = v.repeat_interleave(num_heads // num_heads_k, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * params.softmax_scale
+    scores = masks.apply_softcap(scores, params.softcap)
+    rows = torch.arange(seqlen_q, device=q.device)[:, None]
+    cols = torch.arange(seqlen_k, device=q.device)[None, :]
+    if params.alibi_slopes is not None:
+        slopes = params.alibi_slopes[batch_offset:batch_offset + batch, :, None, None]
+        scores = scores + masks.alibi_bias(slopes, rows, cols, seqlen_q, seqlen_k).to(compute_dtype)
+    visible = masks.visible(rows, cols, seqlen_q, seqlen_k, params.window_left, params.window_right)
+    scores = scores.masked_fill(~visible, -math.inf)
+    # Rows that see no key: probabilities 0, and every branch finite so autograd stays NaN-free.
+    sees_key = visible.any(-1)
+    row_max = torch.where(sees_key, scores.amax(-1), 0.0).detach()
+    probs = torch.exp(scores - row_max[..., None])
+    probs = probs / torch.where(sees_key, probs.sum(-1), 1.0)[..., None]
+    if params.dropout_p > 0:
+        bh = (torch.arange(batch, device=q.device)[:, None] + batch_offset) * num_heads \
+            + torch.arange(num_heads, device=q.device)[None, :]
+        keep = philox.dropout_keep(params.philox_seed, params.philox_offset, params.dropout_p,
+                                   bh[:, :, None, None], rows, cols)
+        probs = probs * keep / (1 - params.dropout_p)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    lse = torch.where(sees_key, torch.logsumexp(scores.masked_fill(~visible, -1e30), -1), math.inf)
+    return out, lse
+
+
+def make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = [(batch, seqlen_q, num_heads, head_dim), (batch, seqlen_k, num_heads_k, head_dim),
+              (batch, seqlen_k, num_heads_k, head_dim), (batch, seqlen_q, num_heads, head_dim)]
+    return [torch.randn(s, device="cuda", dtype=dtype, generator=gen) for s in shapes]
+
+
+def reference_grads(q, k, v, dout, params, batch_offset=0, compute_dtype=torch.float32):
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = reference(*leaves, params, batch_offset, compute_dtype)
+    grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
+    return out.detach(), lse.detach(), grads
+
+
+def run_backward(dout, q, k, v, out, lse, params, seqlens, deterministic=True):
+    """dq, dk, dv, softmax_d from the kernels, outputs poisoned first so a missed element shows."""
+    dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
+    softmax_d = torch.full_like(lse, math.nan)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
+    return dq, dk, dv, softmax_d
+
+
+def assert_error_rule(ours, ref, lowp, name, atol=1e-4):
+    assert not ours.isnan().any(), f"{name}: NaN"
+    err = (ours.float() - ref).abs().max().item()
+    bound = 2 * (lowp.float() - ref).abs().max().item() + atol
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+FEATURES = {
+    "plain": {},
+    "causal": dict(window_right=0),
+    "window": dict(window_left=200, window_right=37),
+    "softcap": dict(softcap=20.0),
+    "alibi": dict(alibi=True, window_right=0),
+    "dropout": dict(dropout_p=0.17),
+}
+
+
+def make_params(head_dim, batch, num_heads, window_left=-1, window_right=-1, softcap=0.0, alibi=False,
+                dropout_p=0.0):
+    slopes = None
+    if alibi:
+        slopes = torch.rand(batch, num_heads, device="cuda", dtype=torch.float32) * 0.3
+    return AttentionParams(head_dim ** -0.5, window_left, window_right, softcap, slopes, dropout_p,
+                           philox_seed=0x1234_5678_9ABC, philox_offset=4096)
+
+
+DENSE_CASES = [  # (feature, head_dim, dtype, deterministic)
+    *[("plain", d, dtype, True) for d in (64, 128, 256, 72) for dtype in (torch.bfloat16, torch.float16)],
+    *[(f, d, torch.bfloat16, True) for f in FEATURES if f != "plain" for d in (64, 128, 256)],
+    # the fp32 atomic dQ path
+    *[(f, 128, dtype, False) for f in ("plain", "causal", "dropout") for dtype in (torch.bfloat16, torch.float16)],
+]
+
+
+@pytest.mark.parametrize("feature,head_dim,dtype,deterministic", DENSE_CASES)
+def test_dense_against_float32(feature, head_dim, dtype, deterministic):
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k = 2, 1000, 1531, 6, 2
+    q, k, v, dout = make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype)
+    params = make_params(head_dim, batch, num_heads, **FEATURES[feature])
+    out, lse, ref = reference_grads(q, k, v, dout, params)
+    _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
+    dq, dk, dv, softmax_d = run_backward(dout, q, k, v, out.to(dtype), lse.float(), params,
+                                         Seqlens(batch, seqlen_q, seqlen_k), deterministic)
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
+        assert_error_rule(ours, r, lp, name)
+    delta = (dout.float() * out.to(dtype).float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(softmax_d, delta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seqused", [False, True])
+def test_varlen_against_float32(seqused):
+    dtype, head_dim, num_heads, num_heads_k = torch.bfloat16, 128, 4, 1
+    lens_q, lens_k = [513, 1, 1200, 77], [700, 300, 1200, 1]
+    used_k = [650, 0, 1199, 1] if seqused else lens_k
+    cu_q = torch.tensor([0] + lens_q, device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device="cuda").cumsum(0).to(torch.int32)
+    q, k, v, dout = (t[0] for t in make_inputs(1, sum(lens_q), sum(lens_k), num_heads, num_heads_k, head_dim,
+                                              dtype))
+    params = make_params(head_dim, len(lens_q), num_heads, window_left=300, window_right=0, alibi=True,
+                         dropout_p=0.1)
+    out = torch.empty_like(q)
+    lse = torch.empty(num_heads, q.shape[0], device="cuda")
+    refs, lowps = [], []
+    for s in range(len(lens_q)):
+        rq, rk = slice(cu_q[s], cu_q[s + 1]), slice(cu_k[s], cu_k[s] + used_k[s])
+        args = (q[None, rq], k[None, rk], v[None, rk], dout[None, rq], params, s)
+        o, l, ref = reference_grads(*args)
+        refs.append((rq, rk, ref))
+        lowps.append(reference_grads(*args, compute_dtype=dtype)[2])
+        out[rq], lse[:, rq] = o[0].to(dtype), l[0]
+    seqlens = Seqlens(len(lens_q), max(lens_q), max(lens_k), cu_q, cu_k,
+                      torch.tensor(used_k, device="cuda", dtype=torch.int32) if seqused else None)
+    dq, dk, dv, _ = run_backward(dout, q, k, v, out, lse, params, seqlens)
+    for (rq, rk, ref), lowp in zip(refs, lowps):
+        for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq[rq], dk[rk], dv[rk]), ref, lowp):
+            assert_error_rule(ours, r[0], lp[0], name)
+    for s in range(len(lens_q)):
+        # Keys past seqused_k get no gradient.
+        unused = slice(cu_k[s] + used_k[s], cu_k[s + 1])
+        assert (dk[unused] == 0).all() and (dv[unused] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (256, 128)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_against_torch_flash(causal, window, head_dim):
+    """Same out/lse through PyTorch's FlashAttention-2 backward: our error to the float32 reference
+    is at most twice its error (plus atol)."""
+    if causal and window != (-1, -1):
+        pytest.skip("causal with window is covered by the window case's right bound")
+    dtype, batch, seqlen, num_heads = torch.bfloat16, 2, 2048, 4
+    q, k, v, dout = make_inputs(batch, seqlen, seqlen, num_heads, num_heads, head_dim, dtype, seed=1)
+    scale = head_dim ** -0.5
+    left, right = window if not causal else (-1, 0)
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, None, None, seqlen, seqlen, 0.0, causal, False, scale=scale,
+        window_size_left=left if left >= 0 else None, window_size_right=right if right >= 0 else None)
+    torch_grads = torch.ops.aten._flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, seqlen, seqlen, 0.0, causal, rng_state, unused, scale=scale,
+        window_size_left=left if left >= 0 else None, window_size_right=right if right >= 0 else None)
+    params = AttentionParams(scale, left, right)
+    dq, dk, dv, _ = run_backward(dout, q, k, v, out, lse, params, Seqlens(batch, seqlen, seqlen))
+    _, _, ref = reference_grads(q, k, v, dout, params)
+    for name, ours, theirs, r in zip(("dq", "dk", "dv"), (dq, dk, dv), torch_grads, ref):
+        assert_error_rule(ours, r, theirs, name)
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal", "dropout"])
+def test_deterministic_bitwise(feature):
+    dtype, head_dim, batch, seqlen, num_heads, num_heads_k = torch.bfloat16, 128, 2, 4096, 8, 2
+    q, k, v, dout = make_inputs(batch, seqlen, seqlen, num_heads, num_heads_k, head_dim, dtype, seed=2)
+    params = make_params(head_dim, batch, num_heads, **FEATURES[feature])
+    out = torch.randn_like(q)
+    lse = torch.randn(batch, num_heads, seqlen, device="cuda") + 8.0
+    seqlens = Seqlens(batch, seqlen, seqlen)
+    first = run_backward(dout, q, k, v, out, lse, params, seqlens, deterministic=True)
+    second = run_backward(dout, q, k, v, out, lse, params, seqlens, deterministic=True)
+    for name, a, b in zip(("dq", "dk", "dv", "softmax_d"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
