@@ -1,12 +1,17 @@
-"""Ring attention (pyflash.distributed) on CPU: gloo, 2 and 4 processes spawned here.
+"""Ring attention (pyflash.distributed) on CPU: gloo, 2 and 4 processes started here.
 
 Each process builds the same global inputs, runs the single-process attention (pyflash.api on the
 whole sequence) as the reference, runs the ring on its zigzag shard and compares its shard of the
 output, lse and gradients. A failing process raises; torch.multiprocessing re-raises it here.
+
+The processes are forked on Linux: a spawned one re-imports torch, which takes several seconds per
+process on a cold disk, while a fork shares the parent's imports. The parent holds no process group
+and no CUDA context, and the workers run single-threaded CPU ops only, so forking is safe here.
 """
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -121,7 +126,9 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ring_matches_single_process(world_size, tmp_path):
-    mp.spawn(_worker, args=(world_size, str(tmp_path / "rendezvous")), nprocs=world_size, join=True)
+    start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    mp.start_processes(_worker, args=(world_size, str(tmp_path / "rendezvous")), nprocs=world_size, join=True,
+                       start_method=start_method)
 
 
 # ----------------------------------------------------------------------------------------------
