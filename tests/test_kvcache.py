@@ -112,7 +112,7 @@ def oracle(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, batch_idx, leftpa
 
 def make_case(batch=2, seqlen_q=1, num_heads=4, num_heads_k=2, head_dim=32, capacity=100, seqlen_new=0,
               page_size=None, rotary_dim=0, batch_idx=False, leftpad=False, alibi=False, dtype=torch.bfloat16,
-              seqlens=None, seed=0):
+              seqlens=None, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
     case = {"q": rand(batch, seqlen_q, num_heads, head_dim)}
@@ -146,7 +146,7 @@ def make_case(batch=2, seqlen_q=1, num_heads=4, num_heads_k=2, head_dim=32, capa
         case["rotary_sin"] = torch.sin(angle).to(dtype)
     if alibi:
         case["alibi_slopes"] = torch.rand(batch, num_heads, generator=gen) * 0.3
-    return case
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
 
 
 def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softcap=0.0, interleaved=True,
@@ -166,9 +166,12 @@ def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softca
     seqlens = case["cache_seqlens"].tolist() if case.get("cache_seqlens") is not None else None
     leftpad = case["cache_leftpad"].tolist() if case.get("cache_leftpad") is not None else None
     batch_idx = case["cache_batch_idx"].tolist() if case.get("cache_batch_idx") is not None else None
-    common = (q, original["k_cache"], original["v_cache"], args["k"], args["v"], args["rotary_cos"],
-              args["rotary_sin"], seqlens, batch_idx, leftpad, case.get("block_table"), scale_value, causal,
-              window, softcap, interleaved, args["alibi_slopes"])
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    common = (cpu(q), cpu(original["k_cache"]), cpu(original["v_cache"]), cpu(args["k"]), cpu(args["v"]),
+              cpu(args["rotary_cos"]), cpu(args["rotary_sin"]), seqlens, batch_idx, leftpad,
+              cpu(case.get("block_table")), scale_value, causal, window, softcap, interleaved,
+              cpu(args["alibi_slopes"]))
+    out, lse = out.cpu(), lse.cpu()
     ref_out, ref_lse, memories = oracle(*common, torch.float64)
     low_out, _, _ = oracle(*common, q.dtype)
 
@@ -185,8 +188,8 @@ def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softca
     assert torch.allclose(lse.double()[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
     # The cache after the call: new keys (rotated) and values in place, everything else untouched.
     for b, (keys, values) in enumerate(memories):
-        got_k = logical_cache(case["k_cache"], b, batch_idx, case.get("block_table"))
-        got_v = logical_cache(case["v_cache"], b, batch_idx, case.get("block_table"))
+        got_k = logical_cache(case["k_cache"], b, batch_idx, case.get("block_table")).cpu()
+        got_v = logical_cache(case["v_cache"], b, batch_idx, case.get("block_table")).cpu()
         torch.testing.assert_close(got_k.double(), keys.double(), atol=1e-2 if q.dtype != torch.float32 else 1e-5,
                                    rtol=1e-2)
         assert torch.equal(got_v, values)
