@@ -1,0 +1,347 @@
+"""FlashAttention-2 forward in Triton: one kernel for dense and varlen inputs, every feature a
+compile-time switch (see DEVELOPERS.md for the backend contract and the rules it implements).
+
+Each program owns one block of BLOCK_M query rows of one (sequence, head) and walks only the key
+blocks its rows can see. The key range splits into blocks that need masking (window edges, the
+diagonal, the end of the keys) and blocks every row sees whole; the latter run a loop that carries
+no mask code. Scores live in the log2 domain (log2(e) folded into the scale) so the online softmax
+uses exp2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, visible_mask
+from pyflash.kernels.configs import FORWARD
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates cleanly to +-1 where e^{2x} over- or underflows.
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _load_rows(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """A (rows, BLOCK_D) tile of K or V. ``src`` is a TMA descriptor over the (rows, heads * d)
+    view (read at [tma_row, tma_col]) or a pointer already offset to this sequence and head."""
+    if USE_TMA:
+        # Rows past the sequence read its neighbour (or TMA's zero fill): their scores are masked.
+        tile = src.load([tma_row, tma_col])
+    else:
+        ptrs = src + rows[:, None] * stride_row + offs_d[None, :]
+        if CHECK_ROWS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
+            window_left, window_right, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+            HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """log2(e) * s for q (M, D) against k (N, D): -inf where the key is not visible (MASKED)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        # softcap * tanh(scale * qk / softcap): qk_scale = scale / softcap, softcap_scale = log2(e) * softcap
+        s = softcap_scale * _tanh(qk * qk_scale)
+    else:
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        s += alibi_bias(alibi_slope, rows[:, None], cols[None, :], seqlen_q, seqlen_k)
+    if MASKED:
+        visible = visible_mask(rows[:, None], cols[None, :], seqlen_q, seqlen_k, window_left, window_right,
+                               HAS_LEFT, HAS_RIGHT, True)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, k_col, v_col, stride_kn, stride_vn,
+            key_lo, key_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+            qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+            dropout_p, philox_seed, philox_offset, bh,
+            MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [key_lo, key_hi): running max m_i, running sum l_i (both of
+    the undropped probabilities) and the unnormalised output acc."""
+    for start_n in tl.range(key_lo, key_hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_src, kv_row + start_n, k_col, cols, stride_kn, seqlen_k, offs_d,
+                       HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
+        s = _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
+                    window_left, window_right, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                    DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row that has seen no visible key keeps m = -inf; subtracting 0 makes its p and alpha 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows[:, None], cols[None, :])
+            p = tl.where(keep, p, 0.0)
+        v = _load_rows(v_src, kv_row + start_n, v_col, cols, stride_vn, seqlen_k, offs_d,
+                       HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_ranges(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key bounds lo <= full_lo <= full_hi <= hi for the query rows [start_m, start_m + BLOCK_M):
+    keys outside [lo, hi) are invisible to every row (never loaded), blocks in [full_lo, full_hi)
+    are visible to every row (no mask), the rest need the mask. lo, full_lo, full_hi are multiples
+    of BLOCK_N (or equal hi)."""
+    diag = seqlen_k - seqlen_q  # row i's own key is i + diag
+    first_row = start_m
+    last_row = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    lo = 0
+    full_lo = 0
+    hi = seqlen_k
+    full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    if HAS_LEFT:
+        lo = tl.maximum(first_row + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last_row + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(last_row + diag + window_right + 1, seqlen_k)
+        full_hi = tl.maximum(tl.minimum(first_row + diag + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _forward_kernel(
+    q, k, v, out, softmax_lse, probs, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_lm,
+    stride_pb, stride_ph, stride_pm, stride_pn, stride_ab, stride_ah,
+    num_heads, head_group, dense_seqlen_q, dense_seqlen_k,
+    qk_scale, softcap_scale, window_left, window_right, dropout_p, philox_seed, philox_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    RETURN_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(1) // num_heads
+    head = tl.program_id(1) % num_heads
+    kv_head = head // head_group
+    # Reverse order: under causal masking the last query blocks see the most keys; start them first.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    if IS_VARLEN:
+        q_start = tl.load(cu_seqlens_q + batch)
+        seqlen_q = tl.load(cu_seqlens_q + batch + 1) - q_start
+        k_start = tl.load(cu_seqlens_k + batch)
+        if HAS_SEQUSED_K:
+            seqlen_k = tl.load(seqused_k + batch)
+        else:
+            seqlen_k = tl.load(cu_seqlens_k + batch + 1) - k_start
+        kv_row = k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = dense_seqlen_q
+        seqlen_k = dense_seqlen_k
+        kv_row = batch * dense_seqlen_k
+    if start_m >= seqlen_q:
+        return
+
+    rows = start_m + tl.arange(0, BLOCK_M)  # sequence-local query rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = rows < seqlen_q
+    d_valid = offs_d < HEAD_DIM
+    q_ptrs = q + batch * stride_qb + head * stride_qh + (q_start + rows[:, None]) * stride_qm + offs_d[None, :]
+    q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q_tile = q_tile.to(tl.float32)
+    if USE_TMA:
+        k_src = k
+        v_src = v
+    else:
+        k_src = k + batch * stride_kb + k_start * stride_kn + kv_head * stride_kh
+        v_src = v + batch * stride_vb + k_start * stride_vn + kv_head * stride_vh
+    k_col = kv_head * HEAD_DIM
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(alibi_slopes + batch * stride_ab + head * stride_ah) * 1.4426950408889634
+    bh = batch * num_heads + head
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_ranges(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, k_col, k_col, stride_kn, stride_vn,
+                                lo, full_lo, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                                qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+                                dropout_p, philox_seed, philox_offset, bh,
+                                True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, k_col, k_col, stride_kn, stride_vn,
+                            full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                            qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+                            dropout_p, philox_seed, philox_offset, bh,
+                            False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                            HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, k_col, k_col, stride_kn, stride_vn,
+                            full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                            qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+                            dropout_p, philox_seed, philox_offset, bh,
+                            True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                            HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
+
+    # Rows that saw no key: l = 0, output 0 and lse = +inf.
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out_scale = 1.0 / l_safe
+    if HAS_DROPOUT:
+        out_scale = out_scale / (1.0 - dropout_p)
+    acc = acc * out_scale[:, None]
+    lse_log2 = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
+    lse_ptrs = softmax_lse + batch * stride_lb + head * stride_lh + (q_start + rows) * stride_lm
+    tl.store(lse_ptrs, lse_log2 * 0.6931471805599453, mask=row_valid)
+    out_ptrs = out + batch * stride_ob + head * stride_oh + (q_start + rows[:, None]) * stride_om + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+    if RETURN_SOFTMAX:
+        # Second pass with the final lse: p = exp2(s - lse), dropped entries negated.
+        p_ptrs = probs + batch * stride_pb + head * stride_ph + rows[:, None] * stride_pm
+        for start_n in tl.range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            k_tile = _load_rows(k_src, kv_row + start_n, k_col, cols, stride_kn, seqlen_k, offs_d,
+                                HEAD_DIM, BLOCK_D, USE_TMA, True, UPCAST)
+            s = _scores(q_tile, k_tile, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
+                        window_left, window_right, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                        DOT_PRECISION)
+            p = tl.exp2(s - lse_log2[:, None])
+            if HAS_DROPOUT:
+                keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows[:, None], cols[None, :])
+                p = tl.where(keep, p, -p)
+            tl.store(p_ptrs + cols[None, :] * stride_pn, p.to(probs.dtype.element_ty),
+                     mask=row_valid[:, None] & (cols[None, :] < seqlen_k))
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward_config(q: torch.Tensor, head_dim: int, causal: bool):
+    """(block_m, block_n, num_warps, num_stages) from configs.FORWARD for q's device and dtype."""
+    major = 0
+    if q.is_cuda and not INTERPRET:
+        major = torch.cuda.get_device_capability(q.device)[0]
+    # Newer GPUs use the newest generation tuned so far; older ones the Ampere rows.
+    known = sorted({key[0] for key in FORWARD if key[0] > 0})
+    if major > 0:
+        major = max([m for m in known if m <= major] or [known[0]])
+    return FORWARD[(major, q.element_size(), _block_d(head_dim), causal)]
+
+
+def _tma_descriptor(t, rows, block_rows, block_d, head_dim):
+    """A TMA descriptor over t viewed as (rows, heads * head_dim), or None if that view is illegal."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    heads = t.shape[-2]
+    row_stride = t.stride(-3)
+    dense_ok = t.dim() == 3 or t.shape[0] == 1 or t.stride(0) == t.shape[1] * row_stride
+    if not dense_ok or (heads > 1 and t.stride(-2) != head_dim) or block_d != head_dim or rows == 0:
+        return None
+    if t.data_ptr() % 16 or (row_stride * t.element_size()) % 16:
+        return None
+    return TensorDescriptor(t, [rows, heads * head_dim], [row_stride, 1], [block_rows, block_d])
+
+
+def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=None) -> None:
+    """Fill out, softmax_lse (and p when given) per the backend contract (DEVELOPERS.md).
+
+    config: (block_m, block_n, num_warps, num_stages) instead of the table's; use_tma: force the TMA
+    path on or off (default: on for Hopper whenever the tensors allow it)."""
+    varlen = seqlens.is_varlen
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_heads_k = k.shape[-2]
+    batch = seqlens.batch_size
+    if batch == 0 or q.numel() == 0:
+        return
+    block_d = _block_d(head_dim)
+    block_m, block_n, num_warps, num_stages = config or forward_config(q, head_dim, params.is_causal)
+
+    if varlen:
+        q_strides = (0, q.stride(0), q.stride(1))
+        k_strides = (0, k.stride(0), k.stride(1))
+        v_strides = (0, v.stride(0), v.stride(1))
+        o_strides = (0, out.stride(0), out.stride(1))
+        lse_strides = (0, softmax_lse.stride(0), softmax_lse.stride(1))
+        dense_seqlen_q = dense_seqlen_k = 0
+        kv_rows = k.shape[0]
+    else:
+        q_strides = q.stride()[:3]
+        k_strides = k.stride()[:3]
+        v_strides = v.stride()[:3]
+        o_strides = out.stride()[:3]
+        lse_strides = softmax_lse.stride()
+        dense_seqlen_q, dense_seqlen_k = q.shape[1], k.shape[1]
+        kv_rows = batch * dense_seqlen_k
+
+    if use_tma is None:
+        use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
+    k_arg, v_arg = k, v
+    if use_tma:
+        k_desc = _tma_descriptor(k, kv_rows, block_n, block_d, head_dim)
+        v_desc = _tma_descriptor(v, kv_rows, block_n, block_d, head_dim)
+        use_tma = k_desc is not None and v_desc is not None
+        if use_tma:
+            k_arg, v_arg = k_desc, v_desc
+
+    softcap = params.softcap
+    scale = params.softmax_scale
+    qk_scale, softcap_scale = (scale / softcap, softcap * LOG2E) if softcap > 0 else (scale * LOG2E, 0.0)
+    alibi = params.alibi_slopes
+    has_dropout = params.dropout_p > 0
+    return_softmax = p is not None
+    dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
+    grid = (triton.cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
+    _forward_kernel[grid](
+        q, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
+        alibi if alibi is not None else dummy,
+        seqlens.cu_seqlens_q if varlen else dummy, seqlens.cu_seqlens_k if varlen else dummy,
+        seqlens.seqused_k if seqlens.seqused_k is not None else dummy,
+        *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
+        *(p.stride() if return_softmax else (0, 0, 0, 0)),
+        *(alibi.stride() if alibi is not None else (0, 0)),
+        num_heads, num_heads // num_heads_k, dense_seqlen_q, dense_seqlen_k,
+        qk_scale, softcap_scale, params.window_left, params.window_right,
+        params.dropout_p, params.philox_seed, params.philox_offset,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        IS_VARLEN=varlen, HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
+        HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=has_dropout,
+        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma,
+        UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
