@@ -1,0 +1,64 @@
+"""Tuning tables for the Triton kernels: data only, looked up by the kernel modules.
+
+FORWARD maps (capability major, dtype bytes, block_d, causal) to
+(block_m, block_n, num_warps, num_stages). Capability major 9 is Hopper, 8 Ampere/Ada, and 0 the
+CPU interpreter (small blocks so that small test shapes still span several blocks). block_d is the
+head dim rounded up to a power of two (at least 16, the smallest tl.dot size).
+Hopper rows come from scripts/tune_forward.py (benchmarks/RESULTS.md); Ampere rows follow Triton's
+fused-attention tutorial and are untuned.
+"""
+
+FORWARD = {
+    # Interpreter: every shape the same; several blocks per sequence, block_m != block_n, yet few
+    # programs (its cost is per operation, not per element).
+    **{(0, nbytes, block_d, causal): (64, 32, 4, 1)
+       for nbytes in (2, 4) for block_d in (16, 32, 64, 128, 256) for causal in (False, True)},
+    # Ampere / Ada, fp16 and bf16.
+    (8, 2, 16, False): (128, 64, 4, 3),
+    (8, 2, 16, True): (128, 64, 4, 3),
+    (8, 2, 32, False): (128, 64, 4, 3),
+    (8, 2, 32, True): (128, 64, 4, 3),
+    (8, 2, 64, False): (128, 64, 4, 3),
+    (8, 2, 64, True): (128, 64, 4, 3),
+    (8, 2, 128, False): (128, 64, 8, 2),
+    (8, 2, 128, True): (128, 64, 8, 2),
+    (8, 2, 256, False): (64, 32, 4, 2),
+    (8, 2, 256, True): (64, 32, 4, 2),
+    # Hopper, fp16 and bf16.
+    (9, 2, 16, False): (128, 128, 4, 3),
+    (9, 2, 16, True): (128, 128, 4, 3),
+    (9, 2, 32, False): (128, 128, 4, 3),
+    (9, 2, 32, True): (128, 128, 4, 3),
+    (9, 2, 64, False): (128, 128, 4, 3),
+    (9, 2, 64, True): (128, 128, 4, 3),
+    (9, 2, 128, False): (128, 64, 4, 2),
+    (9, 2, 128, True): (128, 128, 8, 3),
+    (9, 2, 256, False): (128, 64, 8, 2),
+    (9, 2, 256, True): (128, 64, 8, 2),
+    # fp32 (exact ieee dots, a CPU user's dtype): tiles four times the bytes, so smaller.
+    **{(major, 4, block_d, causal): (64, 32, 4, 2)
+       for major in (8, 9) for block_d in (16, 32, 64, 128) for causal in (False, True)},
+    **{(major, 4, 256, causal): (32, 32, 4, 2) for major in (8, 9) for causal in (False, True)},
+}
+
+
+
+# BACKWARD maps (capability major, dtype bytes, block_d, causal), keyed as FORWARD, to
+# ((block_m, block_n, num_warps, num_stages) of the dK/dV kernel, the same of the dQ kernel, atomic_dq).
+# dK/dV programs own block_n keys and step over block_m query rows; dQ programs the reverse.
+# atomic_dq: when not deterministic, dQ comes from fp32 atomics inside the dK/dV kernel instead.
+BACKWARD = {
+    # Interpreter: several blocks per sequence, block_m != block_n, the deterministic dQ kernel.
+    **{(0, nbytes, block_d, causal): ((16, 32, 4, 1), (32, 16, 4, 1), False)
+       for nbytes in (2, 4) for block_d in (16, 32, 64, 128, 256) for causal in (False, True)},
+    # Ampere / Ada and Hopper, fp16 and bf16 (untuned starting points).
+    **{(major, 2, block_d, causal): ((64, 128, 8, 2), (128, 64, 8, 2), True)
+       for major in (8, 9) for block_d in (16, 32, 64, 128) for causal in (False, True)},
+    **{(major, 2, 256, causal): ((32, 64, 8, 2), (64, 32, 8, 2), True)
+       for major in (8, 9) for causal in (False, True)},
+    # fp32 (exact ieee dots): tiles four times the bytes, so smaller.
+    **{(major, 4, block_d, causal): ((32, 64, 4, 2), (64, 32, 4, 2), True)
+       for major in (8, 9) for block_d in (16, 32, 64, 128) for causal in (False, True)},
+    **{(major, 4, 256, causal): ((16, 32, 4, 2), (32, 16, 4, 2), True)
+       for major in (8, 9) for causal in (False, True)},
+}
