@@ -1,0 +1,161 @@
+"""The Triton backward (kernels/backward.py) under TRITON_INTERPRET=1 against float64 autograd through
+the naive oracle (tests/naive.py), every feature at small odd shapes.
+
+Error rule (DEVELOPERS.md): |ours - ref64| <= 2 * |naive in the input dtype - ref64| + atol.
+out and lse handed to the kernel come from the float64 oracle (out rounded to the input dtype).
+"""
+import math
+
+import pytest
+import torch
+
+import naive
+from pyflash.kernels.backward import backward
+from pyflash.params import AttentionParams, Seqlens
+
+SEED, OFFSET = 0x0123_4567_89AB_CDEF, 12345
+
+
+def _grads(q, k, v, dout, compute_dtype, varlen=None, **kwargs):
+    """out, lse and (dq, dk, dv) of the oracle in compute_dtype."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    if varlen is None:
+        out, lse = naive.attention(*leaves, compute_dtype=compute_dtype, **kwargs)
+    else:
+        out, lse = naive.attention_varlen(*leaves, *varlen, compute_dtype=compute_dtype, **kwargs)
+    return out.detach(), lse.detach(), torch.autograd.grad(out, leaves, dout.to(compute_dtype))
+
+
+def _check(ours, ref, lowp, name, atol=1e-5):
+    assert not ours.isnan().any(), f"{name}: NaN (an element left unwritten?)"
+    err = (ours.double() - ref).abs().max().item() if ours.numel() else 0.0
+    bound = 2 * (lowp.double() - ref).abs().max().item() + atol if ours.numel() else 0.0
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+def _run(dout, q, k, v, out, lse, params, seqlens, deterministic=True, config=None, grads=None):
+    """The kernels with NaN-poisoned outputs (or the given, possibly strided, ones)."""
+    dq, dk, dv = grads or (torch.full_like(t, math.nan) for t in (q, k, v))
+    softmax_d = torch.full_like(lse, math.nan)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic, config=config)
+    return dq, dk, dv, softmax_d
+
+
+def check_dense(batch=2, seqlen_q=17, seqlen_k=100, num_heads=2, num_heads_k=1, head_dim=32,
+                dtype=torch.float32, window_left=-1, window_right=-1, softcap=0.0, alibi=False, dropout_p=0.0,
+                deterministic=True, config=None, grads=None):
+    torch.manual_seed(seqlen_q * 1000 + seqlen_k)
+    q = torch.randn(batch, seqlen_q, num_heads, head_dim, dtype=dtype)
+    k, v = (torch.randn(batch, seqlen_k, num_heads_k, head_dim, dtype=dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    slopes = torch.rand(batch, num_heads) * 0.5 if alibi else None
+    scale = 0.7 * head_dim ** -0.5
+    oracle = dict(softmax_scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                  alibi_slopes=slopes, p_dropout=dropout_p, seed_offset=(SEED, OFFSET))
+    out, lse, ref = _grads(q, k, v, dout, torch.float64, **oracle)
+    _, _, lowp = _grads(q, k, v, dout, dtype, **oracle)
+    params = AttentionParams(scale, window_left, window_right, softcap, slopes, dropout_p, SEED, OFFSET)
+    dq, dk, dv, softmax_d = _run(dout, q, k, v, out.to(dtype), lse.float(), params,
+                                 Seqlens(batch, seqlen_q, seqlen_k), deterministic, config, grads)
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
+        _check(ours, r, lp, name)
+    delta = (dout.double() * out.to(dtype).double()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(softmax_d.double(), delta, rtol=1e-5, atol=1e-5)
+    return dq, dk, dv, softmax_d
+
+
+# (name, kwargs of check_dense): every feature, small odd shapes.
+DENSE_CASES = [
+    ("plain_mha_d64", dict(seqlen_q=100, seqlen_k=128, num_heads=2, num_heads_k=2, head_dim=64)),
+    ("gqa_padded_d40", dict(seqlen_q=17, seqlen_k=100, num_heads=4, num_heads_k=1, head_dim=40)),
+    ("seqlen_q_1", dict(batch=3, seqlen_q=1, seqlen_k=100, head_dim=16)),
+    ("seqlen_k_1", dict(seqlen_q=17, seqlen_k=1, head_dim=16)),
+    ("causal_rows_without_keys", dict(seqlen_q=100, seqlen_k=17, window_right=0)),
+    ("causal_long_keys", dict(seqlen_q=17, seqlen_k=100, window_right=0, head_dim=64)),
+    ("causal_square", dict(batch=1, seqlen_q=128, seqlen_k=128, window_right=0)),
+    ("window_both", dict(seqlen_q=100, seqlen_k=128, window_left=9, window_right=4)),
+    ("window_left_only", dict(seqlen_q=100, seqlen_k=100, window_left=20)),
+    ("window_empty_rows", dict(seqlen_q=100, seqlen_k=17, window_left=3, window_right=2)),
+    ("softcap", dict(seqlen_q=100, seqlen_k=17, softcap=2.5)),
+    ("alibi_causal", dict(seqlen_q=17, seqlen_k=100, alibi=True, window_right=0)),
+    ("dropout_gqa", dict(seqlen_q=100, seqlen_k=17, num_heads=4, num_heads_k=2, dropout_p=0.3)),
+    ("everything", dict(seqlen_q=17, seqlen_k=100, num_heads=4, num_heads_k=2, window_left=30,
+                        window_right=0, softcap=3.0, alibi=True, dropout_p=0.2, dtype=torch.bfloat16)),
+    ("bf16", dict(seqlen_q=100, seqlen_k=17, dtype=torch.bfloat16, head_dim=64)),
+    ("fp16_causal", dict(seqlen_q=17, seqlen_k=17, dtype=torch.float16, window_right=0)),
+    ("d256", dict(batch=1, seqlen_q=17, seqlen_k=33, head_dim=256, dtype=torch.bfloat16)),
+    ("atomic_dq_dropout", dict(seqlen_q=100, seqlen_k=17, num_heads=4, num_heads_k=2, dropout_p=0.25,
+                               window_right=0, deterministic=False,
+                               config=((16, 32, 4, 1), (32, 16, 4, 1), True))),
+    ("blocks_m_gt_n", dict(seqlen_q=100, seqlen_k=128, window_left=40, window_right=7,
+                           config=((32, 16, 4, 1), (16, 32, 4, 1), False))),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in DENSE_CASES], ids=[c[0] for c in DENSE_CASES])
+def test_dense(kwargs):
+    check_dense(**kwargs)
+
+
+def test_strided_outputs():
+    """dq_/dk_/dv_ given as views with their own strides are written in place."""
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim = 2, 17, 100, 2, 1, 32
+    dq = torch.full((batch, seqlen_q, num_heads + 1, head_dim), math.nan)[:, :, 1:]
+    dk = torch.full((batch, num_heads_k, seqlen_k, head_dim), math.nan).transpose(1, 2)
+    dv = torch.full((batch, seqlen_k, num_heads_k, 2 * head_dim), math.nan)[..., :head_dim]
+    got = check_dense(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, window_right=0,
+                      grads=(dq, dk, dv))
+    assert got[0] is dq and got[1] is dk and got[2] is dv
+
+
+def test_no_keys():
+    """seqlen_k = 0: dq = 0, delta still written."""
+    q = torch.randn(2, 17, 2, 16)
+    k = v = torch.randn(2, 0, 1, 16)
+    out = torch.zeros_like(q)
+    lse = torch.full((2, 2, 17), math.inf)
+    dq, dk, dv, softmax_d = _run(torch.randn_like(q), q, k, v, out, lse, AttentionParams(0.25, -1, -1),
+                                 Seqlens(2, 17, 0))
+    assert (dq == 0).all() and (softmax_d == 0).all() and dk.numel() == 0
+
+
+@pytest.mark.parametrize("features", [
+    dict(),
+    dict(seqused=True, window_left=5, window_right=0, dropout_p=0.2, alibi=True, softcap=2.0),
+], ids=["plain", "seqused_window_dropout_alibi_softcap"])
+def test_varlen(features):
+    dtype, num_heads, num_heads_k, head_dim = torch.float32, 4, 2, 24
+    features = dict(features)
+    lens_q, lens_k = [17, 0, 1, 40], [30, 5, 17, 33]
+    used_k = [25, 0, 17, 1] if features.pop("seqused", False) else None
+    cu_q = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    torch.manual_seed(1)
+    q = torch.randn(sum(lens_q), num_heads, head_dim, dtype=dtype)
+    k, v = (torch.randn(sum(lens_k), num_heads_k, head_dim, dtype=dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    slopes = torch.rand(len(lens_q), num_heads) if features.pop("alibi", False) else None
+    scale = head_dim ** -0.5
+    seqused = torch.tensor(used_k, dtype=torch.int32) if used_k else None
+    oracle = dict(softmax_scale=scale, alibi_slopes=slopes, seqused_k=seqused, seed_offset=(SEED, OFFSET),
+                  window_left=features.get("window_left", -1), window_right=features.get("window_right", -1),
+                  softcap=features.get("softcap", 0.0), p_dropout=features.get("dropout_p", 0.0))
+    varlen = (cu_q, cu_k, max(lens_k))
+    out, lse, ref = _grads(q, k, v, dout, torch.float64, varlen, **oracle)
+    _, _, lowp = _grads(q, k, v, dout, dtype, varlen, **oracle)
+    params = AttentionParams(scale, oracle["window_left"], oracle["window_right"], oracle["softcap"], slopes,
+                             oracle["p_dropout"], SEED, OFFSET)
+    seqlens = Seqlens(len(lens_q), max(lens_q), max(lens_k), cu_q, cu_k, seqused)
+    dq, dk, dv, softmax_d = _run(dout, q, k, v, out.to(dtype), lse.float(), params, seqlens)
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
+        _check(ours, r, lp, name)
+    torch.testing.assert_close(softmax_d, (dout * out.to(dtype)).sum(-1).T, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_repeats_bitwise():
+    """Two deterministic runs give the same bits (weak on the CPU; tests/gpu has the real check)."""
+    kwargs = dict(seqlen_q=100, seqlen_k=17, num_heads=4, num_heads_k=2, dropout_p=0.1, window_right=0)
+    first = check_dense(**kwargs)
+    second = check_dense(**kwargs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
