@@ -40,6 +40,8 @@ FORWARD = {
        for major in (8, 9) for block_d in (16, 32, 64, 128) for causal in (False, True)},
     **{(major, 4, 256, causal): (32, 32, 4, 2) for major in (8, 9) for causal in (False, True)},
 }
+# With dropout, Philox's rounds on every score need the registers of 8 warps (4 warps spill kilobytes).
+FORWARD_DROPOUT_MIN_WARPS = 8
 
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, visible_mask
-from pyflash.kernels.configs import FORWARD
+from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
 
@@ -175,14 +175,16 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_valid = rows < seqlen_q
     d_valid = offs_d < HEAD_DIM
-    q_ptrs = q + batch * stride_qb + head * stride_qh + (q_start + rows[:, None]) * stride_qm + offs_d[None, :]
-    q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q_tile = q_tile.to(tl.float32)
     if USE_TMA:
+        # Through TMA the Q tile stays in shared memory, where wgmma reads it, sparing registers.
+        q_tile = q.load([batch * dense_seqlen_q + q_start + start_m, head * HEAD_DIM])
         k_src = k
         v_src = v
     else:
+        q_ptrs = q + batch * stride_qb + head * stride_qh + (q_start + rows[:, None]) * stride_qm + offs_d[None, :]
+        q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        if UPCAST:
+            q_tile = q_tile.to(tl.float32)
         k_src = k + batch * stride_kb + k_start * stride_kn + kv_head * stride_kh
         v_src = v + batch * stride_vb + k_start * stride_vn + kv_head * stride_vh
     k_col = kv_head * HEAD_DIM
@@ -251,7 +253,7 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def forward_config(q: torch.Tensor, head_dim: int, causal: bool):
+def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool = False):
     """(block_m, block_n, num_warps, num_stages) from configs.FORWARD for q's device and dtype."""
     major = 0
     if q.is_cuda and not INTERPRET:
@@ -260,7 +262,10 @@ def forward_config(q: torch.Tensor, head_dim: int, causal: bool):
     known = sorted({key[0] for key in FORWARD if key[0] > 0})
     if major > 0:
         major = max([m for m in known if m <= major] or [known[0]])
-    return FORWARD[(major, q.element_size(), _block_d(head_dim), causal)]
+    block_m, block_n, num_warps, num_stages = FORWARD[(major, q.element_size(), _block_d(head_dim), causal)]
+    if dropout and major > 0:
+        num_warps = max(num_warps, FORWARD_DROPOUT_MIN_WARPS)
+    return block_m, block_n, num_warps, num_stages
 
 
 def _tma_descriptor(t, rows, block_rows, block_d, head_dim):
@@ -289,7 +294,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     if batch == 0 or q.numel() == 0:
         return
     block_d = _block_d(head_dim)
-    block_m, block_n, num_warps, num_stages = config or forward_config(q, head_dim, params.is_causal)
+    block_m, block_n, num_warps, num_stages = config or forward_config(q, head_dim, params.is_causal, params.dropout_p > 0)
 
     if varlen:
         q_strides = (0, q.stride(0), q.stride(1))
@@ -310,13 +315,14 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
 
     if use_tma is None:
         use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
-    k_arg, v_arg = k, v
+    q_arg, k_arg, v_arg = q, k, v
     if use_tma:
-        k_desc = _tma_descriptor(k, kv_rows, block_n, block_d, head_dim)
-        v_desc = _tma_descriptor(v, kv_rows, block_n, block_d, head_dim)
-        use_tma = k_desc is not None and v_desc is not None
+        descriptors = (_tma_descriptor(q, q.shape[0] if varlen else batch * dense_seqlen_q, block_m, block_d, head_dim),
+                       _tma_descriptor(k, kv_rows, block_n, block_d, head_dim),
+                       _tma_descriptor(v, kv_rows, block_n, block_d, head_dim))
+        use_tma = None not in descriptors
         if use_tma:
-            k_arg, v_arg = k_desc, v_desc
+            q_arg, k_arg, v_arg = descriptors
 
     softcap = params.softcap
     scale = params.softmax_scale
@@ -327,7 +333,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
     grid = (triton.cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
     _forward_kernel[grid](
-        q, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
+        q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
         alibi if alibi is not None else dummy,
         seqlens.cu_seqlens_q if varlen else dummy, seqlens.cu_seqlens_k if varlen else dummy,
         seqlens.seqused_k if seqlens.seqused_k is not None else dummy,
