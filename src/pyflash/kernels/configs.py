@@ -53,14 +53,20 @@ BACKWARD = {
     # Interpreter: several blocks per sequence, block_m != block_n, the deterministic dQ kernel.
     **{(0, nbytes, block_d, causal): ((16, 32, 4, 1), (32, 16, 4, 1), False)
        for nbytes in (2, 4) for block_d in (16, 32, 64, 128, 256) for causal in (False, True)},
-    # Ampere / Ada and Hopper, fp16 and bf16 (untuned starting points).
-    **{(major, 2, block_d, causal): ((64, 128, 8, 2), (128, 64, 8, 2), True)
-       for major in (8, 9) for block_d in (16, 32, 64, 128) for causal in (False, True)},
-    **{(major, 2, 256, causal): ((32, 64, 8, 2), (64, 32, 8, 2), True)
-       for major in (8, 9) for causal in (False, True)},
+    # Ampere / Ada, fp16 and bf16: untuned, within Ampere's 164 KB of shared memory.
+    **{(8, 2, block_d, causal): ((64, 128, 8, 2), (128, 64, 8, 2), False)
+       for block_d in (16, 32, 64, 128) for causal in (False, True)},
+    **{(8, 2, 256, causal): ((64, 64, 8, 2), (64, 64, 4, 2), False) for causal in (False, True)},
+    # Hopper, fp16 and bf16: scripts/tune_backward.py on H100, seqlen 4096 (benchmarks/RESULTS.md).
+    # Atomic dQ was slower than the dQ kernel at every head dim measured.
+    **{(9, 2, block_d, causal): ((64, 64, 4, 3), (128, 64, 4, 3), False)
+       for block_d in (16, 32, 64) for causal in (False, True)},
+    (9, 2, 128, False): ((64, 128, 8, 3), (128, 128, 8, 2), False),
+    (9, 2, 128, True): ((64, 128, 8, 3), (128, 32, 4, 3), False),
+    **{(9, 2, 256, causal): ((64, 64, 8, 2), (64, 64, 4, 2), False) for causal in (False, True)},
     # fp32 (exact ieee dots): tiles four times the bytes, so smaller.
-    **{(major, 4, block_d, causal): ((32, 64, 4, 2), (64, 32, 4, 2), True)
+    **{(major, 4, block_d, causal): ((32, 64, 4, 2), (64, 32, 4, 2), False)
        for major in (8, 9) for block_d in (16, 32, 64, 128) for causal in (False, True)},
-    **{(major, 4, 256, causal): ((16, 32, 4, 2), (32, 16, 4, 2), True)
+    **{(major, 4, 256, causal): ((16, 32, 4, 2), (32, 16, 4, 2), False)
        for major in (8, 9) for causal in (False, True)},
 }
