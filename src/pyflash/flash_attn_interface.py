@@ -7,6 +7,7 @@ from pyflash.interface import (  # noqa: F401
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from pyflash.kvcache import flash_attn_with_kvcache  # noqa: F401
 
 __all__ = [
     "flash_attn_func",
@@ -15,4 +16,5 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
 ]
