@@ -176,8 +176,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     progress = report.Progress(len(cases) * len(impls))
     rows: List[dict] = []
+    json_path = os.path.join(args.out, "bench.json")
     for index, case in enumerate(cases):
         rows += run_case(case, impls, args.modes, device, index, progress, args.cpu_budget)
+        report.write_json(json_path, meta, rows)  # a run cut short keeps what it measured
+    report.write_json(json_path, meta, rows)
 
     labels = [(impl.name, impl.label) for impl in impls]
     print()
@@ -193,8 +196,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for impl, error in sorted(errors):
         print(f"'-' {impl}: {error}")
 
-    json_path = os.path.join(args.out, "bench.json")
-    report.write_json(json_path, meta, rows)
     print(f"wrote {json_path}")
     if args.plot:
         for path in report.plot(args.out, rows, labels):
