@@ -32,7 +32,7 @@ FORWARD = {
     (9, 2, 64, False): (128, 128, 4, 3),
     (9, 2, 64, True): (128, 128, 4, 3),
     (9, 2, 128, False): (128, 64, 4, 2),
-    (9, 2, 128, True): (128, 128, 8, 3),
+    (9, 2, 128, True): (128, 64, 4, 2),
     (9, 2, 256, False): (128, 64, 8, 2),
     (9, 2, 256, True): (128, 64, 8, 2),
     # fp32 (exact ieee dots, a CPU user's dtype): tiles four times the bytes, so smaller.
