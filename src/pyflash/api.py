@@ -276,7 +276,10 @@ def _backward(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, params: AttentionP
 def _check_backward_common(dout, out, softmax_lse, dq_, dk_, dv_, q, k, lse_shape, p_dropout, window_size_left,
                            window_size_right, softcap):
     _check_tensor("dout", dout, q.dim(), q.device, q.dtype)
-    _check_shape("dout", dout, q.shape)
+    # The seed's callers hand in q/k/v/out padded to a multiple of 8 and dout at the original head dim.
+    _require(dout.shape[:-1] == q.shape[:-1] and dout.shape[-1] <= q.shape[-1]
+             and _round_up(dout.shape[-1], 8) == _round_up(q.shape[-1], 8),
+             f"dout must have shape {tuple(q.shape)} (or q's head dim before padding), got {tuple(dout.shape)}")
     _check_tensor("out", out, q.dim(), q.device, q.dtype)
     _require(out.shape[:-1] == q.shape[:-1] and out.shape[-1] in (q.shape[-1], _round_up(q.shape[-1], 8)),
              f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
