@@ -82,7 +82,9 @@ def attention_one(q, k, v, *, softmax_scale: float, causal=False, window_left=-1
     row_sees_key = vis.any(-1)  # (h, sq)
     # A row with no visible key has lse = +inf and probabilities 0; keep every branch finite
     # so autograd stays NaN-free.
-    row_max = torch.where(row_sees_key, scores.amax(-1), torch.zeros((), dtype=compute_dtype)).detach()
+    zero = torch.zeros((), dtype=compute_dtype)
+    row_max = torch.where(row_sees_key, scores.amax(-1), zero) if seqlen_k > 0 else zero.expand(num_heads, seqlen_q)
+    row_max = row_max.detach()
     sum_exp = torch.exp(scores - row_max[..., None]).sum(-1)
     sum_exp = torch.where(row_sees_key, sum_exp, torch.ones((), dtype=compute_dtype))
     lse_finite = row_max + torch.log(sum_exp)
@@ -95,6 +97,12 @@ def attention_one(q, k, v, *, softmax_scale: float, causal=False, window_left=-1
     if return_probs:
         return out, lse, probs
     return out, lse
+
+
+def _normalise_window(window_left, window_right, seqlen_k):
+    """SPEC: windows at or past seqlen_k (max_seqlen_k for varlen) count as unbounded (-1)."""
+    return (-1 if window_left >= seqlen_k else window_left,
+            -1 if window_right >= seqlen_k else window_right)
 
 
 def _slopes_row(alibi_slopes, batch_index, num_heads):
@@ -113,6 +121,7 @@ def attention(q, k, v, *, softmax_scale: Optional[float] = None, causal=False, w
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    window_left, window_right = _normalise_window(window_left, window_right, seqlen_k)
     outs, lses, probs = [], [], []
     for b in range(batch):
         keep = None
@@ -135,7 +144,7 @@ def attention(q, k, v, *, softmax_scale: Optional[float] = None, causal=False, w
     return (out, lse, p) if return_probs else (out, lse)
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, *, seqused_k=None,
                      softmax_scale: Optional[float] = None, causal=False, window_left=-1,
                      window_right=-1, softcap=0.0, alibi_slopes=None, p_dropout=0.0,
                      seed_offset: Optional[Sequence[int]] = None, compute_dtype=None):
@@ -146,6 +155,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
     total_q, num_heads, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     dtype = compute_dtype or q.dtype
+    window_left, window_right = _normalise_window(window_left, window_right, max_seqlen_k)
     cu_q = [int(x) for x in cu_seqlens_q]
     cu_k = [int(x) for x in cu_seqlens_k]
     out_rows, lse_cols = [], []
@@ -173,3 +183,30 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
     out_rows.append(torch.zeros(tail, num_heads, head_dim, dtype=dtype))
     lse_cols.append(torch.full((num_heads, tail), math.inf, dtype=dtype))
     return torch.cat(out_rows, 0), torch.cat(lse_cols, 1)
+
+
+# The error rule (flash_attn's): max|ours - ref64| <= 2 * max|lowp - ref64| + atol, NaN never passes.
+RULE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-10}
+
+
+def assert_rule(ours: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor, name: str,
+                atol: float) -> None:
+    """``ours`` within twice the low-precision baseline's error of the float64 reference.
+
+    Infinities (lse of rows that see no key) must match exactly; the rule applies to the rest.
+    ``atol`` is scaled by the reference's magnitude (gradients of long rows grow with the length).
+    """
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(ours).any(), f"{name}: NaN in {int(torch.isnan(ours).sum())} elements"
+    ours64, lowp64 = ours.detach().double(), lowp.detach().double()
+    ref_inf = torch.isinf(ref64)
+    mismatch = (torch.isinf(ours64) != ref_inf) | (ref_inf & (ours64 != ref64))
+    assert not mismatch.any(), f"{name}: infinities differ at {int(mismatch.sum())} elements"
+    if ref_inf.all():
+        return
+    finite = ~ref_inf
+    err = (ours64 - ref64)[finite].abs().max().item()
+    base = (lowp64 - ref64)[finite].abs().nan_to_num(nan=0.0, posinf=0.0).max().item()
+    scale = 1.0 + ref64[finite].abs().max().item()
+    assert err <= 2 * base + atol * scale, (
+        f"{name}: max err {err:.3g} > 2 * baseline {base:.3g} + atol {atol * scale:.3g}")
