@@ -321,7 +321,7 @@ def test_paths_agree_and_returns_out_alone(monkeypatch):
 def test_pick_num_splits():
     from pyflash.kernels.decode import MAX_SPLITS, pick_num_splits
 
-    assert pick_num_splits(programs=8, max_seqlen_k=8192, block_n=64, multiprocessors=132) == 17
+    assert pick_num_splits(programs=8, max_seqlen_k=8192, block_n=64, multiprocessors=132) == 16
     assert pick_num_splits(programs=512, max_seqlen_k=8192, block_n=64, multiprocessors=132) == 1
     assert pick_num_splits(programs=8, max_seqlen_k=100, block_n=64, multiprocessors=132) == 1
     assert pick_num_splits(programs=1, max_seqlen_k=1 << 20, block_n=64, multiprocessors=1000) == MAX_SPLITS
@@ -360,3 +360,30 @@ def test_validation_messages():
     with pytest.raises(ValueError, match="rotary"):
         cos = torch.zeros(32, 8, dtype=q.dtype)
         flash_attn_with_kvcache(q, kc, vc, rotary_cos=cos, rotary_sin=cos, cache_seqlens=3)
+
+
+def test_mha_varlen_fwd_block_table(monkeypatch):
+    """mha_varlen_fwd(..., block_table=) over a paged K/V equals the packed varlen call."""
+    from pyflash.api import mha_varlen_fwd
+
+    monkeypatch.setenv("PYFLASH_BACKEND", "reference")
+    gen = torch.Generator().manual_seed(3)
+    page_size, lengths_q, lengths_k = 16, [3, 1, 5], [37, 0, 70]
+    k_pages = torch.randn(16, page_size, 2, 32, generator=gen, dtype=torch.float32)
+    v_pages = torch.randn(16, page_size, 2, 32, generator=gen, dtype=torch.float32)
+    block_table = torch.randperm(16, generator=gen)[:15].view(3, 5).to(torch.int32)
+    k_packed = torch.cat([logical_cache(k_pages, b, None, block_table)[:n] for b, n in enumerate(lengths_k)])
+    v_packed = torch.cat([logical_cache(v_pages, b, None, block_table)[:n] for b, n in enumerate(lengths_k)])
+    q = torch.randn(sum(lengths_q), 4, 32, generator=gen)
+    cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 37, 37, 107], dtype=torch.int32)
+    common = (cu_q, cu_k, None, None, 5, 70, 0.0, None, False, True, -1, -1, False, None)
+    paged = mha_varlen_fwd(q, k_pages, v_pages, None, *common, block_table=block_table)
+    packed = mha_varlen_fwd(q, k_packed, v_packed, None, *common)
+    torch.testing.assert_close(paged[0], packed[0], atol=0, rtol=0)
+    torch.testing.assert_close(paged[4], packed[4], atol=0, rtol=0)
+    assert paged[2] is k_pages and paged[3] is v_pages
+    with pytest.raises(ValueError, match="page_block_size"):
+        mha_varlen_fwd(q, k_pages[:, :8], v_pages[:, :8], None, *common, block_table=block_table)
+    with pytest.raises(TypeError, match="block_table"):
+        mha_varlen_fwd(q, k_pages, v_pages, None, *common, block_table=block_table.long())

@@ -72,6 +72,42 @@ def append_to_cache(k_cache, v_cache, k, v, cache_seqlens, batch_rows, block_tab
     v_cache[first, second] = v
 
 
+def gather_paged_varlen(k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor):
+    """Packed ``(total_k, hk, d)`` K/V of a paged cache for ``mha_varlen_fwd(..., block_table=)``.
+
+    Sequence ``b`` has ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` keys; its key ``j`` lives in page
+    ``block_table[b, j // page_size]`` at row ``j % page_size`` of ``k_pages (num_blocks,
+    page_size, hk, d)``. Validates the paged arguments (names them in its errors).
+    """
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise TypeError(f"block_table must be a 2-D int32 tensor (batch_size, max_num_blocks_per_seq), got "
+                        f"{getattr(block_table, 'dtype', type(block_table))} {tuple(getattr(block_table, 'shape', ()))}")
+    for name, t in (("k", k_pages), ("v", v_pages)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be (num_blocks, page_block_size, num_heads_k, head_dim) with block_table, "
+                             f"got {tuple(getattr(t, 'shape', ()))}")
+        if t.device != block_table.device:
+            raise ValueError(f"{name} and block_table must be on one device, got {t.device} and {block_table.device}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"v must have k's shape {tuple(k_pages.shape)}, got {tuple(v_pages.shape)}")
+    page_size = k_pages.shape[1]
+    if page_size % 16 != 0:
+        raise ValueError(f"page_block_size (k.shape[1]) must be a multiple of 16, got {page_size}")
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() != block_table.shape[0] + 1:
+        raise ValueError(f"cu_seqlens_k must be ({block_table.shape[0] + 1},) (batch_size + 1) with block_table")
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    capacity = block_table.shape[1] * page_size
+    if lengths.numel() and int(lengths.max()) > capacity:
+        raise ValueError(f"a sequence of cu_seqlens_k is longer than block_table holds ({capacity} keys)")
+    total_k = int(cu_seqlens_k[-1])
+    tokens = torch.arange(total_k, device=k_pages.device)
+    seq = torch.searchsorted(cu_seqlens_k[1:].long(), tokens, right=True)
+    j = tokens - cu_seqlens_k.long()[seq]
+    pages = block_table.long()[seq, j // page_size]
+    return k_pages[pages, j % page_size], v_pages[pages, j % page_size]
+
+
 # ----------------------------------------------------------------------------------------------
 # The PyTorch reference path
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Decoding reads the whole cache once per step and does little math, so the goal i
 bandwidth. Each program owns one (batch, kv head) pair, the query heads of its GQA group packed as
 the rows of one tile (``row = query_index * groups + group_member``), so K/V are read once per group;
 and one of ``num_splits`` contiguous parts of the key range, so a small batch still fills the card.
-Each part leaves an fp32 partial output and its logsumexp; ``_combine_kernel`` merges them:
-``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``.
+Each part leaves an fp32 partial output and its logsumexp; the last part of a tile to finish (an
+arrival counter) merges them in the same launch: ``lse = log(sum_s exp(lse_s))``,
+``out = sum_s exp(lse_s - lse) * out_s``.
 
 Keys are addressed by sequence-local index ``j`` at memory position ``leftpad[b] + j`` of cache row
 ``batch_rows[b]``, or of page ``block_table[b, pos // PAGE_SIZE]`` row ``pos % PAGE_SIZE``: each key
@@ -13,21 +14,17 @@ row is gathered by its own address, so any page size works with any ``block_n``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from pyflash.kernels.common import INTERPRET, alibi_bias, visible_mask
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_SPLITS = 128
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
-DECODE_CONFIGS = {64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+DECODE_CONFIGS = {64: (128, 4, 3), 128: (128, 4, 3), 256: (64, 4, 2)}
 INTERPRET_BLOCK_N = 32
 
 
@@ -46,12 +43,12 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def pick_num_splits(programs: int, max_seqlen_k: int, block_n: int, multiprocessors: int) -> int:
-    """Enough splits that ``programs * splits`` fills every multiprocessor about once, keeping at
-    least two key blocks per split so each part still streams."""
-    if programs >= multiprocessors:
+    """Split while fewer than half the multiprocessors would be busy: as many parts as fill every
+    multiprocessor once without a partial second wave, and at least two key blocks per part."""
+    if 2 * programs > multiprocessors:
         return 1
     key_blocks = triton.cdiv(max(max_seqlen_k, 1), block_n)
-    return max(1, min(triton.cdiv(multiprocessors, programs), key_blocks // 2, MAX_SPLITS))
+    return max(1, min(multiprocessors // programs, key_blocks // 2, MAX_SPLITS))
 
 
 @triton.jit
@@ -117,12 +114,13 @@ def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, k
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, Out, Lse, SeqlensK, Leftpad, BatchRows, BlockTable, Alibi,
+def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK, Leftpad, BatchRows, BlockTable,
+                   Alibi,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh,
-                   stride_o_split, stride_ob, stride_os, stride_oh,
-                   stride_l_split, stride_lb, stride_lh,
+                   stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+                   stride_part, stride_lse_part,
                    stride_bt, stride_alibi,
                    seqlen_q, num_heads_k, groups, num_splits,
                    scale, softcap, window_left, window_right,
@@ -200,50 +198,79 @@ def _decode_kernel(Q, K, V, Out, Lse, SeqlensK, Leftpad, BatchRows, BlockTable, 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    # A part that saw no key has weight 0 in the merge (-inf); a final row that saw none has +inf.
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    out_offs = batch * stride_ob + rows[:, None] * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    lse_offs = batch * stride_lb + heads * stride_lh + rows
     if IS_SPLIT:
-        lse = tl.where(empty, float("-inf"), lse)
+        # Partial results share out's/lse's layout, one copy per split; an empty part has weight 0.
+        tl.store(OutPartial + split * stride_part + out_offs, out, mask=io_mask)
+        tl.store(LsePartial + split * stride_lse_part + lse_offs, tl.where(empty, float("-inf"), lse), mask=row_ok)
+        # The last part of this tile to finish merges them all: every thread's stores precede the
+        # counter's release; its acquire makes the other parts' stores visible.
+        tl.debug_barrier()
+        counter = Counters + pid_m * tl.num_programs(1) + pid_bkh
+        finished = tl.atomic_add(counter, 1, sem="acq_rel")
+        if finished == num_splits - 1:
+            tl.atomic_xchg(counter, 0)  # ready for the next call (and CUDA graph replays)
+            out, lse = _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part,
+                                    stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D)
+            tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
+            tl.store(Lse + lse_offs, lse, mask=row_ok)
     else:
-        lse = tl.where(empty, float("inf"), lse)
-    out_ptrs = (Out + split * stride_o_split + batch * stride_ob + rows[:, None] * stride_os
-                + heads[:, None] * stride_oh + offs_d[None, :])
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + split * stride_l_split + batch * stride_lb + heads * stride_lh + rows, lse, mask=row_ok)
+        tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
+        tl.store(Lse + lse_offs, tl.where(empty, float("inf"), lse), mask=row_ok)
 
 
 @triton.jit
-def _combine_kernel(OutPartial, LsePartial, Out, Lse, num_splits, seqlen_q, num_heads,
-                    stride_p_split, stride_l_split, stride_ob, stride_os, stride_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One (batch, query, head) row: merge the parts' outputs by their logsumexp."""
-    row = tl.program_id(0)  # (batch, query, head) flattened, as the partial output is laid out
-    head = row % num_heads
-    query = (row // num_heads) % seqlen_q
-    batch = row // (num_heads * seqlen_q)
-    lse_row = (batch * num_heads + head) * seqlen_q + query  # (b, h, sq) layout
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    lse_parts = tl.load(LsePartial + offs_s * stride_l_split + lse_row, mask=s_ok, other=float("-inf"))
-    lse_max = tl.max(lse_parts, 0)
-    lse_max_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.exp(lse_parts - lse_max_safe)
-    total = tl.sum(weights, 0)
-    parts = tl.load(OutPartial + offs_s[:, None] * stride_p_split + row.to(tl.int64) * HEAD_DIM + offs_d[None, :],
-                    mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(parts * weights[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    lse = tl.where(total == 0.0, float("inf"), lse_max_safe + tl.log(total))
-    tl.store(Out + batch * stride_ob + query * stride_os + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
-    tl.store(Lse + lse_row, lse)
+def _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part, stride_lse_part, io_mask,
+                 row_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; no key at all:
+    out 0, lse +inf. Loads bypass L1 (``.cg``): other programs wrote the parts."""
+    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePartial + s * stride_lse_part + lse_offs, mask=row_ok, other=float("-inf"),
+                        cache_modifier=".cg")
+        lse_max = tl.maximum(lse_max, lse_s)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePartial + s * stride_lse_part + lse_offs, mask=row_ok, other=float("-inf"),
+                        cache_modifier=".cg")
+        weight = tl.exp(lse_s - lse_max)
+        part = tl.load(OutPartial + s * stride_part + out_offs, mask=io_mask, other=0.0, cache_modifier=".cg")
+        acc += weight[:, None] * part
+        total += weight
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    return out, tl.where(empty, float("inf"), lse_max + tl.log(tl.where(empty, 1.0, total)))
+
+
+# Arrival counters of the split kernels, one int32 per (row block, batch, kv head), kept zero between
+# calls by the program that merges. One buffer per (device, stream) so concurrent streams never share;
+# replaced buffers stay alive because captured CUDA graphs may still point at them.
+_COUNTERS = {}
+_RETIRED = []
+
+
+def _counters(size: int, device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < size:
+        if buffer is not None:
+            _RETIRED.append(buffer)
+        buffer = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buffer
+    return buffer
 
 
 def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, softmax_scale, window_left,
            window_right, softcap, alibi_slopes, num_splits, out, softmax_lse) -> None:
-    """Attention of ``q (b, sq, h, d)`` to the cache; writes ``out`` (b, sq, h, d) and
-    ``softmax_lse`` (b, h, sq, contiguous). Inputs validated by ``pyflash.kvcache``:
-    ``seqlens_k``/``leftpad`` (b,) int32 memory positions ending/starting each sequence,
-    ``batch_rows`` (b,) cache rows (ignored when paged), ``alibi_slopes`` None or fp32 (b, h)."""
+    """Attention of ``q (b, sq, h, d)`` to the cache; writes ``out`` (b, sq, h, d) and ``softmax_lse``
+    (b, h, sq), both contiguous. Inputs validated by ``pyflash.kvcache``: ``seqlens_k``/``leftpad``
+    (b,) int32 memory positions ending/starting each sequence, ``batch_rows`` (b,) cache rows (unused
+    when paged), ``alibi_slopes`` None or fp32 (b, h)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     groups = num_heads // num_heads_k
@@ -256,27 +283,22 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         num_splits = pick_num_splits(batch * num_heads_k * m_blocks, capacity, block_n,
                                      _multiprocessors(q.device))
     num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(max(capacity, 1), block_n)))
-    if num_splits > 1:
-        out_partial = torch.empty(num_splits, batch, seqlen_q, num_heads, head_dim, dtype=torch.float32,
-                                  device=q.device)
-        lse_partial = torch.empty(num_splits, batch, num_heads, seqlen_q, dtype=torch.float32, device=q.device)
-        dest, dest_lse = out_partial, lse_partial
-        dest_strides = (out_partial.stride(0),) + out_partial.stride()[1:4]
-        lse_split_stride = lse_partial.stride(0)
-    else:
-        dest, dest_lse = out, softmax_lse
-        dest_strides = (0,) + out.stride()[:3]
-        lse_split_stride = 0
     dummy = seqlens_k  # stands in for absent optional tensors (never read)
+    if num_splits > 1:
+        out_partial = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
+        lse_partial = torch.empty((num_splits,) + tuple(softmax_lse.shape), dtype=torch.float32, device=q.device)
+        counters = _counters(m_blocks * batch * num_heads_k, q.device)
+    else:
+        out_partial = lse_partial = counters = dummy
     grid = (m_blocks, batch * num_heads_k, num_splits)
     _decode_kernel[grid](
-        q, k_cache, v_cache, dest, dest_lse, seqlens_k, leftpad, batch_rows,
+        q, k_cache, v_cache, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k, leftpad, batch_rows,
         block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *dest_strides,
-        lse_split_stride, dest_lse.stride(-3), dest_lse.stride(-2),
+        out.stride(0), out.stride(1), out.stride(2), softmax_lse.stride(0), softmax_lse.stride(1),
+        out.numel(), softmax_lse.numel(),
         block_table.stride(0) if paged else 0, alibi_slopes.stride(0) if alibi_slopes is not None else 0,
         seqlen_q, num_heads_k, groups, num_splits,
         softmax_scale, softcap, window_left, window_right,
@@ -287,9 +309,3 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
-        _combine_kernel[(batch * seqlen_q * num_heads,)](
-            out_partial, lse_partial, out, softmax_lse, num_splits, seqlen_q, num_heads,
-            out_partial.stride(0), lse_partial.stride(0), out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4 if block_d >= 128 else 2)
