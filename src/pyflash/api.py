@@ -209,8 +209,13 @@ def mha_varlen_fwd(q, k, v, out_, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_s
     q (total_q, h, d), k/v (total_k, hk, d), cu_seqlens_q/k (b + 1,) int32, seqused_k (b,) int32 or None
     -> the 8-tuple of :func:`mha_fwd`, with softmax_lse (h, total_q).
     """
-    _require(block_table is None, "block_table is not supported by mha_varlen_fwd yet (use flash_attn_with_kvcache)",
-             NotImplementedError)
+    paged = None
+    if block_table is not None:
+        # Paged K/V (num_blocks, page_block_size, hk, d): gathered into the packed varlen layout.
+        from pyflash.kvcache import gather_paged_varlen
+
+        paged = (k, v)
+        k, v = gather_paged_varlen(k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
@@ -238,7 +243,8 @@ def mha_varlen_fwd(q, k, v, out_, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_s
     params = AttentionParams(_scale(softmax_scale, q.shape[-1]), left, right, float(softcap), slopes,
                              float(p_dropout), seed, offset)
     seqlens = Seqlens(batch_size, int(max_seqlen_q), int(max_seqlen_k), cu_seqlens_q, cu_seqlens_k, seqused_k)
-    return _forward(q, k, v, out_, params, seqlens, return_softmax, zero_tensors)
+    result = _forward(q, k, v, out_, params, seqlens, return_softmax, zero_tensors)
+    return result if paged is None else result[:2] + paged + result[4:]
 
 
 # ----------------------------------------------------------------------------------------------
