@@ -58,10 +58,12 @@ def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20) -> f
 
 
 def copy_bandwidth_GBps(nbytes: int = 1 << 30) -> float:
+    """Best of a 1 GiB device-to-device copy as bytes and as 4-byte words, read + write counted."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    us = graph_time_us([lambda: dst.copy_(src)] * 4)
-    return 2 * nbytes / (us * 1e-6) / 1e9
+    best_us = min(graph_time_us([lambda a=a, b=b: b.copy_(a)] * 4)
+                  for a, b in ((src, dst), (src.view(torch.float32), dst.view(torch.float32))))
+    return 2 * nbytes / (best_us * 1e-6) / 1e9
 
 
 def _caches(batch: int, cache_len: int, paged: bool, copies: int, dtype, gen: torch.Generator):
