@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_gpt.py"
 
@@ -17,7 +18,16 @@ def train_gpt():
     return module
 
 
-def test_loss_curves_agree(train_gpt):
+@pytest.fixture
+def one_thread():
+    # Tiny matmuls: intra-op threads only contend with the other pytest worker.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loss_curves_agree(train_gpt, one_thread):
     small = dict(steps=20, batch_size=8, config_overrides=dict(block_size=32, n_layer=1))
     ours = train_gpt.train("pyflash", **small)
     ref = train_gpt.train("sdpa", **small)

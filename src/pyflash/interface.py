@@ -385,7 +385,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         enable_gqa: bool. Query head i reads key/value head i // (nheads // nheads_k).
     Returns:
         (batch, nheads, seqlen_q, headdim), a transposed view of a (batch, seqlen_q, nheads, headdim)
-        tensor: the inputs are read through transposed views, nothing is copied.
+        tensor. The inputs are read through transposed views, not copied (is_causal with
+        seqlen_q > seqlen_k runs two calls and concatenates them).
     """
     if attn_mask is not None:
         raise ValueError(
