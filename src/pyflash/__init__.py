@@ -25,3 +25,4 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "scaled_dot_product_attention",
 ]
+from pyflash.kvcache import flash_attn_with_kvcache  # noqa: E402,F401
