@@ -130,11 +130,39 @@ def _window_mask(case: Case, device) -> Optional[torch.Tensor]:
     return (cols <= rows) & (cols >= rows - case.window_left)
 
 
+def _packed_op(backend: Optional[str], case: Case, inputs: Inputs) -> Optional[Callable]:
+    """The backend's own op on pyflash's layout where SDPA has no way to say what the case needs:
+    varlen through ``cu_seqlens`` (as ``flash_attn_varlen_func`` users call it; SDPA's nested tensors
+    allow no ``is_causal`` and add preprocessing) and FlashAttention-2's native sliding window.
+    These are the ops SDPA itself dispatches to, differentiable. None: plain SDPA handles the case."""
+    aten = torch.ops.aten
+    scale, p, causal, length = case.softmax_scale, case.dropout_p, case.causal, case.seqlen
+    if case.is_varlen:
+        cu = inputs.cu_seqlens
+        if backend == "FLASH_ATTENTION":
+            return lambda q, k, v: aten._flash_attention_forward(
+                q, k, v, cu, cu, length, length, p, causal, False, scale=scale)[0]
+        if backend == "EFFICIENT_ATTENTION":  # batch of one packed sequence; mask type 1: causal
+            return lambda q, k, v: aten._efficient_attention_forward(
+                q[None], k[None], v[None], None, cu, cu, length, length, p, int(causal),
+                q.requires_grad and torch.is_grad_enabled(), scale=scale)[0][0]
+        if backend == "CUDNN_ATTENTION":
+            return lambda q, k, v: aten._cudnn_attention_forward(
+                q, k, v, None, cu, cu, length, length, q.requires_grad and torch.is_grad_enabled(), p,
+                causal, False, scale=scale)[0]
+    elif case.window_left >= 0 and backend == "FLASH_ATTENTION":
+        return lambda q, k, v: aten._flash_attention_forward(
+            q, k, v, None, None, length, length, p, causal, False, scale=scale,
+            window_size_left=case.window_left, window_size_right=case.window_right)[0]
+    return None
+
+
 class SdpaPeer:
     """``F.scaled_dot_product_attention`` forced to one backend (None: PyTorch's own choice).
 
-    Sliding windows go in as a boolean ``attn_mask`` (what a user of SDPA has to do); varlen goes in
-    as jagged nested tensors; GQA through ``enable_gqa``."""
+    GQA goes through ``enable_gqa``; sliding windows as a boolean ``attn_mask`` (what a user of SDPA
+    has to do), except FlashAttention-2's native window; varlen through the backend's ``cu_seqlens``
+    op (:func:`_packed_op`), or jagged nested tensors for the default and math backends."""
 
     def __init__(self, name: str, label: str, backend: Optional[str]):
         self.name, self.label, self.backend = name, label, backend
@@ -156,6 +184,9 @@ class SdpaPeer:
         if mask is not None:
             kwargs["attn_mask"] = mask
 
+        packed_op = _packed_op(self.backend, case, inputs)
+        if packed_op is not None:
+            return AutogradRunner(packed_op, inputs.q, inputs.k, inputs.v, inputs.dout, lambda t: t)
         if case.is_varlen:
             if case.causal:
                 raise NotImplementedError("SDPA on nested (jagged) tensors has no is_causal")
