@@ -32,11 +32,13 @@ DENSE_CASES = [
     ("dense cross sq != sk", 2, 32, 96, 4, 1, 16, False),
     ("dense causal odd head dim", 1, 128, 128, 2, 1, 20, True),
 ]
-# (name, global sequence lengths, heads, heads_k, head_dim, causal); lengths divisible by 2 * 4
+# (name, global sequence lengths, heads, heads_k, head_dim, causal, padding rows after the local
+# sequences); lengths divisible by 2 * 4
 VARLEN_CASES = [
-    ("varlen causal", [16, 40, 8], 4, 2, 16, True),
-    ("varlen", [24, 8, 32], 2, 1, 16, False),
-    ("varlen causal one sequence", [64], 2, 2, 32, True),
+    ("varlen causal", [16, 40, 8], 4, 2, 16, True, 0),
+    ("varlen", [24, 8, 32], 2, 1, 16, False, 0),
+    ("varlen causal one sequence", [64], 2, 2, 32, True, 0),
+    ("varlen padded", [16, 8], 2, 2, 16, False, 3),
 ]
 
 
@@ -79,7 +81,7 @@ def _check_dense(tag, group, world_size, rank, case):
 
 
 def _check_varlen(tag, group, world_size, rank, case):
-    name, lengths, heads, heads_k, head_dim, causal = case
+    name, lengths, heads, heads_k, head_dim, causal, padding = case
     cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     total, max_seqlen = sum(lengths), max(lengths)
     q, k, v, dout = _inputs(len(name), (total, heads, head_dim), (total, heads_k, head_dim))
@@ -91,17 +93,22 @@ def _check_varlen(tag, group, world_size, rank, case):
     def shard(t):
         return zigzag_split_varlen(t, cu_seqlens, world_size, rank)
 
-    local = [shard(t).clone().requires_grad_() for t in (q, k, v)]
+    def padded(t):  # rows past the last local sequence belong to none: garbage in, zeros out
+        return torch.cat([t, torch.full((padding,) + t.shape[1:], 7.0)])
+
+    local = [padded(shard(t)).requires_grad_() for t in (q, k, v)]
     cu_local = cu_seqlens // world_size
     ring_out, ring_lse, _ = ring_flash_attn_varlen_func(*local, cu_local, cu_local, max_seqlen // world_size,
                                                         max_seqlen // world_size, group=group, causal=causal,
                                                         return_attn_probs=True)
-    ring_out.backward(shard(dout))
+    ring_out.backward(padded(shard(dout)))
     where = f"{tag} {name} rank {rank}/{world_size}"
-    _close(f"{where} out", ring_out, shard(out))
-    _close(f"{where} lse", ring_lse, shard(lse.t()).t())
-    for grad_name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in local), (dq, dk, dv)):
-        _close(f"{where} {grad_name}", got, shard(want))
+    rows = total // world_size
+    _close(f"{where} lse", ring_lse[:, :rows], shard(lse.t()).t())
+    for result, got, want in zip(("out", "dq", "dk", "dv"), (ring_out,) + tuple(t.grad for t in local),
+                                 (out, dq, dk, dv)):
+        _close(f"{where} {result}", got[:rows], shard(want))
+        _close(f"{where} {result} of padding rows", got[rows:], torch.zeros_like(got[rows:]))
 
 
 def _worker(rank: int, world_size: int, init_file: str) -> None:
