@@ -17,7 +17,7 @@ sliding windows are aligned to the bottom-right corner of the attention matrix, 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
