@@ -27,6 +27,15 @@ Against the K/V shard of rank src:
 - src > r:  only the back half of the queries (chunk 2W-1-r) sees src's keys, all of them.
 
 Every step is thus half a shard-by-shard block of work on every rank.
+
+Example, under ``torchrun --nproc-per-node W`` (``scripts/ring_attention_bench.py`` is a full one)::
+
+    dist.init_process_group("nccl")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    q, k, v = (zigzag_split(t, world_size, rank) for t in (q_full, k_full, v_full))  # (b, s / W, h, d)
+    out = ring_flash_attn_func(q, k, v, causal=True)                                  # (b, s / W, h, d)
+    # gathered = [torch.empty_like(out) for _ in range(world_size)]; dist.all_gather(gathered, out)
+    # zigzag_merge(gathered) is then the attention of the whole sequence.
 """
 from __future__ import annotations
 
