@@ -7,6 +7,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `pytest -n N` already runs one worker per core: torch's intra-op threads on top only oversubscribe
+# (and spin), which makes the small CPU tests an order of magnitude slower on a busy machine.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 
