@@ -109,8 +109,8 @@ def write_json(path: str, meta: dict, rows: List[dict]) -> None:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
-def plot(out_dir: str, rows: List[dict], impls: Sequence[tuple]) -> List[str]:
-    """One PNG per (dtype, mode) of the main workload: panels head dim x causal, TFLOP/s vs seqlen.
+def plot(out_dir: str, rows: List[dict], impls: Sequence[tuple], unit: str = "TFLOP/s") -> List[str]:
+    """One PNG per (dtype, mode) of the main workload: panels head dim x causal, rate vs seqlen.
     Returns the files written; matplotlib is optional (a message and no PNG without it)."""
     try:
         import matplotlib
@@ -135,15 +135,18 @@ def plot(out_dir: str, rows: List[dict], impls: Sequence[tuple]) -> List[str]:
                 for j, causal in enumerate(causals):
                     ax = axes[i][j]
                     for name, label in impls:
-                        points = sorted((r["s"], r["tflops"]) for r in subset
+                        points = sorted((r["s"], r["tflops"] * UNITS[unit]) for r in subset
                                         if r["impl"] == name and r["d"] == d and r["causal"] == causal)
                         if points:
                             ax.plot(*zip(*points), marker="o", label=label,
                                     linewidth=2.5 if name == "pyflash" else 1.2)
                     ax.set_xscale("log", base=2)
+                    seqlens = sorted({r["s"] for r in subset})
+                    ax.set_xticks(seqlens, [str(n) for n in seqlens])
+                    ax.minorticks_off()
                     ax.set_title(f"d={d}, causal={'yes' if causal else 'no'}")
                     ax.set_xlabel("seqlen")
-                    ax.set_ylabel("TFLOP/s")
+                    ax.set_ylabel(unit)
                     ax.grid(True, alpha=0.3)
                     ax.legend(fontsize=8)
             fig.suptitle(f"{dtype} {mode}")

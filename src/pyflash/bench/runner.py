@@ -75,7 +75,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _meta(args, device: torch.device) -> dict:
+def _meta(args, argv: Sequence[str], device: torch.device) -> dict:
     import pyflash.backend
 
     try:
@@ -88,7 +88,7 @@ def _meta(args, device: torch.device) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _git_commit(),
-        "backend": pyflash.backend.name_for(device), "command": " ".join(sys.argv),
+        "backend": pyflash.backend.name_for(device), "command": " ".join(["python -m pyflash.bench", *argv]),
         "threads": torch.get_num_threads(),
         "options": {k: v for k, v in vars(args).items() if k not in ("device", "causal_values")},
     }
@@ -150,6 +150,7 @@ def _construct(name: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = args.device
     cases = main_workload(args.dtypes, args.head_dims, args.seqlens, args.causal_values, args.tokens,
@@ -163,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             print(f"peer {name} unavailable ({error}): shown as '-'")
         else:
             impls.append(peer)
-    meta = _meta(args, device)
+    meta = _meta(args, argv, device)
     print(f"pyflash bench on {meta['device']} (backend {meta['backend']}), torch {meta['torch']}, "
           f"triton {meta['triton']}, commit {meta['commit']}")
     unit = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
@@ -198,6 +199,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     print(f"wrote {json_path}")
     if args.plot:
-        for path in report.plot(args.out, rows, labels):
+        for path in report.plot(args.out, rows, labels, unit):
             print(f"wrote {path}")
     return {"meta": meta, "rows": rows, "json": json_path}
