@@ -36,7 +36,7 @@ def reference(q, k, v, params: AttentionParams, batch_offset=0, compute_dtype=to
     scores = scores.masked_fill(~visible, -math.inf)
     # Rows that see no key: probabilities 0, and every branch finite so autograd stays NaN-free.
     sees_key = visible.any(-1)
-    row_max = torch.where(sees_key, scores.amax(-1), 0.0).detach()
+    row_max = torch.where(sees_key, scores.amax(-1) if seqlen_k else 0.0, 0.0).detach()
     probs = torch.exp(scores - row_max[..., None])
     probs = probs / torch.where(sees_key, probs.sum(-1), 1.0)[..., None]
     if params.dropout_p > 0:
