@@ -33,7 +33,7 @@ def test_workload_shapes():
 def test_bench_cli_writes_table_and_json(tmp_path, capsys):
     result = runner.main(["--device", "cpu", "--dtypes", "fp32", "--head-dims", "16", "--seqlens", "16", "32",
                           "--tokens", "64", "--hidden", "32", "--mode", "all", "--peers", "math",
-                          "--extras", "--no-ceilings", "--cpu-budget", "0", "--out", str(tmp_path)])
+                          "--extras", "--no-ceilings", "--cpu-budget", "0", "--threads", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     header = next(line for line in printed.splitlines() if line.lstrip().startswith("dtype"))
     for column in ("seqlen", "causal", "mode", "pyflash GFLOP/s", "Math", "pf/Math"):

@@ -49,8 +49,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="GQA / varlen / window / dropout rows (default: on for cuda, off for cpu)")
     parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the card's matmul and copy ceilings")
-    parser.add_argument("--cpu-budget", type=float, default=0.25,
+    parser.add_argument("--cpu-budget", type=float, default=0.5,
                         help="seconds spent timing one measurement on the CPU (0: a single call)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and the PNGs")
     args = parser.parse_args(argv)
@@ -152,6 +153,16 @@ def _construct(name: str):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     device = args.device
     cases = main_workload(args.dtypes, args.head_dims, args.seqlens, args.causal_values, args.tokens,
                           args.hidden)

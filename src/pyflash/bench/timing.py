@@ -9,17 +9,17 @@ from typing import Callable, Dict
 import torch
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, cpu_budget_s: float = 0.25) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, cpu_budget_s: float = 0.5) -> float:
     """Median time of ``fn`` in milliseconds, after a warm-up call (compilation, autotuning).
 
-    CPU: calls for ``cpu_budget_s`` seconds (3 to 20 calls; a budget of 0 means a single call)."""
+    CPU: calls for ``cpu_budget_s`` seconds (5 to 20 calls; a budget of 0 means a single call)."""
     fn()
     if device.type == "cuda":
         import triton.testing
 
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    times, min_calls = [], 3 if cpu_budget_s > 0 else 1
+    times, min_calls = [], 5 if cpu_budget_s > 0 else 1
     started = time.perf_counter()
     while len(times) < min_calls or (time.perf_counter() - started < cpu_budget_s and len(times) < 20):
         begin = time.perf_counter()
