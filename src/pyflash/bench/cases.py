@@ -10,7 +10,7 @@ A sliding window counts the (query, key) pairs it actually sees: ``4 * h * d * v
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -142,7 +142,6 @@ class Inputs:
     v: torch.Tensor
     dout: torch.Tensor
     cu_seqlens: Optional[torch.Tensor] = None
-    extra: dict = field(default_factory=dict)
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:

@@ -48,25 +48,26 @@ class PyflashRunner(Runner):
         self.notes = {}
 
     def _fwd(self):
-        c, x = self.case, self.inputs
-        if c.is_varlen:
+        case, x = self.case, self.inputs
+        if case.is_varlen:
             return self.api.mha_varlen_fwd(
-                x.q, x.k, x.v, None, x.cu_seqlens, x.cu_seqlens, None, None, c.seqlen, c.seqlen,
-                c.dropout_p, c.softmax_scale, False, c.causal, c.window_left, c.window_right, False, None)
-        return self.api.mha_fwd(x.q, x.k, x.v, None, None, c.dropout_p, c.softmax_scale, c.causal,
-                                c.window_left, c.window_right, False, None)
+                x.q, x.k, x.v, None, x.cu_seqlens, x.cu_seqlens, None, None, case.seqlen, case.seqlen,
+                case.dropout_p, case.softmax_scale, False, case.causal, case.window_left, case.window_right,
+                False, None)
+        return self.api.mha_fwd(x.q, x.k, x.v, None, None, case.dropout_p, case.softmax_scale, case.causal,
+                                case.window_left, case.window_right, False, None)
 
     def _bwd(self, fwd_result):
-        c, x = self.case, self.inputs
-        out, lse, seed, offset = fwd_result[0], fwd_result[4], fwd_result[5], fwd_result[6]
-        if c.is_varlen:
+        case, x = self.case, self.inputs
+        out, softmax_lse, seed, offset = fwd_result[0], fwd_result[4], fwd_result[5], fwd_result[6]
+        if case.is_varlen:
             return self.api.mha_varlen_bwd(
-                x.dout, x.q, x.k, x.v, out, lse, None, None, None, x.cu_seqlens, x.cu_seqlens, None,
-                c.seqlen, c.seqlen, c.dropout_p, c.softmax_scale, False, c.causal, c.window_left,
-                c.window_right, False, seed, offset)
-        return self.api.mha_bwd(x.dout, x.q, x.k, x.v, out, lse, None, None, None, None, c.dropout_p,
-                                c.softmax_scale, c.causal, c.window_left, c.window_right, False, seed,
-                                offset)
+                x.dout, x.q, x.k, x.v, out, softmax_lse, None, None, None, x.cu_seqlens, x.cu_seqlens, None,
+                case.seqlen, case.seqlen, case.dropout_p, case.softmax_scale, False, case.causal,
+                case.window_left, case.window_right, False, seed, offset)
+        return self.api.mha_bwd(x.dout, x.q, x.k, x.v, out, softmax_lse, None, None, None, None,
+                                case.dropout_p, case.softmax_scale, case.causal, case.window_left,
+                                case.window_right, False, seed, offset)
 
     def forward(self):
         return self._fwd()

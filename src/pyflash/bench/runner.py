@@ -47,6 +47,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help="heads * head_dim (default 2048; cpu 256)")
     parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=None,
                         help="GQA / varlen / window / dropout rows (default: on for cuda, off for cpu)")
+    parser.add_argument("--decode", action="store_true",
+                        help="also the decoding rows (pyflash.bench.decode with its defaults; CUDA only)")
     parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the card's matmul and copy ceilings")
     parser.add_argument("--cpu-budget", type=float, default=0.5,
@@ -143,6 +145,21 @@ def run_case(case: Case, impls, modes: Sequence[str], device: torch.device, seed
     return rows
 
 
+def _decode(out_dir: str) -> None:
+    """BENCHMARK.md's decoding row: ``python -m pyflash.bench.decode`` (its options) with defaults."""
+    try:
+        from pyflash.bench import decode
+
+        decode_parser = argparse.ArgumentParser(add_help=False)
+        decode.add_decode_arguments(decode_parser)
+        decode_args = decode_parser.parse_args([])
+        decode_args.out = out_dir
+        print("\ndecoding (sq=1 against a KV cache; python -m pyflash.bench.decode --help for options)")
+        decode.run_decode_bench(decode_args)
+    except Exception as error:
+        print(f"decoding benchmark failed: {_error_text(error)}")
+
+
 def _construct(name: str):
     try:
         return PEERS[name](), None
@@ -212,4 +229,6 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     if args.plot:
         for path in report.plot(args.out, rows, labels, unit):
             print(f"wrote {path}")
+    if args.decode:
+        _decode(args.out)
     return {"meta": meta, "rows": rows, "json": json_path}
