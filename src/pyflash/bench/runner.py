@@ -98,7 +98,11 @@ def _meta(args, argv: Sequence[str], device: torch.device) -> dict:
 
 
 def _error_text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+    """First line of the message; dynamo's wrapped errors add the line naming the original one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text += "".join(f" ({line})" for line in lines[1:] if line.startswith("Developer debug context"))
+    return f"{type(error).__name__}: {text}"[:300]
 
 
 def _timed_call(runner, mode: str):
@@ -127,7 +131,7 @@ def run_case(case: Case, impls, modes: Sequence[str], device: torch.device, seed
                     notes["max_abs_diff_vs_pyflash"] = float((out.float() - reference_out).abs().max())
                 del out
         except Exception as error:  # a peer that cannot run this case shows as '-'
-            setup_error = _error_text(error)
+            runner, setup_error = None, _error_text(error)
         for mode in modes:
             row = dict(base, mode=mode, ms=None, tflops=None, error=setup_error, **notes)
             if runner is not None:
