@@ -1,5 +1,6 @@
 """CPU smoke test of the benchmark harness (``python -m pyflash.bench``): tiny shapes, every mode,
-the extra rows; checks the FLOP counts, the JSON written and the table's columns."""
+the extra rows; checks the FLOP counts, the JSON written and the table's columns. Also
+``make run``'s self-check (``pyflash.selfcheck``) on the reference backend."""
 import json
 
 import pytest
@@ -62,6 +63,17 @@ def test_peer_errors_show_as_dash(tmp_path, capsys):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     cudnn = [r for r in rows if r["impl"] == "cudnn"]
     assert cudnn and all(r["tflops"] is None and r["error"] for r in cudnn)
+
+
+def test_selfcheck_passes_on_cpu(capsys):
+    """``make run``'s self-check: every case within the error rule on the reference backend."""
+    import torch
+
+    from pyflash import selfcheck
+
+    assert selfcheck.self_check(torch.device("cpu"), torch.float32)
+    printed = capsys.readouterr().out
+    assert "FAIL" not in printed and "mask reproducible" in printed
 
 
 if __name__ == "__main__":
