@@ -24,9 +24,9 @@ from pyflash.bench.timing import ceilings, median_ms
 
 GPU_DEFAULTS = dict(dtypes=["bf16", "fp16"], head_dims=[64, 128, 256],
                     seqlens=[512, 1024, 2048, 4096, 8192, 16384], tokens=16384, hidden=2048,
-                    modes=list(MODES), peers=list(GPU_PEERS), extras=True)
+                    modes=list(MODES), peers=list(GPU_PEERS), extras=True, threads=None)
 CPU_DEFAULTS = dict(dtypes=["fp32"], head_dims=[64], seqlens=[128, 512, 1024], tokens=1024, hidden=256,
-                    modes=["fwd", "bwd"], peers=list(CPU_PEERS), extras=False)
+                    modes=["fwd", "bwd"], peers=list(CPU_PEERS), extras=False, threads=1)
 # Largest |pyflash - peer| on the forward output that is not worth a warning (same inputs).
 AGREEMENT = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-3}
 
@@ -53,7 +53,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="measure the card's matmul and copy ceilings")
     parser.add_argument("--cpu-budget", type=float, default=0.5,
                         help="seconds spent timing one measurement on the CPU (0: a single call)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (cpu default 1: on a busy machine more threads spin and "
+                             "the reference path's many small ops run ~30x slower)")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and the PNGs")
     args = parser.parse_args(argv)
