@@ -16,8 +16,11 @@ $(STAMP): Makefile
 	$(PY) -c "import numpy, pytest, xdist" 2>/dev/null || $(PY) -m pip install -q "numpy<2.4" pytest pytest-xdist
 	touch $(STAMP)
 
+# BENCH_ARGS picks a benchmark subset, e.g. make run BENCH_ARGS="--head-dims 128 --mode fwd"
+BENCH_ARGS ?=
+
 run: $(STAMP)
-	$(PY) -m pyflash.selfcheck
+	$(PY) -m pyflash.selfcheck $(if $(BENCH_ARGS),-- $(BENCH_ARGS))
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
