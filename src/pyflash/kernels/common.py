@@ -79,7 +79,8 @@ def visible_block_ranges(start, own_len, other_len, diag, lo_window, hi_window,
     if HAS_HI:
         hi = tl.minimum(last + diag + hi_window + 1, other_len)
         full_hi = tl.maximum(tl.minimum(first + diag + hi_window + 1, other_len), 0) // OTHER_BLOCK * OTHER_BLOCK
-    hi = tl.maximum(hi, lo)
+    # A block past own_len (keys past seqused_k) sees nothing.
+    hi = tl.where(first <= last, tl.maximum(hi, lo), lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
