@@ -41,6 +41,8 @@ FEATURES = {
     "window_left": dict(window=(20, -1)),
     "window_right": dict(window=(-1, 7)),
     "window_diagonal": dict(window=(0, 0)),
+    # windows at or past seqlen_k (max_seqlen_k for varlen) are unbounded: right = sk matters when sq > sk
+    "window_at_sk": dict(window=("sk", "sk")),
     "window_past_sk": dict(window=(1000, 1000)),
     "causal_local": dict(causal=True, window=(13, -1)),
     "alibi_h": dict(alibi="h"),
@@ -74,14 +76,14 @@ def _inputs(batch, seqlen_q, seqlen_k, opts, dtype, head_dim, gen):
     return q, k, v, slopes
 
 
-def _naive_kwargs(opts, scale):
-    wl, wr = opts.get("window", (-1, -1))
+def _naive_kwargs(opts, scale, seqlen_k):
+    wl, wr = _api_window(opts, seqlen_k)
     return dict(softmax_scale=scale, causal=opts.get("causal", False), window_left=wl,
                 window_right=wr, softcap=opts.get("softcap", 0.0))
 
 
-def _api_window(opts):
-    return opts.get("window", (-1, -1))
+def _api_window(opts, seqlen_k):
+    return tuple(seqlen_k if w == "sk" else w for w in opts.get("window", (-1, -1)))
 
 
 def _grads(fn, inputs, dout):
@@ -101,7 +103,7 @@ def test_dense_forward_backward(feature, seqlens, dtype):
     gen = _seeded(feature, seqlens, dtype)
     q, k, v, slopes = _inputs(batch, seqlen_q, seqlen_k, opts, dtype, head_dim, gen)
     scale = opts.get("scale", head_dim ** -0.5)
-    wl, wr = _api_window(opts)
+    wl, wr = _api_window(opts, seqlen_k)
     causal = opts.get("causal", False)
     softcap = opts.get("softcap", 0.0)
     atol = naive.RULE_ATOL[dtype]
@@ -114,7 +116,7 @@ def test_dense_forward_backward(feature, seqlens, dtype):
     assert out.data_ptr() == out_.data_ptr(), "out_ must be written in place and returned"
     assert lse.dtype == torch.float32 and lse.shape == (batch, q.shape[2], seqlen_q)
 
-    kwargs = dict(_naive_kwargs(opts, scale), alibi_slopes=slopes)
+    kwargs = dict(_naive_kwargs(opts, scale, seqlen_k), alibi_slopes=slopes)
     dout = _randn(out.shape, dtype, gen)
     out64, grads64 = _grads(lambda *t: naive.attention(*t, compute_dtype=torch.float64, **kwargs),
                             (q.double(), k.double(), v.double()), dout)
@@ -155,7 +157,7 @@ VARLEN_CASES = {
     "padded_tail": ([33, 129], [7, 200], 5, 9),
     "single": ([257], [100], 0, 0),
 }
-VARLEN_FEATURES = ["plain", "causal", "window", "causal_local", "alibi_h", "alibi_bh", "softcap",
+VARLEN_FEATURES = ["plain", "causal", "window", "window_at_sk", "causal_local", "alibi_h", "alibi_bh", "softcap",
                    "gqa", "mqa", "everything"]
 
 
@@ -197,7 +199,7 @@ def test_varlen_forward_backward(feature, case, dtype):
     gen = _seeded(feature, case, dtype)
     q, k, v, slopes = _varlen_inputs(total_q, total_k, num_seqs, opts, dtype, head_dim, gen)
     scale = opts.get("scale", head_dim ** -0.5)
-    wl, wr = _api_window(opts)
+    wl, wr = _api_window(opts, max_k)
     causal = opts.get("causal", False)
     softcap = opts.get("softcap", 0.0)
     atol = naive.RULE_ATOL[dtype]
@@ -210,7 +212,7 @@ def test_varlen_forward_backward(feature, case, dtype):
     assert out.data_ptr() == out_.data_ptr()
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[1], total_q)
 
-    kwargs = dict(_naive_kwargs(opts, scale), alibi_slopes=slopes)
+    kwargs = dict(_naive_kwargs(opts, scale, max_k), alibi_slopes=slopes)
     rows = torch.arange(total_q) < int(cu_q[-1])
     keys = torch.arange(total_k) < int(cu_k[-1])
     dout = _randn(out.shape, dtype, gen)
@@ -243,7 +245,8 @@ def test_varlen_forward_backward(feature, case, dtype):
 
 @pytest.mark.parametrize("feature", ["plain", "causal", "window", "alibi_bh"])
 def test_varlen_seqused_k(feature):
-    """seqused_k: sequence s uses only its first seqused_k[s] keys (forward only, as the seed)."""
+    """seqused_k: sequence s uses only its first seqused_k[s] keys. The seed's mha_varlen_bwd has no
+    seqused_k; ours takes it as a keyword extra and gives unused keys zero gradients."""
     opts = FEATURES[feature]
     dtype = torch.float32
     cu_q, cu_k, used, total_q, total_k = _varlen_case([17, 100, 5, 30], [100, 40, 257, 3], 0, 0,
@@ -251,12 +254,12 @@ def test_varlen_seqused_k(feature):
     max_q, max_k = 100, 257
     gen = torch.Generator().manual_seed(7)
     q, k, v, slopes = _varlen_inputs(total_q, total_k, 4, opts, dtype, 32, gen)
-    wl, wr = _api_window(opts)
+    wl, wr = _api_window(opts, max_k)
     out_ = _poisoned(q.shape, dtype)
-    out, *_, lse, _, _, _ = pyflash.mha_varlen_fwd(
+    out, *_, lse, seed_t, offset_t, _ = pyflash.mha_varlen_fwd(
         q, k, v, out_, cu_q, cu_k, used, slopes, max_q, max_k, 0.0, 0.2, False,
         opts.get("causal", False), wl, wr, False, None)
-    kwargs = dict(_naive_kwargs(opts, 0.2), alibi_slopes=slopes, seqused_k=used)
+    kwargs = dict(_naive_kwargs(opts, 0.2, max_k), alibi_slopes=slopes, seqused_k=used)
     out64, lse64 = naive.attention_varlen(q, k, v, cu_q, cu_k, max_k, compute_dtype=torch.float64, **kwargs)
     lowp, lse32 = naive.attention_varlen(q, k, v, cu_q, cu_k, max_k, **kwargs)
     naive.assert_rule(out, out64, lowp, "out", 1e-5)
@@ -273,6 +276,17 @@ def test_varlen_seqused_k(feature):
     rows1 = slice(int(cu_q[1]), int(cu_q[2]))
     assert torch.equal(out[rows1], torch.zeros_like(out[rows1]))
     assert torch.isposinf(lse[:, rows1]).all()
+
+    dout = _randn(q.shape, dtype, gen)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    naive.attention_varlen(*leaves64, cu_q, cu_k, max_k, compute_dtype=torch.float64, **kwargs)[0].backward(dout.double())
+    leaves32 = [t.clone().requires_grad_() for t in (q, k, v)]
+    naive.attention_varlen(*leaves32, cu_q, cu_k, max_k, **kwargs)[0].backward(dout)
+    grads = pyflash.mha_varlen_bwd(dout, q, k, v, out, lse, *[_poisoned(t.shape, dtype) for t in (q, k, v)],
+                                   cu_q, cu_k, slopes, max_q, max_k, 0.0, 0.2, False, opts.get("causal", False),
+                                   wl, wr, False, seed_t, offset_t, seqused_k=used)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), grads, leaves64, leaves32):
+        naive.assert_rule(got, ref.grad, low.grad, name, 1e-5)
 
 
 def test_varlen_zero_tensors():
