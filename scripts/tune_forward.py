@@ -1,8 +1,8 @@
 """Tune the Triton forward and print its TFLOP/s next to SDPA's FLASH_ATTENTION and CUDNN_ATTENTION.
 
-    PYTHONPATH=src python3 scripts/tune_forward.py [--sweep] [--head-dims 64 128 256] [--seqlens 1024 4096 16384]
+    PYTHONPATH=src python3 scripts/tune_forward.py [--sweep 64 128] [--head-dims 64 128 256] [--seqlens 1024 4096 16384]
 
---sweep: per (head dim, causal), at seqlen --sweep-seqlen, time each candidate
+--sweep: per (head dim, causal) of the dims given, at seqlen --sweep-seqlen, time each candidate
 (block_m, block_n, num_warps, num_stages) on the TMA path and the best one on the pointer path too;
 the Hopper rows of kernels/configs.py come from this. Then the table: BENCHMARK.md's workload
 (bf16, batch * seqlen = 16384, heads * head_dim = 2048), pyflash with the configs.py table against
@@ -155,7 +155,7 @@ def extras(lines):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", type=int, nargs="*", metavar="HEAD_DIM", help="sweep these head dims")
     parser.add_argument("--sweep-seqlen", type=int, default=4096)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -170,7 +170,7 @@ def main():
              f"bf16 8192^3 matmul: {matmul:.0f} TFLOP/s", ""]
     print(*lines, sep="\n", flush=True)
     if args.sweep:
-        sweep(args.head_dims, args.sweep_seqlen, lines)
+        sweep(args.sweep, args.sweep_seqlen, lines)
     if not args.no_table:
         table(args.head_dims, args.seqlens, lines)
         extras(lines)

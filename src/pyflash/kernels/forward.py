@@ -169,6 +169,10 @@ def _forward_kernel(
         kv_row = batch * dense_seqlen_k
     if start_m >= seqlen_q:
         return
+    # 64-bit element offsets for the bases: batch * stride or a varlen start * stride can pass 2**31.
+    batch_64 = tl.cast(batch, tl.int64)
+    q_start_64 = tl.cast(q_start, tl.int64)
+    k_start_64 = tl.cast(k_start, tl.int64)
 
     rows = start_m + tl.arange(0, BLOCK_M)  # sequence-local query rows
     offs_n = tl.arange(0, BLOCK_N)
@@ -181,12 +185,12 @@ def _forward_kernel(
         k_src = k
         v_src = v
     else:
-        q_ptrs = q + batch * stride_qb + head * stride_qh + (q_start + rows[:, None]) * stride_qm + offs_d[None, :]
+        q_ptrs = q + batch_64 * stride_qb + head * stride_qh + (q_start_64 + rows[:, None]) * stride_qm + offs_d[None, :]
         q_tile = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         if UPCAST:
             q_tile = q_tile.to(tl.float32)
-        k_src = k + batch * stride_kb + k_start * stride_kn + kv_head * stride_kh
-        v_src = v + batch * stride_vb + k_start * stride_vn + kv_head * stride_vh
+        k_src = k + batch_64 * stride_kb + k_start_64 * stride_kn + kv_head * stride_kh
+        v_src = v + batch_64 * stride_vb + k_start_64 * stride_vn + kv_head * stride_vh
     k_col = kv_head * HEAD_DIM
     alibi_slope = 0.0
     if HAS_ALIBI:
@@ -226,14 +230,14 @@ def _forward_kernel(
         out_scale = out_scale / (1.0 - dropout_p)
     acc = acc * out_scale[:, None]
     lse_log2 = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))
-    lse_ptrs = softmax_lse + batch * stride_lb + head * stride_lh + (q_start + rows) * stride_lm
+    lse_ptrs = softmax_lse + batch_64 * stride_lb + head * stride_lh + (q_start_64 + rows) * stride_lm
     tl.store(lse_ptrs, lse_log2 * 0.6931471805599453, mask=row_valid)
-    out_ptrs = out + batch * stride_ob + head * stride_oh + (q_start + rows[:, None]) * stride_om + offs_d[None, :]
+    out_ptrs = out + batch_64 * stride_ob + head * stride_oh + (q_start_64 + rows[:, None]) * stride_om + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
     if RETURN_SOFTMAX:
         # Second pass with the final lse: p = exp2(s - lse), dropped entries negated.
-        p_ptrs = probs + batch * stride_pb + head * stride_ph + rows[:, None] * stride_pm
+        p_ptrs = probs + batch_64 * stride_pb + head * stride_ph + rows[:, None].to(tl.int64) * stride_pm
         for start_n in tl.range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             k_tile = _load_rows(k_src, kv_row + start_n, k_col, cols, stride_kn, seqlen_k, offs_d,
