@@ -7,11 +7,20 @@ bf16, batch * seqlen = 16384, heads * head_dim = 2048).
 
 Without --sweep the table's configs are timed. Rows go to stdout and, as JSON lines, to
 $OUT/tune_backward.jsonl when OUT is set.
+
+    PYTHONPATH=src python3 scripts/tune_backward.py --resources --head-dims 128
+
+needs no GPU: it compiles every candidate for sm_90 (as the benchmark call specialises it:
+16-byte aligned pointers and strides, MHA, contiguous lse) and prints registers, spill stack and
+shared memory, so that configs that spill can be dropped before a device run.
 """
 import argparse
 import itertools
 import json
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -106,17 +115,73 @@ def sweep(case, log):
           f"best atomic: dkdv={best_atomic} {best_atomic_ms:.3f} ms", flush=True)
 
 
+def resource_usage(kernel, constexprs, num_warps, num_stages):
+    """Registers, spill stack and shared memory of kernel compiled for sm_90 with the benchmark's specialisation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs, stride_lse_m=1, group_size=1)  # ints equal to 1 specialise so
+    pointer_types = {"softmax_lse": "*fp32", "softmax_d": "*fp32", "dq_accum": "*fp32", "alibi_slopes": "*fp32",
+                     "cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "seqused_k": "*i32"}
+    float_args = {"softmax_scale", "qk_scale", "softcap_scale", "dropout_p", "dropout_scale"}
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = pointer_types.get(name, "fp32" if name in float_args else
+                                            "i64" if name == "philox_seed" else "i32")
+        if name in ("q", "k", "v", "dout", "dk", "dv", "dq"):
+            signature[name] = "*bf16"
+        if signature[name].startswith("*") or name.startswith(("stride_", "dense_seqlen")) or name == "num_heads":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        report = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                text=True).stdout
+    return " ".join(re.findall(r"(?:REG|STACK):\d+", report)) + f" shared memory {compiled.metadata.shared} B"
+
+
+def print_resources(head_dims, causals):
+    import triton.language as tl
+
+    from pyflash.kernels import backward as kernels
+
+    for head_dim, causal in itertools.product(head_dims, causals):
+        switches = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, IS_VARLEN=False, HAS_SEQUSED_K=False, HAS_LEFT=False,
+                        HAS_RIGHT=causal, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False,
+                        MMA_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
+        dkdv_candidates, dq_candidates = CANDIDATES[head_dim]
+        for block_m, block_n, warps, stages in dkdv_candidates:
+            usage = resource_usage(kernels._dkdv_kernel, dict(switches, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                              ATOMIC_DQ=False), warps, stages)
+            print(f"d={head_dim} causal={causal} dkdv={(block_m, block_n, warps, stages)}: {usage}", flush=True)
+        for block_m, block_n, warps, stages in dq_candidates:
+            usage = resource_usage(kernels._dq_kernel, dict(switches, BLOCK_M=block_m, BLOCK_N=block_n),
+                                   warps, stages)
+            print(f"d={head_dim} causal={causal} dq={(block_m, block_n, warps, stages)}: {usage}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
     parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--resources", action="store_true", help="compile for sm_90 and report (no GPU needed)")
     args = parser.parse_args()
+    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    if args.resources:
+        print_resources(args.head_dims, causals)
+        return
     out_dir = os.environ.get("OUT")
     log_file = open(os.path.join(out_dir, "tune_backward.jsonl"), "a") if out_dir else None
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     for head_dim, seqlen, causal in itertools.product(args.head_dims, args.seqlens, causals):
         print(f"d={head_dim} s={seqlen} causal={causal}", flush=True)
         case = make_case(head_dim, seqlen, causal)
