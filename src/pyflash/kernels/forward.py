@@ -71,7 +71,7 @@ def _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, k_col, v_col, stride_kn, stride_vn,
+def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
             key_lo, key_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
             qk_scale, softcap_scale, alibi_slope, window_left, window_right,
             dropout_p, philox_seed, philox_offset, bh,
@@ -83,7 +83,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, k_col, v_col, stride_kn, str
     the undropped probabilities) and the unnormalised output acc."""
     for start_n in tl.range(key_lo, key_hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_src, kv_row + start_n, k_col, cols, stride_kn, seqlen_k, offs_d,
+        k = _load_rows(k_src, kv_row + start_n, kv_col, cols, stride_kn, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
         s = _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
                     window_left, window_right, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
@@ -101,7 +101,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, k_col, v_col, stride_kn, str
         if HAS_DROPOUT:
             keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows[:, None], cols[None, :])
             p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_src, kv_row + start_n, v_col, cols, stride_vn, seqlen_k, offs_d,
+        v = _load_rows(v_src, kv_row + start_n, kv_col, cols, stride_vn, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -191,7 +191,7 @@ def _forward_kernel(
             q_tile = q_tile.to(tl.float32)
         k_src = k + batch_64 * stride_kb + k_start_64 * stride_kn + kv_head * stride_kh
         v_src = v + batch_64 * stride_vb + k_start_64 * stride_vn + kv_head * stride_vh
-    k_col = kv_head * HEAD_DIM
+    kv_col = kv_head * HEAD_DIM  # this kv head's first column in the TMA view
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(alibi_slopes + batch * stride_ab + head * stride_ah) * 1.4426950408889634
@@ -203,19 +203,19 @@ def _forward_kernel(
     lo, full_lo, full_hi, hi = _key_ranges(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, k_col, k_col, stride_kn, stride_vn,
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 lo, full_lo, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                                 HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, k_col, k_col, stride_kn, stride_vn,
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                             full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                             qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                             dropout_p, philox_seed, philox_offset, bh,
                             False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                             HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, k_col, k_col, stride_kn, stride_vn,
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                             full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                             qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                             dropout_p, philox_seed, philox_offset, bh,
@@ -240,7 +240,7 @@ def _forward_kernel(
         p_ptrs = probs + batch_64 * stride_pb + head * stride_ph + rows[:, None].to(tl.int64) * stride_pm
         for start_n in tl.range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            k_tile = _load_rows(k_src, kv_row + start_n, k_col, cols, stride_kn, seqlen_k, offs_d,
+            k_tile = _load_rows(k_src, kv_row + start_n, kv_col, cols, stride_kn, seqlen_k, offs_d,
                                 HEAD_DIM, BLOCK_D, USE_TMA, True, UPCAST)
             s = _scores(q_tile, k_tile, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
                         window_left, window_right, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
