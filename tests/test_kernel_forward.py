@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import naive
-from pyflash import philox
+from pyflash import philox, reference
 from pyflash.kernels import forward as kernel
 from pyflash.params import AttentionParams, Seqlens
 
@@ -155,6 +155,37 @@ def test_varlen(case):
             assert not probs[s, :, seqlen_q:].any() and not probs[s, :, :, seqlen_k:].any()
             if seqlen_q and seqlen_k:
                 _check_probs(probs[s, :, :seqlen_q, :seqlen_k], ref_probs, low_probs, keep, dtype)
+
+
+def test_matches_reference_backend():
+    """The kernel and the reference backend on one varlen input with every feature: both within the
+    rule of the float64 oracle, and the same dropout mask (the sign of p) bit for bit."""
+    cu_q, cu_k, heads, head_dim = [0, 50, 50, 157], [0, 70, 99, 228], 4, 32
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(157, heads, head_dim, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(228, 2, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    slopes = torch.rand(3, heads, generator=gen)
+    cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    seqlens = Seqlens(3, 107, 129, cu_q_t, cu_k_t)
+    params = _params(head_dim, 40, 0, 6.0, slopes, 0.25, 2**33 + 5, 40)
+    results = []
+    for backend in (kernel, reference):
+        out, lse = torch.full_like(q, math.nan), torch.full((heads, 157), math.nan)
+        probs = torch.zeros(3, heads, 128, 256, dtype=torch.bfloat16)
+        backend.forward(q, k, v, out, lse, probs, params, seqlens)
+        results.append((out, lse, probs))
+    kwargs = dict(causal=True, window_left=40, window_right=0, softcap=6.0, alibi_slopes=slopes, p_dropout=0.25,
+                  seed_offset=(2**33 + 5, 40))
+    ref_out, ref_lse = naive.attention_varlen(q, k, v, cu_q_t, cu_k_t, 129, compute_dtype=torch.float64, **kwargs)
+    low_out, low_lse = naive.attention_varlen(q, k, v, cu_q_t, cu_k_t, 129, **kwargs)
+    for out, lse, _ in results:
+        _check(out, ref_out, low_out, "out", torch.bfloat16)
+        _check(lse, ref_lse, low_lse, "lse", torch.bfloat16)
+    ours_p, theirs_p = (r[2] for r in results)
+    # Zeros may differ where a probability underflows bf16; the signs of the rest must not.
+    both = (ours_p != 0) & (theirs_p != 0)
+    assert both.sum() >= 0.99 * (theirs_p != 0).sum()
+    assert torch.equal(ours_p[both] > 0, theirs_p[both] > 0)
 
 
 def test_dropout_mask_is_pyflash_philox():
