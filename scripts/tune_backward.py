@@ -121,7 +121,8 @@ def resource_usage(kernel, constexprs, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = dict(constexprs, stride_lse_m=1, group_size=1)  # ints equal to 1 specialise so
+    # Ints equal to 1 specialise to constants, as contiguous lse and MHA do in the benchmark.
+    constexprs = dict(constexprs, **{name: 1 for name in ("stride_lse_m", "group_size") if name in kernel.arg_names})
     pointer_types = {"softmax_lse": "*fp32", "softmax_d": "*fp32", "dq_accum": "*fp32", "alibi_slopes": "*fp32",
                      "cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "seqused_k": "*i32"}
     float_args = {"softmax_scale", "qk_scale", "softcap_scale", "dropout_p", "dropout_scale"}
@@ -132,7 +133,7 @@ def resource_usage(kernel, constexprs, num_warps, num_stages):
             continue
         signature[name] = pointer_types.get(name, "fp32" if name in float_args else
                                             "i64" if name == "philox_seed" else "i32")
-        if name in ("q", "k", "v", "dout", "dk", "dv", "dq"):
+        if name in ("q", "k", "v", "out", "dout", "dk", "dv", "dq"):
             signature[name] = "*bf16"
         if signature[name].startswith("*") or name.startswith(("stride_", "dense_seqlen")) or name == "num_heads":
             attrs[(index,)] = [["tt.divisibility", 16]]

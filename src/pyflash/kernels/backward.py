@@ -52,7 +52,8 @@ def _sequence(batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dens
         k_start = 0
         seqlen_k = dense_seqlen_k
         stored_k = dense_seqlen_k
-    return q_start, seqlen_q, k_start, seqlen_k, stored_k
+    # 64-bit starts: a varlen start * row stride can pass 2**31.
+    return tl.cast(q_start, tl.int64), seqlen_q, tl.cast(k_start, tl.int64), seqlen_k, stored_k
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def _dkdv_kernel(
     # Key blocks vary fastest: programs running together share one head's Q and dO in L2.
     start_n = tl.program_id(0) * BLOCK_N
     head_k = tl.program_id(1)
-    batch = tl.program_id(2)
+    batch = tl.program_id(2).to(tl.int64)  # 64-bit base offsets: batch * stride can pass 2**31
     q_start, seqlen_q, k_start, seqlen_k, stored_k = _sequence(
         batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dense_seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
     if start_n >= stored_k:
@@ -264,7 +265,7 @@ def _dq_kernel(
     # last, heaviest-under-causal, blocks first measured 3-6% slower at d=128 on H100: RESULTS.md.)
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
-    batch = tl.program_id(2)
+    batch = tl.program_id(2).to(tl.int64)
     q_start, seqlen_q, k_start, seqlen_k, _ = _sequence(
         batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dense_seqlen_k, IS_VARLEN, HAS_SEQUSED_K)
     if start_m >= seqlen_q:
@@ -315,7 +316,7 @@ def _delta_kernel(out, dout, softmax_d, cu_seqlens_q, stride_ob, stride_om, stri
     """softmax_d = rowsum(dO * O) in fp32."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
-    batch = tl.program_id(2)
+    batch = tl.program_id(2).to(tl.int64)
     q_start, seqlen_q, _, _, _ = _sequence(batch, cu_seqlens_q, cu_seqlens_q, cu_seqlens_q, dense_seqlen_q,
                                            dense_seqlen_q, IS_VARLEN, False)
     if start_m >= seqlen_q:
@@ -338,7 +339,7 @@ def _dq_from_accumulator_kernel(dq_accum, dq, cu_seqlens_q, stride_ab, stride_am
     """dq = softmax_scale * (the fp32 sum of dS K that the dK/dV programs added atomically)."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
-    batch = tl.program_id(2)
+    batch = tl.program_id(2).to(tl.int64)
     q_start, seqlen_q, _, _, _ = _sequence(batch, cu_seqlens_q, cu_seqlens_q, cu_seqlens_q, dense_seqlen_q,
                                            dense_seqlen_q, IS_VARLEN, False)
     if start_m >= seqlen_q:
