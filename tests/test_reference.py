@@ -453,3 +453,23 @@ def test_default_scale_not_assumed():
         out = pyflash.mha_fwd(q, k, v, None, None, 0.0, scale, False, -1, -1, False, None)[0]
         ref, _ = naive.attention(q, k, v, softmax_scale=scale, compute_dtype=torch.float64)
         assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_varlen_no_keys_at_all():
+    """Every sequence has zero keys (total_k == 0, max_seqlen_k == 0): out 0, lse +inf, dq 0."""
+    cu_q = torch.tensor([0, 5, 17], dtype=torch.int32)
+    cu_k = torch.tensor([0, 0, 0], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(13)
+    q = _randn((17, 4, 16), torch.bfloat16, gen)
+    k = _randn((0, 2, 16), torch.bfloat16, gen)
+    v = _randn((0, 2, 16), torch.bfloat16, gen)
+    out_ = _poisoned(q.shape, q.dtype)
+    out, *_, lse, seed_t, offset_t, _ = pyflash.mha_varlen_fwd(
+        q, k, v, out_, cu_q, cu_k, None, None, 12, 0, 0.0, 0.25, False, True, -1, -1, False, None)
+    assert out.data_ptr() == out_.data_ptr()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isposinf(lse).all()
+    dq, dk, dv, softmax_d = pyflash.mha_varlen_bwd(
+        _randn(q.shape, q.dtype, gen), q, k, v, out, lse, _poisoned(q.shape, q.dtype), None, None, cu_q, cu_k,
+        None, 12, 0, 0.0, 0.25, False, True, -1, -1, False, seed_t, offset_t)
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.shape == k.shape and dv.shape == v.shape
+    assert not torch.isnan(softmax_d).any()
