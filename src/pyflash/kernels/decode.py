@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, visible_mask
+from pyflash.kernels.common import INTERPRET, alibi_bias, tanh, visible_mask
 
 MAX_SPLITS = 128
 
@@ -91,8 +91,7 @@ def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, k
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = qk * scale
         if HAS_SOFTCAP:
-            # softcap * tanh(s / softcap), tanh through exp: 1 - 2 / (exp(2x) + 1)
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            s = softcap * tanh(s / softcap)
         if HAS_ALIBI:
             s += alibi_bias(slope[:, None], rows[:, None], cols[None, :], seqlen_q, seqlen_k)
         s = s * 1.4426950408889634  # log2(e): the softmax runs in base 2
@@ -151,6 +150,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     start_pos = tl.load(Leftpad + batch)
     seqlen_k = tl.load(SeqlensK + batch) - start_pos
     # Keys any row of the tile may see ([lo, hi)), and keys every row sees ([full_lo, full_hi)).
+    # (Not common.visible_block_ranges: a tile's rows span a query range that need not be a
+    # power of two, and the split parts start at lo rather than at block multiples.)
     row_first = (pid_m * BLOCK_M) // groups
     row_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // groups, seqlen_q - 1)
     lo = 0
