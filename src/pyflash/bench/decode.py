@@ -129,6 +129,7 @@ def decode_table(rows: List[Dict[str, object]], copy_GBps: float) -> str:
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--decode-*`` options (a host CLI adds its own ``--out``; results go there when set)."""
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--decode-cache-lens", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     parser.add_argument("--decode-paged", choices=["no", "yes", "both"], default="both")
@@ -136,11 +137,12 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-no-sdpa", action="store_true")
     parser.add_argument("--decode-configs", nargs="+", default=[],
                         help="BLOCK_N,WARPS,STAGES entries to try in place of the d=128 tuning table row")
-    parser.add_argument("--out", default=None, help="folder for decode.json / decode.md")
 
 
 def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
     """The decode sweep: prints the table, writes ``decode.json``/``decode.md`` under ``args.out``."""
+    if not torch.cuda.is_available():
+        raise SystemExit("the decode benchmark needs a CUDA GPU (CUDA graphs, copy bandwidth)")
     copy_GBps = copy_bandwidth_GBps()
     paged_options = {"no": [False], "yes": [True], "both": [False, True]}[args.decode_paged]
     configs = [tuple(int(x) for x in c.split(",")) for c in args.decode_configs] or [decode.DECODE_CONFIGS[128]]
@@ -169,11 +171,12 @@ def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
     decode.DECODE_CONFIGS[128] = default_config
     table = decode_table(rows, copy_GBps)
     print(f"\n{torch.cuda.get_device_name()}\n{table}", flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "decode.json"), "w") as f:
+    out_dir = getattr(args, "out", None)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "decode.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": copy_GBps, "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "decode.md"), "w") as f:
+        with open(os.path.join(out_dir, "decode.md"), "w") as f:
             f.write(table + "\n")
     return rows
 
@@ -181,4 +184,5 @@ def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_decode_arguments(cli)
+    cli.add_argument("--out", default=None, help="folder for decode.json / decode.md")
     run_decode_bench(cli.parse_args())
