@@ -345,6 +345,9 @@ def flash_attn_with_kvcache(
     if k is not None:
         if rotary_cos is not None:
             new_positions = cache_seqlens.long()[:, None] + torch.arange(max(k.shape[1], seqlen_q), device=device)
+            # Queries past the last appended key may run off the table: they keep its last angle
+            # (flash_attn reads past the end there) rather than index out of bounds on the device.
+            new_positions = new_positions.clamp(max=rotary_cos.shape[0] - 1)
             k = apply_rotary(k, rotary_cos, rotary_sin, new_positions[:, :k.shape[1]], rotary_interleaved)
             local = window_left >= 0 or window_right >= 0
             q_positions = new_positions[:, :seqlen_q] if local else new_positions[:, :1].expand(batch, seqlen_q)
