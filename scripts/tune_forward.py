@@ -147,9 +147,12 @@ def extras(lines):
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]).to(torch.int32).cuda()
     max_len = int(lens.max())
     q, k, v = (x[0] for x in make_qkv(1, TOKENS, 16, 16, 128))
-    row(f"varlen {len(lens)} seqs summing {TOKENS}, h=16, causal", sum(4 * 16 * 128 * n * n / 2 for n in lens.tolist()),
-        pyflash_call(q, k, v, AttentionParams(scale, -1, 0), Seqlens(len(lens), max_len, max_len, cu, cu)),
-        lambda: flash(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale))
+    for use_tma in (None, False):
+        row(f"varlen {len(lens)} seqs summing {TOKENS}, h=16, causal, {'pointers' if use_tma is False else 'default'}",
+            sum(4 * 16 * 128 * n * n / 2 for n in lens.tolist()),
+            pyflash_call(q, k, v, AttentionParams(scale, -1, 0), Seqlens(len(lens), max_len, max_len, cu, cu),
+                         use_tma=use_tma),
+            lambda: flash(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale))
     lines.append("")
 
 

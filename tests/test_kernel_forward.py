@@ -131,11 +131,17 @@ def test_varlen(case):
     seed, offset = (7, 12) if dropout_p > 0 else (0, 0)
     cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
     used_t = torch.tensor(used, dtype=torch.int32) if used is not None else None
+    k_in, v_in = k, v
+    if used is not None:  # keys past seqused_k may hold anything: NaN there must not leak
+        k_in, v_in = k.clone(), v.clone()
+        for start, end, n_used in zip(cu_k, cu_k[1:], used):
+            k_in[start + n_used:end] = math.nan
+            v_in[start + n_used:end] = math.nan
     out = torch.full_like(q, math.nan)
     lse = torch.full((heads, cu_q[-1]), math.nan)
     probs = torch.zeros(batch, heads, _round128(max_q), _round128(max_k), dtype=dtype) if dropout_p > 0 else None
     params = _params(head_dim, left, right, softcap, alibi_bh, dropout_p, seed, offset)
-    kernel.forward(q, k, v, out, lse, probs, params, Seqlens(batch, max_q, max_k, cu_q_t, cu_k_t, used_t))
+    kernel.forward(q, k_in, v_in, out, lse, probs, params, Seqlens(batch, max_q, max_k, cu_q_t, cu_k_t, used_t))
 
     kwargs = dict(seqused_k=used_t, causal=causal, window_left=left, window_right=right, softcap=softcap,
                   alibi_slopes=slopes, p_dropout=dropout_p, seed_offset=(seed, offset))

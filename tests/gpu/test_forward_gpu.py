@@ -132,7 +132,8 @@ def test_dense(case, use_tma):
 
 
 def test_varlen_ragged():
-    """Ragged lengths (some empty, some longer than a block), GQA, causal, seqused_k, dropout."""
+    """Ragged lengths (some empty, some longer than a block), GQA, causal, seqused_k (NaN in the
+    unused keys), dropout."""
     gen = torch.Generator().manual_seed(7)
     lens_q = [int(x) for x in torch.randint(0, 2000, (9,), generator=gen)] + [0, 1, 4096]
     lens_k = [n + int(x) for n, x in zip(lens_q, torch.randint(0, 300, (12,), generator=gen))]
@@ -143,12 +144,18 @@ def test_varlen_ragged():
     q, k, v = make_inputs([(sum(lens_q), heads, head_dim), (sum(lens_k), heads_k, head_dim),
                            (sum(lens_k), heads_k, head_dim)], dtype, seed=8)
     used = torch.tensor(used_k, dtype=torch.int32, device="cuda")
+    # Keys past seqused_k are never read for a result: NaN there must not leak (TMA reads them).
+    unused = torch.zeros(sum(lens_k), dtype=torch.bool, device="cuda")
+    for start, n_used, n_k in zip(cu_k[:-1].tolist(), used_k, lens_k):
+        unused[start + n_used:start + n_k] = True
+    k_nan, v_nan = k.masked_fill(unused[:, None, None], math.nan), v.masked_fill(unused[:, None, None], math.nan)
     for features, seqused_k in ((dict(causal=True), None), (dict(causal=True, dropout_p=0.15, alibi=True), used),
                                 (dict(window=(300, 64), softcap=15.0), used)):
         params = make_params(head_dim, len(lens_q), heads, **features)
         seqlens = Seqlens(len(lens_q), max(lens_q), max(lens_k), cu_q, cu_k, seqused_k)
         for use_tma in (None, False):
-            out, lse, _ = run_forward(q, k, v, params, seqlens, use_tma=use_tma)
+            k_in, v_in = (k_nan, v_nan) if seqused_k is not None else (k, v)
+            out, lse, _ = run_forward(q, k_in, v_in, params, seqlens, use_tma=use_tma)
             q_start = k_start = 0
             for s, (n_q, n_k) in enumerate(zip(lens_q, lens_k)):
                 n_used = used_k[s] if seqused_k is not None else n_k

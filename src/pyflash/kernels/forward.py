@@ -34,7 +34,7 @@ def _load_rows(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d,
     """A (rows, BLOCK_D) tile of K or V. ``src`` is a TMA descriptor over the (rows, heads * d)
     view (read at [tma_row, tma_col]) or a pointer already offset to this sequence and head."""
     if USE_TMA:
-        # Rows past the sequence read its neighbour (or TMA's zero fill): their scores are masked.
+        # Rows past the sequence read whatever follows it: masked scores for K, zeroed V rows (_attend).
         tile = src.load([tma_row, tma_col])
     else:
         ptrs = src + rows[:, None] * stride_row + offs_d[None, :]
@@ -77,7 +77,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
             dropout_p, philox_seed, philox_offset, bh,
             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+            HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks [key_lo, key_hi): running max m_i, running sum l_i (both of
     the undropped probabilities) and the unnormalised output acc."""
@@ -103,6 +103,11 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_src, kv_row + start_n, kv_col, cols, stride_vn, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
+        if USE_TMA and MASKED and IS_VARLEN:
+            # Past a varlen sequence's keys TMA reads anything (an unused KV-cache slot, padding:
+            # NaN), and p = 0 does not cancel NaN in the product. Dense rows past the keys are the
+            # next batch's (the caller's data) or TMA's zero fill.
+            v = tl.where(cols[:, None] < seqlen_k, v, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -208,19 +213,19 @@ def _forward_kernel(
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                             full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                             qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                             dropout_p, philox_seed, philox_offset, bh,
                             False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                            HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
+                            HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                             full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                             qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                             dropout_p, philox_seed, philox_offset, bh,
                             True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                            HAS_ALIBI, HAS_DROPOUT, USE_TMA, UPCAST, DOT_PRECISION)
+                            HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION)
 
     # Rows that saw no key: l = 0, output 0 and lse = +inf.
     has_key = l_i > 0.0
