@@ -6,6 +6,10 @@ blocks its rows can see. The key range splits into blocks that need masking (win
 diagonal, the end of the keys) and blocks every row sees whole; the latter run a loop that carries
 no mask code. Scores live in the log2 domain (log2(e) folded into the scale) so the online softmax
 uses exp2.
+
+Loads: on Hopper, Q/K/V tiles come through TMA descriptors over the (rows, heads * d) view when the
+layout allows it (head dim a power of two, rows of one stride); otherwise (Ampere, the interpreter,
+padded head dims, odd strides) through masked pointer loads. Tuning: configs.FORWARD.
 """
 from __future__ import annotations
 
