@@ -82,16 +82,46 @@ def _alibi(alibi_slopes, batch_size: int, num_heads: int, device: torch.device) 
     return alibi_slopes.expand(batch_size, num_heads)
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device, total: int) -> None:
+def _check_cu_seqlens_tensor(name: str, cu, device: torch.device) -> None:
     _require(isinstance(cu, torch.Tensor), f"{name} must be a torch.Tensor", TypeError)
     _require(cu.dtype == torch.int32, f"{name} must have dtype int32, got {cu.dtype}", TypeError)
     _require(cu.device == device, f"{name} must be on {device} like q, got {cu.device}")
     _require(cu.dim() == 1 and cu.numel() >= 2, f"{name} must have shape (batch_size + 1,) with batch_size > 0, got {tuple(cu.shape)}")
     _require(cu.is_contiguous(), f"{name} must be contiguous")
-    values = cu.tolist()
+
+
+def _check_offsets(name: str, values: Sequence[int], total: int) -> None:
     _require(values[0] == 0, f"{name} must start at 0, got {values[0]}")
     _require(all(a <= b for a, b in zip(values, values[1:])), f"{name} must be non-decreasing, got {values}")
     _require(values[-1] <= total, f"{name}[-1] = {values[-1]} exceeds the {total} rows of its tensor")
+
+
+def _varlen_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k) -> Seqlens:
+    """Validates the varlen description and returns it as Seqlens."""
+    _check_cu_seqlens_tensor("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens_tensor("cu_seqlens_k", cu_seqlens_k, q.device)
+    batch_size = cu_seqlens_q.numel() - 1
+    _check_shape("cu_seqlens_k", cu_seqlens_k, (batch_size + 1,))
+    parts = [cu_seqlens_q, cu_seqlens_k]
+    if seqused_k is not None:
+        _check_tensor("seqused_k", seqused_k, 1, q.device, torch.int32)
+        _check_shape("seqused_k", seqused_k, (batch_size,))
+        parts.append(seqused_k)
+    # One device-to-host copy for every value check.
+    values = torch.cat(parts).tolist()
+    cu_q, cu_k, used = values[:batch_size + 1], values[batch_size + 1:2 * batch_size + 2], values[2 * batch_size + 2:]
+    _check_offsets("cu_seqlens_q", cu_q, q.shape[0])
+    _check_offsets("cu_seqlens_k", cu_k, k.shape[0])
+    lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if seqused_k is not None:
+        _require(all(0 <= u <= n for u, n in zip(used, lengths_k)),
+                 f"seqused_k must lie in [0, sequence length of k], got {used} for lengths {lengths_k}")
+    _require(int(max_seqlen_q) >= max(lengths_q),
+             f"max_seqlen_q ({max_seqlen_q}) is below the longest query sequence ({max(lengths_q)})")
+    _require(int(max_seqlen_k) >= max(lengths_k),
+             f"max_seqlen_k ({max_seqlen_k}) is below the longest key sequence ({max(lengths_k)})")
+    return Seqlens(batch_size, int(max_seqlen_q), int(max_seqlen_k), cu_seqlens_q, cu_seqlens_k, seqused_k)
 
 
 def _check_out(name: str, out, like: torch.Tensor, shape: Sequence[int]) -> None:
@@ -217,32 +247,18 @@ def mha_varlen_fwd(q, k, v, out_, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_s
         paged = (k, v)
         k, v = gather_paged_varlen(k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
-    batch_size = cu_seqlens_q.numel() - 1
-    _check_shape("cu_seqlens_k", cu_seqlens_k, (batch_size + 1,))
-    if seqused_k is not None:
-        _check_tensor("seqused_k", seqused_k, 1, q.device, torch.int32)
-        _check_shape("seqused_k", seqused_k, (batch_size,))
-        lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        used = seqused_k.tolist()
-        _require(all(0 <= u <= n for u, n in zip(used, lengths_k)),
-                 f"seqused_k must lie in [0, sequence length of k], got {used} for lengths {lengths_k}")
+    seqlens = _varlen_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    batch_size = seqlens.batch_size
     _check_out("out_", out_, q, q.shape)
     _check_dropout(p_dropout, return_softmax)
     _check_window(window_size_left, window_size_right)
     _check_softcap(softcap)
-    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    _require(int(max_seqlen_q) >= max(lengths_q), f"max_seqlen_q ({max_seqlen_q}) is below the longest query sequence ({max(lengths_q)})")
-    _require(int(max_seqlen_k) >= max(lengths_k), f"max_seqlen_k ({max_seqlen_k}) is below the longest key sequence ({max(lengths_k)})")
     num_heads = q.shape[1]
     slopes = _alibi(alibi_slopes_, batch_size, num_heads, q.device)
     left, right = _normalize_window(window_size_left, window_size_right, is_causal, int(max_seqlen_k))
     seed, offset = _rng(p_dropout, gen_, q.device)
     params = AttentionParams(_scale(softmax_scale, q.shape[-1]), left, right, float(softcap), slopes,
                              float(p_dropout), seed, offset)
-    seqlens = Seqlens(batch_size, int(max_seqlen_q), int(max_seqlen_k), cu_seqlens_q, cu_seqlens_k, seqused_k)
     result = _forward(q, k, v, out_, params, seqlens, return_softmax, zero_tensors)
     return result if paged is None else result[:2] + paged + result[4:]
 
@@ -321,13 +337,8 @@ def mha_varlen_bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, cu_seqlens_q,
                    window_size_right, deterministic, philox_seed, philox_offset, *, softcap=0.0, seqused_k=None):
     """Attention backward on packed variable-length sequences -> (dq, dk, dv, softmax_d (h, total_q) fp32)."""
     _check_qkv(q, k, v, 3)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
-    batch_size = cu_seqlens_q.numel() - 1
-    _check_shape("cu_seqlens_k", cu_seqlens_k, (batch_size + 1,))
-    if seqused_k is not None:
-        _check_tensor("seqused_k", seqused_k, 1, q.device, torch.int32)
-        _check_shape("seqused_k", seqused_k, (batch_size,))
+    seqlens = _varlen_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    batch_size = seqlens.batch_size
     num_heads = q.shape[1]
     _check_backward_common(dout, out, softmax_lse, dq_, dk_, dv_, q, k, (num_heads, q.shape[0]), p_dropout,
                            window_size_left, window_size_right, softcap)
@@ -335,5 +346,4 @@ def mha_varlen_bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, cu_seqlens_q,
     left, right = _normalize_window(window_size_left, window_size_right, is_causal, int(max_seqlen_k))
     params = AttentionParams(_scale(softmax_scale, q.shape[-1]), left, right, float(softcap), slopes, float(p_dropout),
                              _as_int(philox_seed), _as_int(philox_offset))
-    seqlens = Seqlens(batch_size, int(max_seqlen_q), int(max_seqlen_k), cu_seqlens_q, cu_seqlens_k, seqused_k)
     return _backward(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, params, seqlens, deterministic)
