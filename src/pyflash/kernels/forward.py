@@ -19,16 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, visible_mask
+from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, tanh, visible_block_ranges, visible_mask
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^{2x} + 1): saturates cleanly to +-1 where e^{2x} over- or underflows.
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
@@ -62,7 +56,7 @@ def _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SOFTCAP:
         # softcap * tanh(scale * qk / softcap): qk_scale = scale / softcap, softcap_scale = log2(e) * softcap
-        s = softcap_scale * _tanh(qk * qk_scale)
+        s = softcap_scale * tanh(qk * qk_scale)
     else:
         s = qk * qk_scale
     if HAS_ALIBI:
@@ -115,32 +109,6 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
-
-
-@triton.jit
-def _key_ranges(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Key bounds lo <= full_lo <= full_hi <= hi for the query rows [start_m, start_m + BLOCK_M):
-    keys outside [lo, hi) are invisible to every row (never loaded), blocks in [full_lo, full_hi)
-    are visible to every row (no mask), the rest need the mask. lo, full_lo, full_hi are multiples
-    of BLOCK_N (or equal hi)."""
-    diag = seqlen_k - seqlen_q  # row i's own key is i + diag
-    first_row = start_m
-    last_row = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    lo = 0
-    full_lo = 0
-    hi = seqlen_k
-    full_hi = seqlen_k // BLOCK_N * BLOCK_N
-    if HAS_LEFT:
-        lo = tl.maximum(first_row + diag - window_left, 0) // BLOCK_N * BLOCK_N
-        full_lo = tl.cdiv(tl.maximum(last_row + diag - window_left, 0), BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
-        hi = tl.minimum(last_row + diag + window_right + 1, seqlen_k)
-        full_hi = tl.maximum(tl.minimum(first_row + diag + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, lo)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -209,8 +177,8 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_ranges(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, full_lo, full_hi, hi = visible_block_ranges(start_m, seqlen_q, seqlen_k, seqlen_k - seqlen_q,
+                                                    window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 lo, full_lo, rows, offs_n, offs_d, seqlen_q, seqlen_k,
