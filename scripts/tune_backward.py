@@ -118,27 +118,12 @@ def sweep(case, log):
 def resource_usage(kernel, constexprs, num_warps, num_stages):
     """Registers, spill stack and shared memory of kernel compiled for sm_90 with the benchmark's specialisation."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    from pyflash.kernels.aot import compile_for_sm90
 
     # Ints equal to 1 specialise to constants, as contiguous lse and MHA do in the benchmark.
     constexprs = dict(constexprs, **{name: 1 for name in ("stride_lse_m", "group_size") if name in kernel.arg_names})
-    pointer_types = {"softmax_lse": "*fp32", "softmax_d": "*fp32", "dq_accum": "*fp32", "alibi_slopes": "*fp32",
-                     "cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "seqused_k": "*i32"}
-    float_args = {"softmax_scale", "qk_scale", "softcap_scale", "dropout_p", "dropout_scale"}
-    signature, attrs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointer_types.get(name, "fp32" if name in float_args else
-                                            "i64" if name == "philox_seed" else "i32")
-        if name in ("q", "k", "v", "out", "dout", "dk", "dv", "dq"):
-            signature[name] = "*bf16"
-        if signature[name].startswith("*") or name.startswith(("stride_", "dense_seqlen")) or name == "num_heads":
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = compile_for_sm90(kernel, constexprs, num_warps, num_stages, dtype="bf16")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()

@@ -1,0 +1,181 @@
+"""Every Triton kernel compiled for Hopper (sm_90) on this CPU-only machine, with the launch
+configs the tuning tables pick for a GPU of generation 9: catches what the interpreter cannot
+(lowering type errors, ops without a GPU lowering, shared memory past Hopper's 227 KB).
+
+Each kernel with every feature switch off (the fast path) at head dims 64, 128, 256, and with every
+switch on at 128 and 96 (BLOCK_D 128); bf16, plus fp16 and fp32 cases. The compiles run in a child
+process without TRITON_INTERPRET (aot.Sm90Compiler): under the interpreter nothing is compilable.
+"""
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+import triton.language as tl
+
+from pyflash.kernels import aot, backward, decode, forward
+
+DTYPES = {"bf16": (2, tl.bfloat16), "fp16": (2, tl.float16), "fp32": (4, tl.float32)}
+FAST_HEAD_DIMS = (64, 128, 256)
+ALL_ON_HEAD_DIMS = (128, 96)
+SWITCHES = ("IS_VARLEN", "HAS_SEQUSED_K", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_DROPOUT")
+
+
+class _HopperQ:
+    """What forward_config / backward_config read of q: on a GPU, its element size."""
+
+    is_cuda = True
+    device = "cuda:0"
+
+    def __init__(self, dtype):
+        self.nbytes = DTYPES[dtype][0]
+
+    def element_size(self):
+        return self.nbytes
+
+
+@contextlib.contextmanager
+def _on_hopper():
+    """The config functions as they run on a compute capability 9.0 device outside the interpreter."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: (9, 0)))
+        for module in (forward, backward, decode):
+            stack.enter_context(mock.patch.object(module, "INTERPRET", False))
+        yield
+
+
+def _precision(dtype):
+    return "ieee" if dtype == "fp32" else "tf32"
+
+
+def _forward_case(dtype, head_dim, all_on, tma=False):
+    block_d = forward._block_d(head_dim)
+    with _on_hopper():
+        block_m, block_n, warps, stages = forward.forward_config(_HopperQ(dtype), head_dim, causal=all_on,
+                                                                 dropout=all_on)
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                      **dict.fromkeys(SWITCHES, all_on), RETURN_SOFTMAX=all_on, USE_TMA=tma, UPCAST=False,
+                      DOT_PRECISION=_precision(dtype))
+    options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
+    if tma:
+        # forward() takes TMA only when the head dim is its own BLOCK_D; descriptors over (rows, h * d).
+        assert block_d == head_dim
+        options["arg_types"] = dict(q=f"tensordesc<{dtype}[{block_m}, {block_d}]>",
+                                    k=f"tensordesc<{dtype}[{block_n}, {block_d}]>",
+                                    v=f"tensordesc<{dtype}[{block_n}, {block_d}]>")
+    return "pyflash.kernels.forward", "_forward_kernel", constexprs, options
+
+
+def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False):
+    block_d = backward._block_d(head_dim)
+    if kernel in ("_delta_kernel", "_dq_from_accumulator_kernel"):  # launched with Triton's default warps, stages
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=backward.ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=all_on)
+        return "pyflash.kernels.backward", kernel, constexprs, dict(dtype=dtype)
+    with _on_hopper():
+        config = backward.backward_config(_HopperQ(dtype), head_dim, causal=all_on)
+    block_m, block_n, warps, stages = config.dkdv if kernel == "_dkdv_kernel" else config.dq
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                      **dict.fromkeys(SWITCHES, all_on), MMA_DTYPE=DTYPES[dtype][1], DOT_PRECISION=_precision(dtype))
+    options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
+    if kernel == "_dkdv_kernel":
+        constexprs["ATOMIC_DQ"] = atomic_dq
+        if not atomic_dq:  # backward() then hands dq itself to the (unused) accumulator argument
+            options["arg_types"] = dict(dq_accum=f"*{dtype}")
+    return "pyflash.kernels.backward", kernel, constexprs, options
+
+
+def _decode_case(dtype, head_dim, all_on):
+    with _on_hopper():
+        block_d, block_n, warps, stages = decode._config(head_dim)
+    # Off: one query token, MHA (block_m 16, one split, no pages). On: a GQA tile of 64 rows over
+    # 256-row pages, split into MAX_SPLITS parts merged in the same launch.
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64 if all_on else 16, BLOCK_N=block_n,
+                      PAGE_SIZE=256 if all_on else 1, PAGED=all_on, HAS_LEFT=all_on, HAS_RIGHT=all_on,
+                      HAS_SOFTCAP=all_on, HAS_ALIBI=all_on, IS_SPLIT=all_on,
+                      BLOCK_S=decode.MAX_SPLITS if all_on else 2, UPCAST=dtype == "fp32",
+                      DOT_PRECISION=_precision(dtype))
+    return "pyflash.kernels.decode", "_decode_kernel", constexprs, dict(num_warps=warps, num_stages=stages, dtype=dtype)
+
+
+# Found by this test; strict, so that a fix shows up as XPASS (then drop the entry).
+KNOWN_FAILURES = {
+    # decode._config picks (block_n 128, 3 stages) whatever the dtype: fp32 K/V tiles need 278528 B.
+    # block_n 64 (143424 B) or 2 stages (147456 B) fit.
+    "decode-fp32-d128-off": "decode: fp32 at head dim 128 needs 278528 B of shared memory",
+    # Latent: configs.BACKWARD never enables atomic dQ on Hopper; with its d=256 dK/dV config
+    # (64, 64, 8 warps, 2 stages) atomic dQ needs 263168 B. 1 stage (131072 B) or block_m 32 (180480 B) fit.
+    "dkdv_atomic_dq-bf16-d256-off": "dK/dV with atomic dQ at head dim 256 needs 263168 B of shared memory",
+}
+
+
+def _cases():
+    """Heaviest first, so that pytest-xdist's workers finish together."""
+    cases = []
+
+    def add(case_id, case):
+        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[case_id])] if case_id in KNOWN_FAILURES else []
+        cases.append(pytest.param(*case, id=case_id, marks=marks))
+
+    # Every switch on (bf16): varlen, seqused_k, a window on both sides, softcap, ALiBi, dropout,
+    # return_softmax; decode: paged, window, softcap, ALiBi, split.
+    for d in ALL_ON_HEAD_DIMS:
+        add(f"decode-bf16-d{d}-on", _decode_case("bf16", d, True))
+        add(f"dkdv_atomic_dq-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True, True))
+        add(f"dkdv-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True))
+        add(f"dq-bf16-d{d}-on", _backward_case("_dq_kernel", "bf16", d, True))
+        add(f"forward-bf16-d{d}-on", _forward_case("bf16", d, True))
+        if forward._block_d(d) == d:  # forward() takes TMA only then
+            add(f"forward_tma-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True))
+    # fp32 (exact ieee dots) and fp16: one head dim, fast path.
+    add("decode-fp32-d128-off", _decode_case("fp32", 128, False))
+    add("forward-fp32-d128-off", _forward_case("fp32", 128, False))
+    for d in FAST_HEAD_DIMS:
+        add(f"dkdv_atomic_dq-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False, True))
+        add(f"dkdv-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False))
+        add(f"dq-bf16-d{d}-off", _backward_case("_dq_kernel", "bf16", d, False))
+        add(f"forward-bf16-d{d}-off", _forward_case("bf16", d, False))
+        add(f"forward_tma-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True))
+        add(f"decode-bf16-d{d}-off", _decode_case("bf16", d, False))
+    add("dkdv-fp16-d128-off", _backward_case("_dkdv_kernel", "fp16", 128, False))
+    add("dq-fp16-d128-off", _backward_case("_dq_kernel", "fp16", 128, False))
+    add("forward-fp16-d128-off", _forward_case("fp16", 128, False))
+    add("forward_tma-fp16-d128-off", _forward_case("fp16", 128, False, tma=True))
+    add("decode-fp16-d128-off", _decode_case("fp16", 128, False))
+    for d, all_on in [*((d, False) for d in FAST_HEAD_DIMS), *((d, True) for d in ALL_ON_HEAD_DIMS)]:
+        tag = "on" if all_on else "off"
+        add(f"delta-bf16-d{d}-{tag}", _backward_case("_delta_kernel", "bf16", d, all_on))
+        add(f"dq_from_accumulator-bf16-d{d}-{tag}", _backward_case("_dq_from_accumulator_kernel", "bf16", d, all_on))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    with aot.Sm90Compiler() as child:
+        yield child
+
+
+@pytest.mark.parametrize("module, kernel, constexprs, options", _cases())
+def test_compiles_for_sm90(compiler, module, kernel, constexprs, options):
+    compiled = compiler.compile(module, kernel, constexprs, **options)
+    assert compiled["shared"] <= aot.SM90_MAX_SHARED, (
+        f"{kernel} needs {compiled['shared']} B of shared memory, Hopper has {aot.SM90_MAX_SHARED}")
+
+
+def test_compile_for_sm90_in_process():
+    """In this process: compiles where Triton is not interpreting, and says what to use where it is."""
+    import triton
+
+    _, kernel, constexprs, options = _backward_case("_delta_kernel", "bf16", 64, False)
+    kernel = getattr(backward, kernel)
+    if triton.knobs.runtime.interpret:
+        with pytest.raises(RuntimeError, match="Sm90Compiler"):
+            aot.compile_for_sm90(kernel, constexprs, **options)
+    else:
+        assert aot.compile_for_sm90(kernel, constexprs, **options).metadata.shared <= aot.SM90_MAX_SHARED
+
+
+def test_compile_error_is_reported(compiler):
+    """A kernel that cannot compile raises, with the compiler's message (BLOCK_D below tl.dot's 16)."""
+    _, kernel, constexprs, options = _backward_case("_dq_kernel", "bf16", 8, False)
+    with pytest.raises(RuntimeError, match="did not compile"):
+        compiler.compile("pyflash.kernels.backward", kernel, dict(constexprs, BLOCK_D=8), **options)
