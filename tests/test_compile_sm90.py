@@ -86,7 +86,7 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False):
 
 def _decode_case(dtype, head_dim, all_on):
     with _on_hopper():
-        block_d, block_n, warps, stages = decode._config(head_dim)
+        block_d, block_n, warps, stages = decode._config(head_dim, 4 if dtype == "fp32" else 2)
     # Off: one query token, MHA (block_m 16, one split, no pages). On: a GQA tile of 64 rows over
     # 256-row pages, split into MAX_SPLITS parts merged in the same launch.
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64 if all_on else 16, BLOCK_N=block_n,
@@ -99,9 +99,6 @@ def _decode_case(dtype, head_dim, all_on):
 
 # Found by this test; strict, so that a fix shows up as XPASS (then drop the entry).
 KNOWN_FAILURES = {
-    # decode._config picks (block_n 128, 3 stages) whatever the dtype: fp32 K/V tiles need 278528 B.
-    # block_n 64 (143424 B) or 2 stages (147456 B) fit.
-    "decode-fp32-d128-off": "decode: fp32 at head dim 128 needs 278528 B of shared memory",
     # Latent: configs.BACKWARD never enables atomic dQ on Hopper; with its d=256 dK/dV config
     # (64, 64, 8 warps, 2 stages) atomic dQ needs 263168 B. 1 stage (131072 B) or block_m 32 (180480 B) fit.
     "dkdv_atomic_dq-bf16-d256-off": "dK/dV with atomic dQ at head dim 256 needs 263168 B of shared memory",

@@ -28,9 +28,12 @@ DECODE_CONFIGS = {64: (128, 4, 3), 128: (128, 4, 3), 256: (64, 4, 2)}
 INTERPRET_BLOCK_N = 32
 
 
-def _config(head_dim: int):
+def _config(head_dim: int, element_size: int = 2):
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n, num_warps, num_stages = next(c for d, c in sorted(DECODE_CONFIGS.items()) if block_d <= d)
+    if element_size == 4:
+        # fp32 K/V tiles are twice the bytes: (128, d=128, 3 stages) would need 278528 B of shared memory.
+        block_n //= 2
     if INTERPRET:
         block_n = INTERPRET_BLOCK_N
     return block_d, block_n, num_warps, num_stages
@@ -280,7 +283,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
     num_heads_k = k_cache.shape[2]
     groups = num_heads // num_heads_k
     paged = block_table is not None
-    block_d, block_n, num_warps, num_stages = _config(head_dim)
+    block_d, block_n, num_warps, num_stages = _config(head_dim, k_cache.element_size())
     block_m = max(16, min(64, triton.next_power_of_2(groups * seqlen_q)))
     m_blocks = triton.cdiv(groups * seqlen_q, block_m)
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
