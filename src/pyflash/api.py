@@ -22,78 +22,80 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # validation
 # ----------------------------------------------------------------------------------------------
 
-def _require(condition: bool, message: str, error=ValueError) -> None:
+def _require(condition: bool, message, error=ValueError) -> None:
+    """Raise ``error(message)`` unless condition holds; message may be a callable, so that the hot
+    path (valid input) formats no strings."""
     if not condition:
-        raise error(message)
+        raise error(message() if callable(message) else message)
 
 
 def _check_tensor(name: str, t, ndim: int, device: torch.device, dtype=None) -> None:
-    _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _require(t.dim() == ndim, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    _require(t.device == device, f"{name} must be on {device} like q, got {t.device}")
+    _require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _require(t.dim() == ndim, lambda: f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    _require(t.device == device, lambda: f"{name} must be on {device} like q, got {t.device}")
     if dtype is not None:
-        _require(t.dtype == dtype, f"{name} must have dtype {dtype}, got {t.dtype}", TypeError)
+        _require(t.dtype == dtype, lambda: f"{name} must have dtype {dtype}, got {t.dtype}", TypeError)
     if t.numel() > 0 and ndim > 0:
-        _require(t.stride(-1) == 1, f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+        _require(t.stride(-1) == 1, lambda: f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
-    _require(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    _require(tuple(t.shape) == tuple(shape), lambda: f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_qkv(q, k, v, ndim: int) -> None:
-    _require(isinstance(q, torch.Tensor), f"q must be a torch.Tensor, got {type(q).__name__}", TypeError)
-    _require(q.dtype in _DTYPES, f"q must have dtype float16, bfloat16 or float32, got {q.dtype}", TypeError)
+    _require(isinstance(q, torch.Tensor), lambda: f"q must be a torch.Tensor, got {type(q).__name__}", TypeError)
+    _require(q.dtype in _DTYPES, lambda: f"q must have dtype float16, bfloat16 or float32, got {q.dtype}", TypeError)
     _check_tensor("q", q, ndim, q.device)
     _check_tensor("k", k, ndim, q.device, q.dtype)
     _check_tensor("v", v, ndim, q.device, q.dtype)
     head_dim = q.shape[-1]
-    _require(0 < head_dim <= MAX_HEAD_DIM, f"head dim (q.shape[-1]) must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    _require(k.shape[-1] == head_dim, f"k must have head dim {head_dim} like q, got shape {tuple(k.shape)}")
-    _require(v.shape == k.shape, f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    _require(0 < head_dim <= MAX_HEAD_DIM, lambda: f"head dim (q.shape[-1]) must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    _require(k.shape[-1] == head_dim, lambda: f"k must have head dim {head_dim} like q, got shape {tuple(k.shape)}")
+    _require(v.shape == k.shape, lambda: f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     num_heads, num_heads_k = q.shape[-2], k.shape[-2]
     _require(num_heads_k > 0 and num_heads % num_heads_k == 0,
-             f"num_heads ({num_heads}, q) must be a multiple of num_heads_k ({num_heads_k}, k)")
+             lambda: f"num_heads ({num_heads}, q) must be a multiple of num_heads_k ({num_heads_k}, k)")
 
 
 def _check_dropout(p_dropout: float, return_softmax: bool) -> None:
-    _require(0.0 <= p_dropout < 1.0, f"p_dropout must be in [0, 1), got {p_dropout}")
+    _require(0.0 <= p_dropout < 1.0, lambda: f"p_dropout must be in [0, 1), got {p_dropout}")
     _require(not return_softmax or p_dropout > 0, "return_softmax requires p_dropout > 0 (as the seed does)")
 
 
 def _check_window(window_size_left: int, window_size_right: int) -> None:
     for name, value in (("window_size_left", window_size_left), ("window_size_right", window_size_right)):
-        _require(isinstance(value, int) and value >= -1, f"{name} must be an int >= -1 (-1: unbounded), got {value!r}")
+        _require(isinstance(value, int) and value >= -1, lambda: f"{name} must be an int >= -1 (-1: unbounded), got {value!r}")
 
 
 def _check_softcap(softcap: float) -> None:
-    _require(softcap >= 0 and math.isfinite(softcap), f"softcap must be a finite number >= 0, got {softcap}")
+    _require(softcap >= 0 and math.isfinite(softcap), lambda: f"softcap must be a finite number >= 0, got {softcap}")
 
 
 def _alibi(alibi_slopes, batch_size: int, num_heads: int, device: torch.device) -> Optional[torch.Tensor]:
     if alibi_slopes is None:
         return None
     _require(isinstance(alibi_slopes, torch.Tensor), "alibi_slopes must be a torch.Tensor", TypeError)
-    _require(alibi_slopes.dtype == torch.float32, f"alibi_slopes must have dtype float32, got {alibi_slopes.dtype}", TypeError)
-    _require(alibi_slopes.device == device, f"alibi_slopes must be on {device} like q, got {alibi_slopes.device}")
+    _require(alibi_slopes.dtype == torch.float32, lambda: f"alibi_slopes must have dtype float32, got {alibi_slopes.dtype}", TypeError)
+    _require(alibi_slopes.device == device, lambda: f"alibi_slopes must be on {device} like q, got {alibi_slopes.device}")
     _require(tuple(alibi_slopes.shape) in ((num_heads,), (batch_size, num_heads)),
-             f"alibi_slopes must have shape ({num_heads},) or ({batch_size}, {num_heads}), got {tuple(alibi_slopes.shape)}")
+             lambda: f"alibi_slopes must have shape ({num_heads},) or ({batch_size}, {num_heads}), got {tuple(alibi_slopes.shape)}")
     _require(alibi_slopes.stride(-1) == 1, "alibi_slopes must have a contiguous last dimension")
     return alibi_slopes.expand(batch_size, num_heads)
 
 
 def _check_cu_seqlens_tensor(name: str, cu, device: torch.device) -> None:
-    _require(isinstance(cu, torch.Tensor), f"{name} must be a torch.Tensor", TypeError)
-    _require(cu.dtype == torch.int32, f"{name} must have dtype int32, got {cu.dtype}", TypeError)
-    _require(cu.device == device, f"{name} must be on {device} like q, got {cu.device}")
-    _require(cu.dim() == 1 and cu.numel() >= 2, f"{name} must have shape (batch_size + 1,) with batch_size > 0, got {tuple(cu.shape)}")
-    _require(cu.is_contiguous(), f"{name} must be contiguous")
+    _require(isinstance(cu, torch.Tensor), lambda: f"{name} must be a torch.Tensor", TypeError)
+    _require(cu.dtype == torch.int32, lambda: f"{name} must have dtype int32, got {cu.dtype}", TypeError)
+    _require(cu.device == device, lambda: f"{name} must be on {device} like q, got {cu.device}")
+    _require(cu.dim() == 1 and cu.numel() >= 2, lambda: f"{name} must have shape (batch_size + 1,) with batch_size > 0, got {tuple(cu.shape)}")
+    _require(cu.is_contiguous(), lambda: f"{name} must be contiguous")
 
 
 def _check_offsets(name: str, values: Sequence[int], total: int) -> None:
-    _require(values[0] == 0, f"{name} must start at 0, got {values[0]}")
-    _require(all(a <= b for a, b in zip(values, values[1:])), f"{name} must be non-decreasing, got {values}")
-    _require(values[-1] <= total, f"{name}[-1] = {values[-1]} exceeds the {total} rows of its tensor")
+    _require(values[0] == 0, lambda: f"{name} must start at 0, got {values[0]}")
+    _require(all(a <= b for a, b in zip(values, values[1:])), lambda: f"{name} must be non-decreasing, got {values}")
+    _require(values[-1] <= total, lambda: f"{name}[-1] = {values[-1]} exceeds the {total} rows of its tensor")
 
 
 def _varlen_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k) -> Seqlens:
@@ -116,11 +118,11 @@ def _varlen_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, m
     lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
     if seqused_k is not None:
         _require(all(0 <= u <= n for u, n in zip(used, lengths_k)),
-                 f"seqused_k must lie in [0, sequence length of k], got {used} for lengths {lengths_k}")
+                 lambda: f"seqused_k must lie in [0, sequence length of k], got {used} for lengths {lengths_k}")
     _require(int(max_seqlen_q) >= max(lengths_q),
-             f"max_seqlen_q ({max_seqlen_q}) is below the longest query sequence ({max(lengths_q)})")
+             lambda: f"max_seqlen_q ({max_seqlen_q}) is below the longest query sequence ({max(lengths_q)})")
     _require(int(max_seqlen_k) >= max(lengths_k),
-             f"max_seqlen_k ({max_seqlen_k}) is below the longest key sequence ({max(lengths_k)})")
+             lambda: f"max_seqlen_k ({max_seqlen_k}) is below the longest key sequence ({max(lengths_k)})")
     return Seqlens(batch_size, int(max_seqlen_q), int(max_seqlen_k), cu_seqlens_q, cu_seqlens_k, seqused_k)
 
 
@@ -218,7 +220,7 @@ def mha_fwd(q, k, v, out_, alibi_slopes_, p_dropout, softmax_scale, is_causal, w
     _check_qkv(q, k, v, 4)
     batch_size, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    _require(k.shape[0] == batch_size, f"k must have batch size {batch_size} like q, got shape {tuple(k.shape)}")
+    _require(k.shape[0] == batch_size, lambda: f"k must have batch size {batch_size} like q, got shape {tuple(k.shape)}")
     _check_out("out_", out_, q, q.shape)
     _check_dropout(p_dropout, return_softmax)
     _check_window(window_size_left, window_size_right)
@@ -301,10 +303,10 @@ def _check_backward_common(dout, out, softmax_lse, dq_, dk_, dv_, q, k, lse_shap
     # The seed's callers hand in q/k/v/out padded to a multiple of 8 and dout at the original head dim.
     _require(dout.shape[:-1] == q.shape[:-1] and dout.shape[-1] <= q.shape[-1]
              and _round_up(dout.shape[-1], 8) == _round_up(q.shape[-1], 8),
-             f"dout must have shape {tuple(q.shape)} (or q's head dim before padding), got {tuple(dout.shape)}")
+             lambda: f"dout must have shape {tuple(q.shape)} (or q's head dim before padding), got {tuple(dout.shape)}")
     _check_tensor("out", out, q.dim(), q.device, q.dtype)
     _require(out.shape[:-1] == q.shape[:-1] and out.shape[-1] in (q.shape[-1], _round_up(q.shape[-1], 8)),
-             f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
+             lambda: f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
     _check_tensor("softmax_lse", softmax_lse, len(lse_shape), q.device, torch.float32)
     _check_shape("softmax_lse", softmax_lse, lse_shape)
     _check_out("dq_", dq_, q, q.shape)
@@ -321,7 +323,7 @@ def mha_bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, alibi_slopes_, p_dro
     _check_qkv(q, k, v, 4)
     batch_size, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    _require(k.shape[0] == batch_size, f"k must have batch size {batch_size} like q, got shape {tuple(k.shape)}")
+    _require(k.shape[0] == batch_size, lambda: f"k must have batch size {batch_size} like q, got shape {tuple(k.shape)}")
     _check_backward_common(dout, out, softmax_lse, dq_, dk_, dv_, q, k, (batch_size, num_heads, seqlen_q), p_dropout,
                            window_size_left, window_size_right, softcap)
     slopes = _alibi(alibi_slopes_, batch_size, num_heads, q.device)
