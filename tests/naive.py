@@ -3,7 +3,7 @@
 Nothing here imports ``pyflash.reference`` or ``pyflash.masks``; only the Philox generator itself
 (``pyflash.philox.philox4x32`` / ``uint_to_uniform``, checked against ``tl.philox`` / ``tl.rand`` in
 ``test_philox.py``) is borrowed to build a dropout keep mask, and the mask layout
-(counter ``(j, i, bh, offset)``, key ``seed``) is written out again here.
+(counter ``(j // 4, i, bh, offset)``, output word ``j % 4``, key ``seed``) is written out again here.
 
 Run it in float64 (``compute_dtype=torch.float64``) for the reference, or in the input dtype for the
 "low-precision torch math" baseline of the error rule. Differentiable: autograd through it gives the
@@ -37,8 +37,8 @@ def keep_mask(seed: int, offset: int, p_dropout: float, batch_index: int, num_he
               seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """(num_heads, seqlen_q, seqlen_k) bool dropout keep mask of one sequence.
 
-    Philox4x32-10, key (seed lo, seed hi), counter (j, i, bh, offset) with bh = batch * h + head;
-    kept iff uniform(first word) >= p (fp32 comparison).
+    Philox4x32-10, key (seed lo, seed hi), counter (j // 4, i, bh, offset) with bh = batch * h + head;
+    kept iff uniform(output word j % 4) >= p (fp32 comparison).
     """
     from pyflash.philox import philox4x32, uint_to_uniform
 
@@ -46,9 +46,10 @@ def keep_mask(seed: int, offset: int, p_dropout: float, batch_index: int, num_he
     i = torch.arange(seqlen_q, dtype=torch.int64)[None, :, None]
     j = torch.arange(seqlen_k, dtype=torch.int64)[None, None, :]
     bh = batch_index * num_heads + head
-    word0 = philox4x32(seed, j, i, bh, offset)[0]
-    word0 = word0.expand(num_heads, seqlen_q, seqlen_k)
-    return uint_to_uniform(word0) >= torch.tensor(p_dropout, dtype=torch.float32)
+    shape = (num_heads, seqlen_q, seqlen_k)
+    words = torch.stack([w.expand(shape) for w in philox4x32(seed, j // 4, i, bh, offset)], dim=-1)
+    word = torch.gather(words, -1, (j % 4).expand(shape).unsqueeze(-1)).squeeze(-1)
+    return uint_to_uniform(word) >= torch.tensor(p_dropout, dtype=torch.float32)
 
 
 def attention_one(q, k, v, *, softmax_scale: float, causal=False, window_left=-1, window_right=-1,

@@ -48,13 +48,22 @@ def _precision(dtype):
     return "ieee" if dtype == "fp32" else "tf32"
 
 
-def _forward_case(dtype, head_dim, all_on, tma=False):
+def _switches(all_on, dropout):
+    """Every switch all_on, except HAS_DROPOUT when dropout is given (dropout alone: the non-causal configs)."""
+    switches = dict.fromkeys(SWITCHES, all_on)
+    if dropout is not None:
+        switches["HAS_DROPOUT"] = dropout
+    return switches
+
+
+def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None):
     block_d = forward._block_d(head_dim)
+    switches = _switches(all_on, dropout)
     with _on_hopper():
         block_m, block_n, warps, stages = forward.forward_config(_HopperQ(dtype), head_dim, causal=all_on,
-                                                                 dropout=all_on)
+                                                                 dropout=switches["HAS_DROPOUT"])
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                      **dict.fromkeys(SWITCHES, all_on), RETURN_SOFTMAX=all_on, USE_TMA=tma, UPCAST=False,
+                      **switches, RETURN_SOFTMAX=all_on, USE_TMA=tma, UPCAST=False,
                       DOT_PRECISION=_precision(dtype))
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:
@@ -66,7 +75,7 @@ def _forward_case(dtype, head_dim, all_on, tma=False):
     return "pyflash.kernels.forward", "_forward_kernel", constexprs, options
 
 
-def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False):
+def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None):
     block_d = backward._block_d(head_dim)
     if kernel in ("_delta_kernel", "_dq_from_accumulator_kernel"):  # launched with Triton's default warps, stages
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=backward.ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=all_on)
@@ -75,7 +84,7 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False):
         config = backward.backward_config(_HopperQ(dtype), head_dim, causal=all_on)
     block_m, block_n, warps, stages = config.dkdv if kernel == "_dkdv_kernel" else config.dq
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                      **dict.fromkeys(SWITCHES, all_on), MMA_DTYPE=DTYPES[dtype][1], DOT_PRECISION=_precision(dtype))
+                      **_switches(all_on, dropout), MMA_DTYPE=DTYPES[dtype][1], DOT_PRECISION=_precision(dtype))
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if kernel == "_dkdv_kernel":
         constexprs["ATOMIC_DQ"] = atomic_dq
@@ -123,6 +132,13 @@ def _cases():
         add(f"forward-bf16-d{d}-on", _forward_case("bf16", d, True))
         if forward._block_d(d) == d:  # forward() takes TMA only then
             add(f"forward_tma-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True))
+    # Dropout alone, with the non-causal configs (which the all-on cases never pick): the mask tile's
+    # layout change goes through shared memory (dQ at d=128 (128, 128, 8, 2) once needed 262144 B).
+    for d in FAST_HEAD_DIMS:
+        add(f"dkdv-bf16-d{d}-dropout", _backward_case("_dkdv_kernel", "bf16", d, False, dropout=True))
+        add(f"dq-bf16-d{d}-dropout", _backward_case("_dq_kernel", "bf16", d, False, dropout=True))
+        if d == 128:
+            add(f"forward_tma-bf16-d{d}-dropout", _forward_case("bf16", d, False, tma=True, dropout=True))
     # fp32 (exact ieee dots) and fp16: one head dim, fast path.
     add("decode-fp32-d128-off", _decode_case("fp32", 128, False))
     add("forward-fp32-d128-off", _forward_case("fp32", 128, False))

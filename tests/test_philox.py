@@ -3,6 +3,7 @@
 The kernels run under TRITON_INTERPRET=1 (set by conftest.py when there is no GPU): a few launches
 of a few thousand elements each.
 """
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +50,35 @@ def _dropout_kernel(uniform_ptr, seed, offset, bh, seqlen_q, seqlen_k,
     tl.store(uniform_ptr + rows * seqlen_k + cols, uniform, mask=in_range)
 
 
+@triton.jit
+def _dropout_tile_kernel(uniform_ptr, keep_ptr, keep_t_ptr, seed, offset, bh, p_dropout, row_start, col_start,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program n draws the tile rows row_start + arange(BLOCK_M) x keys start_n + arange(BLOCK_N),
+    start_n = col_start + n * BLOCK_N, through the tile helpers (also transposed, as the dK/dV kernel
+    does) and the generic ones; outputs are (BLOCK_M, programs * BLOCK_N) row-major, the
+    transposed keep mask (programs * BLOCK_N, BLOCK_M)."""
+    pid = tl.program_id(0)
+    width = tl.num_programs(0) * BLOCK_N
+    start_n = col_start + pid * BLOCK_N
+    rows = row_start + tl.arange(0, BLOCK_M)
+    local_m = tl.arange(0, BLOCK_M)[:, None]
+    local_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    at = local_m * width + local_n
+    uniform = common.dropout_uniform_tile(seed, offset, bh, rows[:, None], start_n, BLOCK_N)
+    keep = common.dropout_keep_tile(seed, offset, p_dropout, bh, rows[:, None], start_n, BLOCK_N)
+    keep_t = tl.trans(common.dropout_keep_tile(seed, offset, p_dropout, bh, tl.trans(rows[None, :]),
+                                               start_n, BLOCK_N))
+    tl.store(uniform_ptr + 0 * BLOCK_M * width + at, uniform)
+    tl.store(keep_ptr + 0 * BLOCK_M * width + at, keep.to(tl.int8))
+    at_t = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(keep_t_ptr + at_t, keep_t.to(tl.int8))
+    cols = start_n + tl.arange(0, BLOCK_N)
+    generic = common.dropout_uniform(seed, offset, bh, rows[:, None], cols[None, :])
+    generic_keep = common.dropout_keep(seed, offset, p_dropout, bh, rows[:, None], cols[None, :])
+    tl.store(uniform_ptr + 1 * BLOCK_M * width + at, generic)
+    tl.store(keep_ptr + 1 * BLOCK_M * width + at, generic_keep.to(tl.int8))
+
+
 def _as_uint32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64) & 0xFFFFFFFF
 
@@ -87,7 +117,7 @@ def test_philox_words_match_tl_philox():
 
 
 def test_dropout_layout_matches_kernel_helper():
-    """The reference path's mask layout (bh, i, j, offset) is the kernels' layout."""
+    """The reference path's mask layout (bh, i, j, offset) is the kernels' layout (generic helper)."""
     seqlen_q, seqlen_k = 37, 61
     i = torch.arange(seqlen_q)[:, None]
     j = torch.arange(seqlen_k)[None, :]
@@ -96,11 +126,40 @@ def test_dropout_layout_matches_kernel_helper():
         _dropout_kernel[(1,)](got, seed, offset, bh, seqlen_q, seqlen_k, BLOCK_M=64, BLOCK_N=64)
         ours = philox.dropout_uniform(seed, offset, bh, i, j)
         assert torch.equal(ours.view(torch.int32), got.view(torch.int32))
-        # and it is Philox on counter (j, i, bh, offset), as DEVELOPERS.md fixes it
-        direct = philox.uint_to_uniform(philox.philox4x32(seed, j, i, bh, offset)[0])
-        assert torch.equal(ours, direct)
+        # and it is Philox on counter (j // 4, i, bh, offset), output word j % 4, as DEVELOPERS.md fixes it
+        words = philox.philox4x32(seed, j // 4, i, bh, offset)
+        for w in range(4):
+            direct = philox.uint_to_uniform(words[w])
+            assert torch.equal(ours[:, w::4], direct[:, w::4]), f"word {w}"
         keep = philox.dropout_keep(seed, offset, 0.3, bh, i, j)
         assert torch.equal(keep, ours >= torch.tensor(0.3, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (64, 32), (32, 128), (128, 64)])
+def test_dropout_tile_helper_matches_layout(block_m, block_n):
+    """dropout_uniform_tile / dropout_keep_tile (one Philox call per 4 keys, words interleaved) and the
+    generic helpers equal pyflash.philox.dropout_uniform bit for bit, at aligned block starts."""
+    programs = 3
+    width = programs * block_n
+    cases = [(2**40 + 99, 12, 5, 0, 0, 0.3), (7, 2**31 - 5, 0, 100, 4 * block_n, 0.1),
+             (2**62 + 1, 123456, 1000, 2**20 + 3, 2**24 - 2 * block_n, 0.5), (0, 0, 2**31 - 1, 17, 4, 0.9)]
+    for seed, offset, bh, row_start, col_start, p_dropout in cases:
+        uniform = torch.empty(2, block_m, width, dtype=torch.float32)
+        keep = torch.empty(2, block_m, width, dtype=torch.int8)
+        keep_t = torch.empty(width, block_m, dtype=torch.int8)
+        _dropout_tile_kernel[(programs,)](uniform, keep, keep_t, seed, offset, bh, p_dropout, row_start, col_start,
+                                          BLOCK_M=block_m, BLOCK_N=block_n)
+        i = row_start + torch.arange(block_m)[:, None]
+        j = col_start + torch.arange(width)[None, :]
+        ours = philox.dropout_uniform(seed, offset, bh, i, j)
+        ours_keep = philox.dropout_keep(seed, offset, p_dropout, bh, i, j)
+        case = f"seed {seed} offset {offset} bh {bh} rows {row_start} cols {col_start}"
+        assert torch.equal(uniform[0].view(torch.int32), ours.view(torch.int32)), "tile " + case
+        assert torch.equal(uniform[1].view(torch.int32), ours.view(torch.int32)), "generic " + case
+        assert torch.equal(keep[0].bool(), ours_keep), "tile keep " + case
+        assert torch.equal(keep[1].bool(), ours_keep), "generic keep " + case
+        assert torch.equal(keep_t.bool(), ours_keep.T), "transposed tile keep " + case
+        assert 0 < int(ours_keep.sum()) < ours_keep.numel()
 
 
 def test_known_answer():

@@ -65,8 +65,15 @@ def rand(seed: int, offset) -> torch.Tensor:
 
 
 def dropout_uniform(seed: int, offset: int, bh, i, j) -> torch.Tensor:
-    """The dropout uniform of element (bh, i, j): the one mask layout (DEVELOPERS.md)."""
-    return uint_to_uniform(philox4x32(seed, j, i, bh, offset)[0])
+    """The dropout uniform of element (bh, i, j): the one mask layout (DEVELOPERS.md).
+
+    One Philox call serves 4 consecutive keys: counter (j // 4, i, bh, offset), output word j % 4.
+    ``bh``, ``i``, ``j`` broadcast (ints or int tensors, j >= 0)."""
+    j = torch.as_tensor(j, dtype=torch.int64)
+    w0, w1, w2, w3 = philox4x32(seed, j // 4, i, bh, offset)
+    word = j % 4
+    chosen = torch.where(word == 0, w0, torch.where(word == 1, w1, torch.where(word == 2, w2, w3)))
+    return uint_to_uniform(chosen)
 
 
 def dropout_keep(seed: int, offset: int, p_dropout: float, bh, i, j) -> torch.Tensor:

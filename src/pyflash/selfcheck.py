@@ -78,14 +78,18 @@ def naive_attention(q, k, v, scale: float, left: int, right: int, keep=None, p_d
 
 def keep_mask(seed: int, offset: int, p_dropout: float, batch_index: int, num_heads: int, seqlen_q: int,
               seqlen_k: int, device) -> torch.Tensor:
-    """Kept iff uniform >= p, uniform from Philox4x32-10 with counter (j, i, b * h + head, offset)."""
+    """Kept iff uniform >= p, uniform from Philox4x32-10 with counter (j // 4, i, b * h + head, offset),
+    output word j % 4 (one call serves 4 consecutive keys)."""
     from pyflash.philox import philox4x32, uint_to_uniform
 
     head = torch.arange(num_heads, dtype=torch.int64)[:, None, None]
     i = torch.arange(seqlen_q, dtype=torch.int64)[None, :, None]
     j = torch.arange(seqlen_k, dtype=torch.int64)[None, None, :]
-    word = philox4x32(seed, j, i, batch_index * num_heads + head, offset)[0]
-    uniform = uint_to_uniform(word.expand(num_heads, seqlen_q, seqlen_k))
+    shape = (num_heads, seqlen_q, seqlen_k)
+    words = torch.stack([w.expand(shape) for w in philox4x32(seed, j // 4, i, batch_index * num_heads + head,
+                                                              offset)])
+    word = torch.gather(words, 0, (j % 4).expand(shape).unsqueeze(0)).squeeze(0)
+    uniform = uint_to_uniform(word)
     return (uniform >= torch.tensor(p_dropout, dtype=torch.float32)).to(device)
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs
-from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, tanh, visible_block_ranges, visible_mask
+from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep_tile, tanh, visible_block_ranges, visible_mask
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -91,11 +91,13 @@ def _row_stats(lse_ptr, delta_ptr, rows, stride_row, seqlen_q, CHECK_ROWS: tl.co
 @triton.jit
 def _score_grads(qk, dp, rows, cols, lse_log2, delta, seqlen_q, seqlen_k, qk_scale, softcap_scale,
                  alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed,
-                 philox_offset, bh, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+                 philox_offset, bh, start_n, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """The softmax backward of one tile, in either orientation (rows, cols, lse_log2 and delta
     broadcast against qk = q.k and dp = dO.v). Returns the dropped P (which multiplies dO into dV)
-    and dS = dL/d(q.k) / softmax_scale (which multiplies K into dQ and Q into dK)."""
+    and dS = dL/d(q.k) / softmax_scale (which multiplies K into dQ and Q into dK).
+    The keys are start_n + arange(BLOCK_N); KEYS_FIRST: the tile is (keys, queries), rows (1, M)."""
     if HAS_SOFTCAP:
         # s = softcap * tanh(scale * qk / softcap): qk_scale = scale / softcap, softcap_scale = log2(e) * softcap
         capped = tanh(qk * qk_scale)
@@ -110,10 +112,17 @@ def _score_grads(qk, dp, rows, cols, lse_log2, delta, seqlen_q, seqlen_k, qk_sca
         p = tl.where(visible, p, 0.0)
     if HAS_DROPOUT:
         # O = (P * keep / (1 - p_dropout)) V: the same factor scales dP, and dV sees the dropped P.
-        keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows, cols)
-        keep_scale = tl.where(keep, dropout_scale, 0.0)
-        p_dropped = p * keep_scale
-        dp = dp * keep_scale
+        if KEYS_FIRST:
+            # The mask is drawn (queries, keys), 4 keys per Philox call, then transposed.
+            keep = tl.trans(dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, tl.trans(rows),
+                                              start_n, BLOCK_N))
+        else:
+            keep = dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, rows, start_n, BLOCK_N)
+        # keep (i1) meets P and dP directly: the layout change from the mask's tile to the MMA layout
+        # then moves 1 byte an element through shared memory (a fp32 keep_scale cost 4: past Hopper's
+        # 227 KB in the dQ kernel with (128, 128, 8, 2)).
+        p_dropped = tl.where(keep, p * dropout_scale, 0.0)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
     else:
         p_dropped = p
     ds = p * (dp - delta)
@@ -124,9 +133,10 @@ def _score_grads(qk, dp, rows, cols, lse_log2, delta, seqlen_q, seqlen_k, qk_sca
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom, stride_dqm,
-               stride_lse_m, row_lo, row_hi, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+               stride_lse_m, row_lo, row_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
                alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
-               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -141,8 +151,8 @@ def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_q
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         p_t, ds_t = _score_grads(qk_t, dp_t, rows[None, :], cols[:, None], lse_log2[None, :], delta[None, :],
                                  seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
-                                 window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
-                                 MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
+                                 window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh, start_n,
+                                 MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_N, True)
         ds_t = ds_t.to(MMA_DTYPE)
         dv = tl.dot(p_t.to(MMA_DTYPE), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
@@ -203,21 +213,21 @@ def _dkdv_kernel(
         bh = batch * num_heads + head
         dk_acc, dv_acc = _dkdv_loop(
             dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
-            stride_dqm, stride_lse_m, row_lo, full_lo, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+            stride_dqm, stride_lse_m, row_lo, full_lo, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
             alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
-            True, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
             ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
         dk_acc, dv_acc = _dkdv_loop(
             dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
-            stride_dqm, stride_lse_m, full_lo, full_hi, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+            stride_dqm, stride_lse_m, full_lo, full_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
             alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
-            False, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
             ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
         dk_acc, dv_acc = _dkdv_loop(
             dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
-            stride_dqm, stride_lse_m, full_hi, row_hi, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
+            stride_dqm, stride_lse_m, full_hi, row_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
             alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
-            True, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
             ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
     _store_rows(dk + batch * stride_dkb + k_start * stride_dkn + head_k * stride_dkh, dk_acc * softmax_scale,
                 cols, stride_dkn, stored_k, offs_d, HEAD_DIM)
@@ -242,8 +252,8 @@ def _dq_loop(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, col
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         _, ds = _score_grads(qk, dp, rows[:, None], cols[None, :], lse_log2[:, None], delta[:, None],
                              seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
-                             window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
-                             MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT)
+                             window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh, start_n,
+                             MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, BLOCK_N, False)
         dq = tl.dot(ds.to(MMA_DTYPE), k, dq, input_precision=DOT_PRECISION)
     return dq
 

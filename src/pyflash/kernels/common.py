@@ -32,19 +32,51 @@ def alibi_bias(slope, rows, cols, seqlen_q, seqlen_k):
 
 @triton.jit
 def dropout_uniform(seed, offset, bh, rows, cols):
-    """Uniform [0, 1) of elements (bh, rows, cols): Philox counter (j, i, bh, offset), key = seed."""
+    """Uniform [0, 1) of elements (bh, rows, cols) on any grid (rows, cols broadcast, cols >= 0):
+    Philox counter (cols // 4, rows, bh, offset), key = seed, output word cols % 4 (DEVELOPERS.md).
+    Runs one Philox call per element: for a key block starting at a multiple of 4 use
+    dropout_uniform_tile, which runs one per 4 elements."""
     zero = (rows * 0 + cols * 0).to(tl.int32)
-    c0 = (cols + zero).to(tl.int32)
+    c = (cols + zero).to(tl.int32)
+    c0 = c // 4
     c1 = (rows + zero).to(tl.int32)
     c2 = (zero + bh).to(tl.int32)
     c3 = (zero + offset).to(tl.int32)
-    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return uint_to_uniform_float(r0)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    word = c % 4
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return uint_to_uniform_float(r)
 
 
 @triton.jit
 def dropout_keep(seed, offset, p_dropout, bh, rows, cols):
     return dropout_uniform(seed, offset, bh, rows, cols) >= p_dropout
+
+
+@triton.jit
+def dropout_uniform_tile(seed, offset, bh, rows, start_n, BLOCK_N: tl.constexpr):
+    """dropout_uniform of the (BLOCK_M, BLOCK_N) tile rows x (start_n + arange(BLOCK_N)), rows a
+    (BLOCK_M, 1) column, start_n and BLOCK_N multiples of 4: one Philox call on the counter grid
+    (start_n // 4 + arange(BLOCK_N // 4)) x rows, its 4 words interleaved so column 4t + w is word w."""
+    BLOCK_M: tl.constexpr = rows.shape[0]
+    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    zero = (rows * 0 + quads[None, :] * 0).to(tl.int32)
+    c0 = (quads[None, :] + zero).to(tl.int32)
+    c1 = (rows + zero).to(tl.int32)
+    c2 = (zero + bh).to(tl.int32)
+    c3 = (zero + offset).to(tl.int32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+    # join(x, y) stacks x, y along a new LAST axis, so the outer join's axis comes after the inner
+    # joins' one: element [m, t, b, a] of join(join(r0, r2), join(r1, r3)) is word 2b + a
+    # (a picks the pair, b the member of it), and the row-major reshape sends it to column 4t + 2b + a.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])
+    return uint_to_uniform_float(words)
+
+
+@triton.jit
+def dropout_keep_tile(seed, offset, p_dropout, bh, rows, start_n, BLOCK_N: tl.constexpr):
+    """dropout_keep of the tile rows (BLOCK_M, 1) x (start_n + arange(BLOCK_N)); see dropout_uniform_tile."""
+    return dropout_uniform_tile(seed, offset, bh, rows, start_n, BLOCK_N) >= p_dropout
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep, tanh, visible_block_ranges, visible_mask
+from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep_tile, tanh, visible_block_ranges, visible_mask
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
@@ -97,7 +97,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows[:, None], cols[None, :])
+            keep = dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, rows[:, None], start_n, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_src, kv_row + start_n, kv_col, cols, stride_vn, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
@@ -224,7 +224,7 @@ def _forward_kernel(
                         DOT_PRECISION)
             p = tl.exp2(s - lse_log2[:, None])
             if HAS_DROPOUT:
-                keep = dropout_keep(philox_seed, philox_offset, dropout_p, bh, rows[:, None], cols[None, :])
+                keep = dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, rows[:, None], start_n, BLOCK_N)
                 p = tl.where(keep, p, -p)
             tl.store(p_ptrs + cols[None, :] * stride_pn, p.to(probs.dtype.element_ty),
                      mask=row_valid[:, None] & (cols[None, :] < seqlen_k))
