@@ -3,7 +3,9 @@
     PYTHONPATH=src python3 scripts/gpu_check.py [--bench-args "..."]
 
 1. every test marked `gpu` (tests/gpu/): kernels against float32 references with the flash_attn
-   error rule, against PyTorch's own FlashAttention ops, determinism, torch.compile;
+   error rule, against PyTorch's own FlashAttention ops, determinism, torch.compile. On 8 pytest-xdist
+   workers: on a fresh machine compiling the kernels is most of the time (one process ran past the
+   device tool's 10-minute call);
 2. the benchmark (`python -m pyflash.bench`) on a subset, so one call gives correctness and speed.
 Logs and JSON go to $OUT when it is set (the device tool brings them back).
 """
@@ -18,6 +20,10 @@ import time
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tests", default="tests/gpu", help="pytest target(s), space separated")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="pytest-xdist workers: a fresh machine spends most of the tests' time compiling "
+                             "kernels, which runs in parallel on its CPU cores (0: one process)")
+    parser.add_argument("--test-timeout", type=int, default=300, help="seconds per test (pytest-timeout)")
     parser.add_argument("--bench-args", default="--mode fwd bwd --head-dims 64 128 256 --seqlens 1024 4096 16384",
                         help="arguments for python -m pyflash.bench ('' skips the benchmark)")
     args = parser.parse_args()
@@ -30,7 +36,9 @@ def main() -> int:
 
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name()}", flush=True)
     start = time.time()
-    test_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+    parallel = ["-n", str(args.workers)] if args.workers else []
+    test_rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *parallel,
+                               f"--timeout={args.test_timeout}", "--durations=10",
                                f"--junitxml={out_dir}/gpu_tests.xml", *args.tests.split()], env=env)
     print(f"== gpu tests: rc={test_rc} in {time.time() - start:.0f}s", flush=True)
     bench_rc = 0
