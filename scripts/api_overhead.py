@@ -1,5 +1,16 @@
-"""Host time that pyflash.mha_fwd spends outside the backend (validation, padding, allocation),
-with the backend replaced by a no-op: `PYTHONPATH=src python scripts/api_overhead.py`."""
+"""Host time per attention call.
+
+    PYTHONPATH=src python scripts/api_overhead.py            # CPU: mha_fwd outside the backend (backend stubbed)
+    PYTHONPATH=src python3 scripts/api_overhead.py --cuda    # GPU: whole calls, host-bound by construction
+
+--cuda times back-to-back calls on a shape so small that the GPU finishes each kernel long before the
+host issues the next: wall time per call is then the host's time per call (Python, argument checks,
+Triton's launcher, TMA descriptors), the floor under every small-shape row of the benchmark. Peers
+(SDPA's cuDNN and FLASH backends) are timed the same way. --profile prints cProfile's top entries.
+"""
+import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -14,17 +25,78 @@ class _NoBackend:
         pass
 
 
-def main(calls: int = 2000) -> None:
+def per_call_us(fn, calls: int, sync) -> float:
+    for _ in range(50):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def cpu_main(calls: int) -> None:
     backend.get = lambda device: _NoBackend
     q = torch.randn(16, 1024, 16, 128, dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     for causal in (False, True):
-        for _ in range(100):
-            pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None)
-        start = time.perf_counter()
-        for _ in range(calls):
-            pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None)
-        print(f"causal={causal}: {(time.perf_counter() - start) / calls * 1e6:.1f} us per mha_fwd outside the backend")
+        us = per_call_us(lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None),
+                         calls, lambda: None)
+        print(f"causal={causal}: {us:.1f} us per mha_fwd outside the backend")
+
+
+def cuda_main(calls: int, profile: bool) -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pyflash.kernels.forward import forward
+    from pyflash.params import AttentionParams, Seqlens
+
+    q = torch.randn(1, 128, 2, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    dout = torch.randn_like(q)
+    sync = torch.cuda.synchronize
+    rows = []
+    for causal in (False, True):
+        fwd = lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None)  # noqa: E731
+        rows.append((f"pyflash.mha_fwd causal={causal}", per_call_us(fwd, calls, sync)))
+        params = AttentionParams(128 ** -0.5, -1, 0 if causal else -1)
+        out, lse = torch.empty_like(q), torch.empty(1, 2, 128, device="cuda")
+        kernel = lambda: forward(q, k, v, out, lse, None, params, Seqlens(1, 128, 128))  # noqa: E731
+        rows.append((f"kernels.forward.forward causal={causal}", per_call_us(kernel, calls, sync)))
+        res = fwd()
+        bwd = lambda: pyflash.mha_bwd(dout, q, k, v, res[0], res[4], None, None, None, None, 0.0, None,  # noqa: E731
+                                      causal, -1, -1, False, res[5], res[6])
+        rows.append((f"pyflash.mha_bwd causal={causal}", per_call_us(bwd, calls, sync)))
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)  # noqa: E731
+                rows.append((f"SDPA {name} causal={causal}", per_call_us(sdpa, calls, sync)))
+    print("| call (b=1, s=128, h=2, d=128, bf16) | host us per call |\n|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+    if profile:
+        fwd = lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, True, -1, -1, False, None)  # noqa: E731
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(2000):
+            fwd()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    if args.cuda:
+        cuda_main(args.calls, args.profile)
+    else:
+        cpu_main(args.calls)
 
 
 if __name__ == "__main__":

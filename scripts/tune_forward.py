@@ -31,6 +31,14 @@ CANDIDATES = {
           (256, 64, 8, 2), (256, 64, 8, 3), (128, 32, 4, 3)],
     256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 1), (64, 32, 4, 2)],
 }
+# Warp-specialized (5th element True): Triton's Hopper pass turns a 4-warp kernel into a TMA producer
+# warp group and two consumer warp groups of block_m / 2 rows each.
+WS_CANDIDATES = {
+    64: [(128, 64, 4, 2, True), (128, 128, 4, 2, True), (128, 128, 4, 3, True), (256, 64, 4, 2, True)],
+    128: [(128, 64, 4, 2, True), (128, 128, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 3, True),
+          (256, 64, 4, 2, True)],
+    256: [(128, 64, 4, 2, True), (128, 32, 4, 2, True), (128, 64, 4, 1, True), (64, 64, 4, 2, True)],
+}
 
 
 def median_ms(fn) -> float:
@@ -53,7 +61,12 @@ def pyflash_call(q, k, v, params, seqlens, config=None, use_tma=None):
     heads = q.shape[-2]
     lse_shape = (heads, q.shape[0]) if seqlens.is_varlen else (q.shape[0], heads, q.shape[1])
     lse = torch.empty(lse_shape, device="cuda")
-    return lambda: forward(q, k, v, out, lse, None, params, seqlens, config=config, use_tma=use_tma)
+
+    def call():
+        forward(q, k, v, out, lse, None, params, seqlens, config=config, use_tma=use_tma)
+
+    call.out = out
+    return call
 
 
 def sdpa_ms(backend, q, k, v, causal, **kwargs):
@@ -65,7 +78,7 @@ def sdpa_ms(backend, q, k, v, causal, **kwargs):
         return float("nan")
 
 
-def sweep(head_dims, seqlen, lines):
+def sweep(head_dims, seqlen, lines, ws=False):
     lines += [f"### Sweep at seqlen {seqlen} (bf16, b*s = {TOKENS}, h*d = {HIDDEN}): TFLOP/s", "",
               "| d | causal | config (BM, BN, warps, stages) | TMA | TFLOP/s |", "|---|---|---|---|---|"]
     for head_dim in head_dims:
@@ -75,7 +88,8 @@ def sweep(head_dims, seqlen, lines):
             params = AttentionParams(head_dim ** -0.5, -1, 0 if causal else -1)
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
             results = []
-            for config in CANDIDATES[head_dim]:
+            candidates = [forward_config(q, head_dim, causal)] + WS_CANDIDATES[head_dim] if ws else CANDIDATES[head_dim]
+            for config in candidates:
                 try:
                     ms = median_ms(pyflash_call(q, k, v, params, Seqlens(batch, seqlen, seqlen), config))
                 except Exception as error:  # out of shared memory etc.: report and go on
@@ -160,6 +174,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", type=int, nargs="*", metavar="HEAD_DIM", help="sweep these head dims")
     parser.add_argument("--sweep-seqlen", type=int, default=4096)
+    parser.add_argument("--ws", action="store_true", help="sweep the table's config and the warp-specialized ones")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--no-table", action="store_true")
@@ -173,7 +188,7 @@ def main():
              f"bf16 8192^3 matmul: {matmul:.0f} TFLOP/s", ""]
     print(*lines, sep="\n", flush=True)
     if args.sweep:
-        sweep(args.sweep, args.sweep_seqlen, lines)
+        sweep(args.sweep, args.sweep_seqlen, lines, args.ws)
     if not args.no_table:
         table(args.head_dims, args.seqlens, lines)
         extras(lines)

@@ -56,15 +56,20 @@ def _switches(all_on, dropout):
     return switches
 
 
-def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None):
+def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False):
+    """ws: the warp-specialized variant (TMA, one loop; never with dropout or return_softmax)."""
     block_d = forward._block_d(head_dim)
-    switches = _switches(all_on, dropout)
+    switches = _switches(all_on, False if ws else dropout)
     with _on_hopper():
-        block_m, block_n, warps, stages = forward.forward_config(_HopperQ(dtype), head_dim, causal=all_on,
-                                                                 dropout=switches["HAS_DROPOUT"])
+        block_m, block_n, warps, stages, _ = forward.forward_config(_HopperQ(dtype), head_dim, causal=all_on,
+                                                                    dropout=switches["HAS_DROPOUT"])
+    if ws:
+        # Triton 3.6 partitions only a kernel of 4 warps (it adds two consumer warp groups).
+        block_m, block_n, warps, stages = 128, 64, 4, 2
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                      **switches, RETURN_SOFTMAX=all_on, USE_TMA=tma, UPCAST=False,
-                      DOT_PRECISION=_precision(dtype))
+                      **switches, RETURN_SOFTMAX=all_on and not ws, USE_TMA=tma or ws, UPCAST=False,
+                      DOT_PRECISION=_precision(dtype), WARP_SPECIALIZE=ws, WS_MASKED=all_on)
+    tma = tma or ws
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:
         # forward() takes TMA only when the head dim is its own BLOCK_D; descriptors over (rows, h * d).
@@ -132,6 +137,7 @@ def _cases():
         add(f"forward-bf16-d{d}-on", _forward_case("bf16", d, True))
         if forward._block_d(d) == d:  # forward() takes TMA only then
             add(f"forward_tma-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True))
+            add(f"forward_ws-bf16-d{d}-on", _forward_case("bf16", d, True, ws=True))
     # Dropout alone, with the non-causal configs (which the all-on cases never pick): the mask tile's
     # layout change goes through shared memory (dQ at d=128 (128, 128, 8, 2) once needed 262144 B).
     for d in FAST_HEAD_DIMS:
@@ -148,6 +154,7 @@ def _cases():
         add(f"dq-bf16-d{d}-off", _backward_case("_dq_kernel", "bf16", d, False))
         add(f"forward-bf16-d{d}-off", _forward_case("bf16", d, False))
         add(f"forward_tma-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True))
+        add(f"forward_ws-bf16-d{d}-off", _forward_case("bf16", d, False, ws=True))
         add(f"decode-bf16-d{d}-off", _decode_case("bf16", d, False))
     add("dkdv-fp16-d128-off", _backward_case("_dkdv_kernel", "fp16", 128, False))
     add("dq-fp16-d128-off", _backward_case("_dq_kernel", "fp16", 128, False))
@@ -172,6 +179,9 @@ def test_compiles_for_sm90(compiler, module, kernel, constexprs, options):
     compiled = compiler.compile(module, kernel, constexprs, **options)
     assert compiled["shared"] <= aot.SM90_MAX_SHARED, (
         f"{kernel} needs {compiled['shared']} B of shared memory, Hopper has {aot.SM90_MAX_SHARED}")
+    if constexprs.get("WARP_SPECIALIZE"):
+        # Triton falls back to a plain kernel without a word when it cannot partition the loop.
+        assert compiled["num_warps"] > options["num_warps"], "the loop was not warp-specialized"
 
 
 def test_compile_for_sm90_in_process():

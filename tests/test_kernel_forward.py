@@ -76,8 +76,21 @@ def _dense_case(case, seed=0):
     return q, k, v, slopes, dtype
 
 
-@pytest.mark.parametrize("case", DENSE, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
-def test_dense(case):
+def _one_pass_params(cases):
+    """Each case on the three-loop path, and without dropout also on the one-pass path that the
+    warp-specialized kernel takes (PYFLASH_FORWARD_WS=1; a no-op hint under the interpreter)."""
+    return [pytest.param(case, one_pass, id=("one_pass-" if one_pass else "")
+                         + "-".join(map(str, case[3:] if isinstance(case[0], list) else case)).replace(" ", ""))
+            for case in cases for one_pass in (False, True) if not (one_pass and case[-1] > 0)]
+
+
+@pytest.fixture
+def one_pass_env(monkeypatch, request):
+    monkeypatch.setenv("PYFLASH_FORWARD_WS", "1" if request.node.callspec.params["one_pass"] else "0")
+
+
+@pytest.mark.parametrize("case, one_pass", _one_pass_params(DENSE))
+def test_dense(case, one_pass, one_pass_env):
     q, k, v, slopes, dtype = _dense_case(case)
     batch, seqlen_q, seqlen_k, heads, _, head_dim = case[:6]
     causal, (left, right), softcap, _, dropout_p = case[7:]
@@ -114,8 +127,8 @@ VARLEN = [
 ]
 
 
-@pytest.mark.parametrize("case", VARLEN, ids=lambda c: "-".join(map(str, c[3:])).replace(" ", ""))
-def test_varlen(case):
+@pytest.mark.parametrize("case, one_pass", _one_pass_params(VARLEN))
+def test_varlen(case, one_pass, one_pass_env):
     cu_q, cu_k, used, heads, heads_k, head_dim, dtype, causal, (left, right), softcap, alibi, dropout_p = case
     dtype = DTYPES[dtype]
     batch = len(cu_q) - 1
@@ -263,5 +276,6 @@ def test_config_table_covers_every_key():
         for nbytes in (2, 4):
             for block_d in (16, 32, 64, 128, 256):
                 for causal in (False, True):
-                    block_m, block_n, num_warps, num_stages = kernel.FORWARD[(major, nbytes, block_d, causal)]
+                    block_m, block_n, num_warps, num_stages, *ws = kernel.FORWARD[(major, nbytes, block_d, causal)]
+                    assert ws in ([], [True], [False])
                     assert block_m >= 16 and block_n >= 16 and num_warps in (1, 2, 4, 8) and num_stages >= 1

@@ -14,6 +14,7 @@ padded head dims, odd strides) through masked pointer loads. Tuning: configs.FOR
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -76,10 +77,10 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """Online softmax over the key blocks [key_lo, key_hi): running max m_i, running sum l_i (both of
     the undropped probabilities) and the unnormalised output acc."""
-    for start_n in tl.range(key_lo, key_hi, BLOCK_N):
+    for start_n in tl.range(key_lo, key_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         k = _load_rows(k_src, kv_row + start_n, kv_col, cols, stride_kn, seqlen_k, offs_d,
                        HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
@@ -123,6 +124,7 @@ def _forward_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     RETURN_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False, WS_MASKED: tl.constexpr = True,
 ):
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
@@ -144,8 +146,9 @@ def _forward_kernel(
         seqlen_q = dense_seqlen_q
         seqlen_k = dense_seqlen_k
         kv_row = batch * dense_seqlen_k
-    if start_m >= seqlen_q:
-        return
+    if not WARP_SPECIALIZE:
+        if start_m >= seqlen_q:
+            return
     # 64-bit element offsets for the bases: batch * stride or a varlen start * stride can pass 2**31.
     batch_64 = tl.cast(batch, tl.int64)
     q_start_64 = tl.cast(q_start, tl.int64)
@@ -179,25 +182,36 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = visible_block_ranges(start_m, seqlen_q, seqlen_k, seqlen_k - seqlen_q,
                                                     window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if HAS_LEFT:
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialization (a TMA producer warp group, two consumer warp groups of
+        # BLOCK_M / 2 rows each) takes a kernel with one loop and no early exit: one pass over
+        # [lo, hi), every block through the mask when any block needs it (WS_MASKED).
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
-                                lo, full_lo, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                                lo, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                                qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+                                dropout_p, philox_seed, philox_offset, bh,
+                                WS_MASKED, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, True)
+    else:
+        if HAS_LEFT:
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
+                                    lo, full_lo, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                                    qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+                                    dropout_p, philox_seed, philox_offset, bh,
+                                    True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                    HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
+                                full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
+                                qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+                                dropout_p, philox_seed, philox_offset, bh,
+                                False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
+                                full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
-                            full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
-                            qk_scale, softcap_scale, alibi_slope, window_left, window_right,
-                            dropout_p, philox_seed, philox_offset, bh,
-                            False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                            HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
-                            full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
-                            qk_scale, softcap_scale, alibi_slope, window_left, window_right,
-                            dropout_p, philox_seed, philox_offset, bh,
-                            True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                            HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION)
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
 
     # Rows that saw no key: l = 0, output 0 and lse = +inf.
     has_key = l_i > 0.0
@@ -235,7 +249,8 @@ def _block_d(head_dim: int) -> int:
 
 
 def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool = False):
-    """(block_m, block_n, num_warps, num_stages) from configs.FORWARD for q's device and dtype."""
+    """(block_m, block_n, num_warps, num_stages, warp_specialize) from configs.FORWARD for q's device
+    and dtype (a 4-tuple row means no warp specialization)."""
     major = 0
     if q.is_cuda and not INTERPRET:
         major = torch.cuda.get_device_capability(q.device)[0]
@@ -243,10 +258,11 @@ def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool =
     known = sorted({key[0] for key in FORWARD if key[0] > 0})
     if major > 0:
         major = max([m for m in known if m <= major] or [known[0]])
-    block_m, block_n, num_warps, num_stages = FORWARD[(major, q.element_size(), _block_d(head_dim), causal)]
+    block_m, block_n, num_warps, num_stages, *rest = FORWARD[(major, q.element_size(), _block_d(head_dim), causal)]
+    warp_specialize = bool(rest and rest[0])
     if dropout and major > 0:
         num_warps = max(num_warps, FORWARD_DROPOUT_MIN_WARPS)
-    return block_m, block_n, num_warps, num_stages
+    return block_m, block_n, num_warps, num_stages, warp_specialize
 
 
 def _tma_descriptor(t, rows, block_rows, block_d, head_dim):
@@ -263,11 +279,22 @@ def _tma_descriptor(t, rows, block_rows, block_d, head_dim):
     return TensorDescriptor(t, [rows, heads * head_dim], [row_stride, 1], [block_rows, block_d])
 
 
+def _warp_specialize_allowed(q, use_tma: bool, dropout: bool, return_softmax: bool) -> bool:
+    """Triton partitions the kernel into warp groups only on Hopper, over TMA loads, and only for a
+    kernel with one loop: not with RETURN_SOFTMAX's second pass nor with dropout (the pass rejects
+    the Philox code). Under the interpreter the hint does nothing, and the one-pass structure it
+    needs runs on its own (the CPU tests check it that way)."""
+    if dropout or return_softmax:
+        return False
+    return INTERPRET or (use_tma and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
 def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=None) -> None:
     """Fill out, softmax_lse (and p when given) per the backend contract (DEVELOPERS.md).
 
-    config: (block_m, block_n, num_warps, num_stages) instead of the table's; use_tma: force the TMA
-    path on or off (default: on for Hopper whenever the tensors allow it)."""
+    config: (block_m, block_n, num_warps, num_stages[, warp_specialize]) instead of the table's;
+    use_tma: force the TMA path on or off (default: on for Hopper whenever the tensors allow it).
+    PYFLASH_FORWARD_WS=0/1 overrides warp_specialize (tests run both paths with it)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -275,7 +302,11 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     if batch == 0 or q.numel() == 0:
         return
     block_d = _block_d(head_dim)
-    block_m, block_n, num_warps, num_stages = config or forward_config(q, head_dim, params.is_causal, params.dropout_p > 0)
+    block_m, block_n, num_warps, num_stages, *rest = config or forward_config(q, head_dim, params.is_causal,
+                                                                             params.dropout_p > 0)
+    warp_specialize = bool(rest and rest[0])
+    if os.environ.get("PYFLASH_FORWARD_WS") in ("0", "1"):
+        warp_specialize = os.environ["PYFLASH_FORWARD_WS"] == "1"
 
     if varlen:
         q_strides = (0, q.stride(0), q.stride(1))
@@ -312,6 +343,11 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     has_dropout = params.dropout_p > 0
     return_softmax = p is not None
     dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
+    warp_specialize = warp_specialize and _warp_specialize_allowed(q, use_tma, has_dropout, return_softmax)
+    # One pass with the mask on every block when any block needs it: windows, causal, varlen ends, or
+    # dense keys that end inside a block (TMA reads the next sequence's rows there).
+    ws_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
+                 or dense_seqlen_k % block_n != 0)
     grid = (triton.cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
     _forward_kernel[grid](
         q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
@@ -328,7 +364,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
         IS_VARLEN=varlen, HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
         HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=has_dropout,
-        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma,
+        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize, WS_MASKED=ws_masked,
         UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
