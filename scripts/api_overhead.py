@@ -84,7 +84,9 @@ def cuda_main(calls: int, profile: bool) -> None:
         for _ in range(2000):
             fwd()
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
 
 
 def main() -> None:
