@@ -25,7 +25,7 @@ class _HopperQ:
     """What forward_config / backward_config read of q: on a GPU, its element size."""
 
     is_cuda = True
-    device = "cuda:0"
+    device = torch.device("cuda", 0)
 
     def __init__(self, dtype):
         self.nbytes = DTYPES[dtype][0]
@@ -38,9 +38,10 @@ class _HopperQ:
 def _on_hopper():
     """The config functions as they run on a compute capability 9.0 device outside the interpreter."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: (9, 0)))
         for module in (forward, backward, decode):
             stack.enter_context(mock.patch.object(module, "INTERPRET", False))
+        for module in (forward, backward):
+            stack.enter_context(mock.patch.object(module, "device_capability", lambda device: (9, 0)))
         yield
 
 
@@ -68,7 +69,7 @@ def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False):
         block_m, block_n, warps, stages = 128, 64, 4, 2
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       **switches, RETURN_SOFTMAX=all_on and not ws, USE_TMA=tma or ws, UPCAST=False,
-                      DOT_PRECISION=_precision(dtype), WARP_SPECIALIZE=ws, WS_MASKED=all_on)
+                      DOT_PRECISION=_precision(dtype), ONE_PASS=ws, ONE_PASS_MASKED=all_on, WARP_SPECIALIZE=ws)
     tma = tma or ws
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:

@@ -78,7 +78,7 @@ def _dense_case(case, seed=0):
 
 def _one_pass_params(cases):
     """Each case on the three-loop path, and without dropout also on the one-pass path that the
-    warp-specialized kernel takes (PYFLASH_FORWARD_WS=1; a no-op hint under the interpreter)."""
+    warp-specialized kernel takes (PYFLASH_FORWARD_ONE_PASS=1)."""
     return [pytest.param(case, one_pass, id=("one_pass-" if one_pass else "")
                          + "-".join(map(str, case[3:] if isinstance(case[0], list) else case)).replace(" ", ""))
             for case in cases for one_pass in (False, True) if not (one_pass and case[-1] > 0)]
@@ -86,7 +86,7 @@ def _one_pass_params(cases):
 
 @pytest.fixture
 def one_pass_env(monkeypatch, request):
-    monkeypatch.setenv("PYFLASH_FORWARD_WS", "1" if request.node.callspec.params["one_pass"] else "0")
+    monkeypatch.setenv("PYFLASH_FORWARD_ONE_PASS", "1" if request.node.callspec.params["one_pass"] else "0")
 
 
 @pytest.mark.parametrize("case, one_pass", _one_pass_params(DENSE))

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs
-from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep_tile, tanh, visible_block_ranges, visible_mask
+from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, tanh,
+                                     visible_block_ranges, visible_mask)
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -378,7 +379,7 @@ def backward_config(q: torch.Tensor, head_dim: int, causal: bool) -> BackwardCon
     """The tuning row of configs.BACKWARD for q's device, dtype and head dim."""
     major = 0
     if q.is_cuda and not INTERPRET:
-        major = torch.cuda.get_device_capability(q.device)[0]
+        major = device_capability(q.device)[0]
     # Newer GPUs use the newest generation tuned so far; older ones the oldest.
     known = sorted({key[0] for key in configs.BACKWARD if key[0] > 0})
     if major > 0:

@@ -1,12 +1,25 @@
 """Rules shared by the Triton kernels, mirroring ``pyflash.masks`` and ``pyflash.philox``."""
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
 # Under the interpreter tl.dot on bf16 operands returns garbage: kernels upcast when this is set.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_CAPABILITIES = {}
+
+
+def device_capability(device: torch.device):
+    """torch.cuda.get_device_capability, remembered per device: it costs microseconds per call, and
+    every launch asks (the tuning tables are keyed by it)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _CAPABILITIES.get(index)
+    if found is None:
+        found = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return found
 
 
 @triton.jit

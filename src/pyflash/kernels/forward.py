@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, dropout_keep_tile, tanh, visible_block_ranges, visible_mask
+from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, tanh,
+                                     visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
@@ -124,7 +125,7 @@ def _forward_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     RETURN_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr = False, WS_MASKED: tl.constexpr = True,
+    ONE_PASS: tl.constexpr = False, ONE_PASS_MASKED: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
@@ -146,7 +147,7 @@ def _forward_kernel(
         seqlen_q = dense_seqlen_q
         seqlen_k = dense_seqlen_k
         kv_row = batch * dense_seqlen_k
-    if not WARP_SPECIALIZE:
+    if not ONE_PASS:
         if start_m >= seqlen_q:
             return
     # 64-bit element offsets for the bases: batch * stride or a varlen start * stride can pass 2**31.
@@ -182,16 +183,17 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = visible_block_ranges(start_m, seqlen_q, seqlen_k, seqlen_k - seqlen_q,
                                                     window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if WARP_SPECIALIZE:
-        # Triton's Hopper warp specialization (a TMA producer warp group, two consumer warp groups of
-        # BLOCK_M / 2 rows each) takes a kernel with one loop and no early exit: one pass over
-        # [lo, hi), every block through the mask when any block needs it (WS_MASKED).
+    if ONE_PASS:
+        # The shape Triton's Hopper warp specialization takes (a TMA producer warp group, two consumer
+        # warp groups of BLOCK_M / 2 rows each): one loop and no early exit, so one pass over
+        # [lo, hi), every block through the mask when any block needs it (ONE_PASS_MASKED).
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 lo, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
-                                WS_MASKED, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, True)
+                                ONE_PASS_MASKED, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION,
+                                WARP_SPECIALIZE)
     else:
         if HAS_LEFT:
             acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
@@ -253,7 +255,7 @@ def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool =
     and dtype (a 4-tuple row means no warp specialization)."""
     major = 0
     if q.is_cuda and not INTERPRET:
-        major = torch.cuda.get_device_capability(q.device)[0]
+        major = device_capability(q.device)[0]
     # Newer GPUs use the newest generation tuned so far; older ones the Ampere rows.
     known = sorted({key[0] for key in FORWARD if key[0] > 0})
     if major > 0:
@@ -279,14 +281,10 @@ def _tma_descriptor(t, rows, block_rows, block_d, head_dim):
     return TensorDescriptor(t, [rows, heads * head_dim], [row_stride, 1], [block_rows, block_d])
 
 
-def _warp_specialize_allowed(q, use_tma: bool, dropout: bool, return_softmax: bool) -> bool:
-    """Triton partitions the kernel into warp groups only on Hopper, over TMA loads, and only for a
-    kernel with one loop: not with RETURN_SOFTMAX's second pass nor with dropout (the pass rejects
-    the Philox code). Under the interpreter the hint does nothing, and the one-pass structure it
-    needs runs on its own (the CPU tests check it that way)."""
-    if dropout or return_softmax:
-        return False
-    return INTERPRET or (use_tma and torch.cuda.get_device_capability(q.device)[0] == 9)
+def _one_pass_allowed(dropout: bool, return_softmax: bool) -> bool:
+    """RETURN_SOFTMAX's second pass is a second loop; dropout's Philox code is rejected by Triton's
+    warp-specialization pass, so both keep the three-loop kernel."""
+    return not dropout and not return_softmax
 
 
 def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=None) -> None:
@@ -294,7 +292,8 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
 
     config: (block_m, block_n, num_warps, num_stages[, warp_specialize]) instead of the table's;
     use_tma: force the TMA path on or off (default: on for Hopper whenever the tensors allow it).
-    PYFLASH_FORWARD_WS=0/1 overrides warp_specialize (tests run both paths with it)."""
+    warp_specialize (Hopper, TMA only) runs the one-pass kernel with Triton's warp-specialization hint;
+    PYFLASH_FORWARD_ONE_PASS=1 runs the one-pass kernel without the hint (the tests check that path)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -305,8 +304,6 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     block_m, block_n, num_warps, num_stages, *rest = config or forward_config(q, head_dim, params.is_causal,
                                                                              params.dropout_p > 0)
     warp_specialize = bool(rest and rest[0])
-    if os.environ.get("PYFLASH_FORWARD_WS") in ("0", "1"):
-        warp_specialize = os.environ["PYFLASH_FORWARD_WS"] == "1"
 
     if varlen:
         q_strides = (0, q.stride(0), q.stride(1))
@@ -326,7 +323,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
         kv_rows = batch * dense_seqlen_k
 
     if use_tma is None:
-        use_tma = q.is_cuda and not INTERPRET and torch.cuda.get_device_capability(q.device)[0] >= 9
+        use_tma = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
     q_arg, k_arg, v_arg = q, k, v
     if use_tma:
         descriptors = (_tma_descriptor(q, q.shape[0] if varlen else batch * dense_seqlen_q, block_m, block_d, head_dim),
@@ -343,11 +340,13 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     has_dropout = params.dropout_p > 0
     return_softmax = p is not None
     dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
-    warp_specialize = warp_specialize and _warp_specialize_allowed(q, use_tma, has_dropout, return_softmax)
-    # One pass with the mask on every block when any block needs it: windows, causal, varlen ends, or
-    # dense keys that end inside a block (TMA reads the next sequence's rows there).
-    ws_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
-                 or dense_seqlen_k % block_n != 0)
+    one_pass_ok = _one_pass_allowed(has_dropout, return_softmax)
+    warp_specialize = warp_specialize and one_pass_ok and use_tma and not INTERPRET and device_capability(q.device)[0] == 9
+    one_pass = one_pass_ok and (warp_specialize or os.environ.get("PYFLASH_FORWARD_ONE_PASS") == "1")
+    # One pass masks every block when any block needs it: windows, causal, varlen ends, or dense keys
+    # that end inside a block (TMA reads the next sequence's rows there).
+    one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
+                       or dense_seqlen_k % block_n != 0)
     grid = (triton.cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
     _forward_kernel[grid](
         q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
@@ -364,7 +363,8 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
         IS_VARLEN=varlen, HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
         HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=has_dropout,
-        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma, WARP_SPECIALIZE=warp_specialize, WS_MASKED=ws_masked,
+        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma,
+        ONE_PASS=one_pass, ONE_PASS_MASKED=one_pass_masked, WARP_SPECIALIZE=warp_specialize,
         UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
