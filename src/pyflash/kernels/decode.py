@@ -129,8 +129,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -217,7 +217,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
         if finished == num_splits - 1:
             tl.atomic_xchg(counter, 0)  # ready for the next call (and CUDA graph replays)
             out, lse = _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part,
-                                    stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D, BLOCK_S, 4)
+                                    stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D)
             tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
             tl.store(Lse + lse_offs, lse, mask=row_ok)
     else:
@@ -227,28 +227,27 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
 
 @triton.jit
 def _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part, stride_lse_part, io_mask,
-                 row_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                 CHUNK_S: tl.constexpr):
+                 row_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; no key at all:
-    out 0, lse +inf. Wide loads (all parts' lse at once, CHUNK_S parts' outputs at a time) keep the
-    merge to a few L2 round trips; ``.cg`` bypasses L1: other programs wrote the parts."""
-    offs_s = tl.arange(0, BLOCK_S)
-    lse_parts = tl.load(LsePartial + offs_s[:, None] * stride_lse_part + lse_offs[None, :],
-                        mask=(offs_s < num_splits)[:, None] & row_ok[None, :], other=float("-inf"),
+    out 0, lse +inf. Loads bypass L1 (``.cg``): other programs wrote the parts.
+    One part at a time: ~0.45 us per part at batch 1 x 8k on an H100, where the wide-load version
+    (all lse at once, 4 parts' outputs per step through 3-D reductions) measured ~1.8 us per part
+    (benchmarks/RESULTS.md)."""
+    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePartial + s * stride_lse_part + lse_offs, mask=row_ok, other=float("-inf"),
                         cache_modifier=".cg")
-    lse_max = tl.max(lse_parts, 0)
+        lse_max = tl.maximum(lse_max, lse_s)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp(lse_parts - lse_max[None, :]), 0)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    offs_c = tl.arange(0, CHUNK_S)
-    for first in range(0, num_splits, CHUNK_S):
-        parts_ok = (first + offs_c) < num_splits
-        lse_chunk = tl.load(LsePartial + (first + offs_c)[:, None] * stride_lse_part + lse_offs[None, :],
-                            mask=parts_ok[:, None] & row_ok[None, :], other=float("-inf"), cache_modifier=".cg")
-        weights = tl.exp(lse_chunk - lse_max[None, :])
-        outs = tl.load(OutPartial + (first + offs_c)[:, None, None] * stride_part + out_offs[None, :, :],
-                       mask=parts_ok[:, None, None] & io_mask[None, :, :], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(weights[:, :, None] * outs, 0)
+    for s in range(num_splits):
+        lse_s = tl.load(LsePartial + s * stride_lse_part + lse_offs, mask=row_ok, other=float("-inf"),
+                        cache_modifier=".cg")
+        weight = tl.exp(lse_s - lse_max)
+        part = tl.load(OutPartial + s * stride_part + out_offs, mask=io_mask, other=0.0, cache_modifier=".cg")
+        acc += weight[:, None] * part
+        total += weight
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     return out, tl.where(empty, float("inf"), lse_max + tl.log(tl.where(empty, 1.0, total)))
@@ -314,7 +313,6 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
