@@ -107,7 +107,7 @@ def _decode_case(dtype, head_dim, all_on):
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64 if all_on else 16, BLOCK_N=block_n,
                       PAGE_SIZE=256 if all_on else 1, PAGED=all_on, HAS_LEFT=all_on, HAS_RIGHT=all_on,
                       HAS_SOFTCAP=all_on, HAS_ALIBI=all_on, IS_SPLIT=all_on,
-                      UPCAST=dtype == "fp32",
+                      HAS_LEFTPAD=all_on, HAS_BATCH_ROWS=all_on, UPCAST=dtype == "fp32",
                       DOT_PRECISION=_precision(dtype))
     return "pyflash.kernels.decode", "_decode_kernel", constexprs, dict(num_warps=warps, num_stages=stages, dtype=dtype)
 

@@ -337,9 +337,15 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=device)
     elif isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
-    batch_rows = (cache_batch_idx.long() if cache_batch_idx is not None
-                  else torch.arange(batch, device=device))
-    leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros(batch, dtype=torch.int32, device=device)
+    # Absent batch_idx / leftpad stay None for the decode kernel: no helper kernels per decoding step.
+    batch_rows = cache_batch_idx  # int32; the kernel widens it itself
+    leftpad = cache_leftpad
+
+    def all_rows():
+        return batch_rows.long() if batch_rows is not None else torch.arange(batch, device=device)
+
+    def all_leftpad():
+        return leftpad if leftpad is not None else torch.zeros(batch, dtype=torch.int32, device=device)
 
     seqlens_k = cache_seqlens
     if k is not None:
@@ -352,7 +358,7 @@ def flash_attn_with_kvcache(
             local = window_left >= 0 or window_right >= 0
             q_positions = new_positions[:, :seqlen_q] if local else new_positions[:, :1].expand(batch, seqlen_q)
             q = apply_rotary(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
-        append_to_cache(k_cache, v_cache, k, v, cache_seqlens, batch_rows, block_table)
+        append_to_cache(k_cache, v_cache, k, v, cache_seqlens, all_rows(), block_table)
         seqlens_k = cache_seqlens + k.shape[1]
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -366,7 +372,7 @@ def flash_attn_with_kvcache(
             decode.decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, softmax_scale,
                           window_left, window_right, softcap, alibi_slopes, num_splits, out, softmax_lse)
         else:
-            attention_reference(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table,
+            attention_reference(q, k_cache, v_cache, seqlens_k, all_leftpad(), all_rows(), block_table,
                                 softmax_scale, window_left, window_right, softcap, alibi_slopes, out,
                                 softmax_lse)
     return (out, softmax_lse) if return_softmax_lse else out

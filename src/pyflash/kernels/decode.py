@@ -129,8 +129,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                   HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -150,7 +150,9 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     if HAS_ALIBI:
         slope = tl.load(Alibi + batch * stride_alibi + heads, mask=row_ok, other=0.0)
 
-    start_pos = tl.load(Leftpad + batch)
+    start_pos = 0
+    if HAS_LEFTPAD:
+        start_pos = tl.load(Leftpad + batch)
     seqlen_k = tl.load(SeqlensK + batch) - start_pos
     # Keys any row of the tile may see ([lo, hi)), and keys every row sees ([full_lo, full_hi)).
     # (Not common.visible_block_ranges: a tile's rows span a query range that need not be a
@@ -176,7 +178,9 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     t_full_begin = tl.minimum(tl.cdiv(tl.maximum(full_lo - key_lo, 0), BLOCK_N), n_blocks)
     t_full_end = tl.maximum(tl.minimum(tl.maximum(full_hi - key_lo, 0) // BLOCK_N, n_blocks), t_full_begin)
 
-    cache_row = tl.load(BatchRows + batch).to(tl.int64)
+    cache_row = batch.to(tl.int64)
+    if HAS_BATCH_ROWS:
+        cache_row = tl.load(BatchRows + batch).to(tl.int64)
     BlockTable += batch.to(tl.int64) * stride_bt
     kh_offset_k = head_k.to(tl.int64) * stride_kh
     kh_offset_v = head_k.to(tl.int64) * stride_vh
@@ -276,8 +280,8 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
            window_right, softcap, alibi_slopes, num_splits, out, softmax_lse) -> None:
     """Attention of ``q (b, sq, h, d)`` to the cache; writes ``out`` (b, sq, h, d) and ``softmax_lse``
     (b, h, sq), both contiguous. Inputs validated by ``pyflash.kvcache``: ``seqlens_k``/``leftpad``
-    (b,) int32 memory positions ending/starting each sequence, ``batch_rows`` (b,) cache rows (unused
-    when paged), ``alibi_slopes`` None or fp32 (b, h)."""
+    (b,) int32 memory positions ending/starting each sequence (leftpad None: 0), ``batch_rows`` (b,)
+    cache rows (None: row b; unused when paged), ``alibi_slopes`` None or fp32 (b, h)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     groups = num_heads // num_heads_k
@@ -299,7 +303,8 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         out_partial = lse_partial = counters = dummy
     grid = (m_blocks, batch * num_heads_k, num_splits)
     _decode_kernel[grid](
-        q, k_cache, v_cache, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k, leftpad, batch_rows,
+        q, k_cache, v_cache, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
+        leftpad if leftpad is not None else dummy, batch_rows if batch_rows is not None else dummy,
         block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -313,6 +318,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
+        HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
