@@ -341,7 +341,8 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     return_softmax = p is not None
     dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
     one_pass_ok = _one_pass_allowed(has_dropout, return_softmax)
-    warp_specialize = warp_specialize and one_pass_ok and use_tma and not INTERPRET and device_capability(q.device)[0] == 9
+    hopper = not INTERPRET and q.is_cuda and device_capability(q.device)[0] == 9
+    warp_specialize = warp_specialize and one_pass_ok and use_tma and hopper
     one_pass = one_pass_ok and (warp_specialize or os.environ.get("PYFLASH_FORWARD_ONE_PASS") == "1")
     # One pass masks every block when any block needs it: windows, causal, varlen ends, or dense keys
     # that end inside a block (TMA reads the next sequence's rows there).
