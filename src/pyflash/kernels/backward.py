@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs
-from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, tanh,
+from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, load_tile, tanh,
                                      visible_block_ranges, visible_mask)
 
 LOG2E = math.log2(math.e)
@@ -61,14 +61,7 @@ def _sequence(batch, cu_seqlens_q, cu_seqlens_k, seqused_k, dense_seqlen_q, dens
 def _load_rows(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr, MMA_DTYPE: tl.constexpr):
     """A (rows, BLOCK_D) tile from ``ptr`` (offset to the sequence and head), 0 where out of bounds."""
-    ptrs = ptr + rows[:, None] * stride_row + offs_d[None, :]
-    if CHECK_ROWS:
-        tile = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        tile = tl.load(ptrs)
-    return tile.to(MMA_DTYPE)
+    return load_tile(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS).to(MMA_DTYPE)
 
 
 @triton.jit

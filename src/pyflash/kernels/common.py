@@ -38,6 +38,20 @@ def visible_mask(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
+def load_tile(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              CHECK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile from ``ptr`` (offset to the sequence and head): 0 in the columns past
+    HEAD_DIM and, with CHECK_ROWS, in the rows at or past row_limit."""
+    ptrs = ptr + rows[:, None] * stride_row + offs_d[None, :]
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def alibi_bias(slope, rows, cols, seqlen_q, seqlen_k):
     dist = rows + seqlen_k - seqlen_q - cols
     return -slope * tl.abs(dist).to(tl.float32)

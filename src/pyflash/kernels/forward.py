@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, tanh,
+from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, load_tile, tanh,
                                      visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
@@ -37,13 +37,7 @@ def _load_rows(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d,
         # Rows past the sequence read whatever follows it: masked scores for K, zeroed V rows (_attend).
         tile = src.load([tma_row, tma_col])
     else:
-        ptrs = src + rows[:, None] * stride_row + offs_d[None, :]
-        if CHECK_ROWS:
-            tile = tl.load(ptrs, mask=(rows[:, None] < row_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            tile = tl.load(ptrs)
+        tile = load_tile(src, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
