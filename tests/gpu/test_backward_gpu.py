@@ -10,44 +10,12 @@ import math
 import pytest
 import torch
 
-from pyflash import masks, philox
 from pyflash.kernels.backward import backward, backward_config
 from pyflash.params import AttentionParams, Seqlens
 
+from materialised import reference
+
 pytestmark = pytest.mark.gpu
-
-
-def reference(q, k, v, params: AttentionParams, batch_offset=0, compute_dtype=torch.float32):
-    """Materialised attention of dense (b, s, h, d) inputs, differentiable, on q's device.
-    batch_offset: the sequence index of q[0] (varlen sequences are checked one at a time)."""
-    batch, seqlen_q, num_heads, _ = q.shape
-    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
-    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
-    k = k.repeat_interleave(num_heads // num_heads_k, dim=2)
-    v = v.repeat_interleave(num_heads // num_heads_k, dim=2)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * params.softmax_scale
-    scores = masks.apply_softcap(scores, params.softcap)
-    rows = torch.arange(seqlen_q, device=q.device)[:, None]
-    cols = torch.arange(seqlen_k, device=q.device)[None, :]
-    if params.alibi_slopes is not None:
-        slopes = params.alibi_slopes[batch_offset:batch_offset + batch, :, None, None]
-        scores = scores + masks.alibi_bias(slopes, rows, cols, seqlen_q, seqlen_k).to(compute_dtype)
-    visible = masks.visible(rows, cols, seqlen_q, seqlen_k, params.window_left, params.window_right)
-    scores = scores.masked_fill(~visible, -math.inf)
-    # Rows that see no key: probabilities 0, and every branch finite so autograd stays NaN-free.
-    sees_key = visible.any(-1)
-    row_max = torch.where(sees_key, scores.amax(-1) if seqlen_k else 0.0, 0.0).detach()
-    probs = torch.exp(scores - row_max[..., None])
-    probs = probs / torch.where(sees_key, probs.sum(-1), 1.0)[..., None]
-    if params.dropout_p > 0:
-        bh = (torch.arange(batch, device=q.device)[:, None] + batch_offset) * num_heads \
-            + torch.arange(num_heads, device=q.device)[None, :]
-        keep = philox.dropout_keep(params.philox_seed, params.philox_offset, params.dropout_p,
-                                   bh[:, :, None, None], rows, cols)
-        probs = probs * keep / (1 - params.dropout_p)
-    out = torch.einsum("bhij,bjhd->bihd", probs, v)
-    lse = torch.where(sees_key, torch.logsumexp(scores, -1), math.inf)
-    return out, lse
 
 
 def make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype, seed=0):
@@ -59,7 +27,7 @@ def make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dty
 
 def reference_grads(q, k, v, dout, params, batch_offset=0, compute_dtype=torch.float32):
     leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = reference(*leaves, params, batch_offset, compute_dtype)
+    out, lse, _ = reference(*leaves, params, batch_offset, compute_dtype)
     grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
     return out.detach(), lse.detach(), grads
 

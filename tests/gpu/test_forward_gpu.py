@@ -10,47 +10,14 @@ import math
 import pytest
 import torch
 
-from pyflash import masks, philox
 from pyflash.kernels.forward import forward
 from pyflash.params import AttentionParams, Seqlens
+
+from materialised import keep_mask, reference
 
 pytestmark = pytest.mark.gpu
 
 ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 1e-5}
-
-
-def reference(q, k, v, params: AttentionParams, batch_offset=0, compute_dtype=torch.float32):
-    """Dense (b, s, h, d) attention, materialised: out (b, sq, h, d), lse (b, h, sq) and the
-    undropped probabilities (b, h, sq, sk). batch_offset: the sequence index of q[0]."""
-    batch, seqlen_q, num_heads, _ = q.shape
-    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
-    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
-    k = k.repeat_interleave(num_heads // num_heads_k, dim=2)
-    v = v.repeat_interleave(num_heads // num_heads_k, dim=2)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * params.softmax_scale
-    scores = masks.apply_softcap(scores, params.softcap)
-    rows = torch.arange(seqlen_q, device=q.device)[:, None]
-    cols = torch.arange(seqlen_k, device=q.device)[None, :]
-    if params.alibi_slopes is not None:
-        slopes = params.alibi_slopes[batch_offset:batch_offset + batch, :, None, None]
-        scores = scores + masks.alibi_bias(slopes, rows, cols, seqlen_q, seqlen_k).to(compute_dtype)
-    visible = masks.visible(rows, cols, seqlen_q, seqlen_k, params.window_left, params.window_right)
-    scores = scores.masked_fill(~visible, -math.inf)
-    sees_key = visible.any(-1)
-    lse = torch.where(sees_key, torch.logsumexp(scores, -1), math.inf)
-    probs = torch.exp(scores - torch.where(sees_key, lse, 0.0)[..., None])
-    dropped = probs
-    if params.dropout_p > 0:
-        dropped = probs * keep_mask(params, batch, num_heads, seqlen_q, seqlen_k, batch_offset) / (1 - params.dropout_p)
-    return torch.einsum("bhij,bjhd->bihd", dropped, v), lse, probs
-
-
-def keep_mask(params, batch, num_heads, seqlen_q, seqlen_k, batch_offset=0):
-    bh = (torch.arange(batch, device="cuda")[:, None] + batch_offset) * num_heads + torch.arange(num_heads, device="cuda")
-    rows = torch.arange(seqlen_q, device="cuda")[:, None]
-    cols = torch.arange(seqlen_k, device="cuda")[None, :]
-    return philox.dropout_keep(params.philox_seed, params.philox_offset, params.dropout_p,
-                               bh[:, :, None, None], rows, cols)
 
 
 def assert_rule(ours, ref, lowp, name, dtype):
