@@ -18,4 +18,3 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
 ]
-from pyflash.kvcache import flash_attn_with_kvcache  # noqa: E402,F401
