@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs
-from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, load_tile, tanh,
-                                     visible_block_ranges, visible_mask)
+from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile, load_tile,
+                                     next_power_of_2, tanh, tuned_generation, visible_block_ranges, visible_mask)
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -356,8 +356,11 @@ def _dq_from_accumulator_kernel(dq_accum, dq, cu_seqlens_q, stride_ab, stride_am
                 rows, stride_dqm, seqlen_q, offs_d, HEAD_DIM)
 
 
+_GENERATIONS = sorted({key[0] for key in configs.BACKWARD if key[0] > 0})
+
+
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 class BackwardConfig(NamedTuple):
@@ -373,10 +376,7 @@ def backward_config(q: torch.Tensor, head_dim: int, causal: bool) -> BackwardCon
     major = 0
     if q.is_cuda and not INTERPRET:
         major = device_capability(q.device)[0]
-    # Newer GPUs use the newest generation tuned so far; older ones the oldest.
-    known = sorted({key[0] for key in configs.BACKWARD if key[0] > 0})
-    if major > 0:
-        major = max([m for m in known if m <= major] or [known[0]])
+    major = tuned_generation(major, _GENERATIONS)
     return BackwardConfig(*configs.BACKWARD[(major, q.element_size(), _block_d(head_dim), causal)])
 
 
@@ -416,7 +416,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     stat_strides = _stat_strides(softmax_lse, varlen)
 
     if max_seqlen_q > 0:
-        grid = (triton.cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
+        grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         _delta_kernel[grid](out, dout, delta, cu_q, *_row_strides(out, varlen), *_row_strides(dout, varlen),
                             *stat_strides, dense_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK,
                             BLOCK_D=block_d, IS_VARLEN=varlen)
@@ -444,7 +444,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
     if max_seqlen_k > 0:
-        grid = (triton.cdiv(max_seqlen_k, dkdv_block_n), num_heads_k, batch)
+        grid = (cdiv(max_seqlen_k, dkdv_block_n), num_heads_k, batch)
         _dkdv_kernel[grid](
             q, k, v, dout, softmax_lse, delta, dq_target, dk, dv, *tensors,
             *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen),
@@ -452,12 +452,12 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             BLOCK_M=dkdv_block_m, BLOCK_N=dkdv_block_n, ATOMIC_DQ=atomic_dq, **switches,
             num_warps=dkdv_warps, num_stages=dkdv_stages)
     if max_seqlen_q > 0 and atomic_dq:
-        grid = (triton.cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
+        grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         _dq_from_accumulator_kernel[grid](
             dq_target, dq, cu_q, *_row_strides(dq_target, varlen), *_row_strides(dq, varlen), dense_seqlen_q,
             scale, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
     elif max_seqlen_q > 0:
-        grid = (triton.cdiv(max_seqlen_q, dq_block_m), num_heads, batch)
+        grid = (cdiv(max_seqlen_q, dq_block_m), num_heads, batch)
         _dq_kernel[grid](
             q, k, v, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
             *stat_strides, *alibi_strides, *common_args,

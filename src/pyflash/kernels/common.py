@@ -22,6 +22,24 @@ def device_capability(device: torch.device):
     return found
 
 
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv for the host code: Triton's own is a constexpr function, ~2 us a call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 for the host code (the same values), without its call overhead."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def tuned_generation(major: int, generations) -> int:
+    """The generation whose rows of a tuning table serve a GPU of compute capability ``major``: the
+    newest of ``generations`` (sorted) at or below it, the oldest for older GPUs; 0 (interpreter) stays 0."""
+    if major == 0:
+        return 0
+    return max([m for m in generations if m <= major] or [generations[0]])
+
+
 @triton.jit
 def visible_mask(rows, cols, seqlen_q, seqlen_k, window_left, window_right,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CHECK_SEQLEN_K: tl.constexpr):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, tanh, visible_mask
+from pyflash.kernels.common import INTERPRET, alibi_bias, cdiv, next_power_of_2, tanh, visible_mask
 
 MAX_SPLITS = 128
 
@@ -29,7 +29,7 @@ INTERPRET_BLOCK_N = 32
 
 
 def _config(head_dim: int, element_size: int = 2):
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     block_n, num_warps, num_stages = next(c for d, c in sorted(DECODE_CONFIGS.items()) if block_d <= d)
     if element_size == 4:
         # fp32 K/V tiles are twice the bytes: (128, d=128, 3 stages) would need 278528 B of shared memory.
@@ -50,7 +50,7 @@ def pick_num_splits(programs: int, max_seqlen_k: int, block_n: int, multiprocess
     multiprocessor once without a partial second wave, and at least two key blocks per part."""
     if 2 * programs > multiprocessors:
         return 1
-    key_blocks = triton.cdiv(max(max_seqlen_k, 1), block_n)
+    key_blocks = cdiv(max(max_seqlen_k, 1), block_n)
     return max(1, min(multiprocessors // programs, key_blocks // 2, MAX_SPLITS))
 
 
@@ -287,13 +287,13 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
     groups = num_heads // num_heads_k
     paged = block_table is not None
     block_d, block_n, num_warps, num_stages = _config(head_dim, k_cache.element_size())
-    block_m = max(16, min(64, triton.next_power_of_2(groups * seqlen_q)))
-    m_blocks = triton.cdiv(groups * seqlen_q, block_m)
+    block_m = max(16, min(64, next_power_of_2(groups * seqlen_q)))
+    m_blocks = cdiv(groups * seqlen_q, block_m)
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     if num_splits == 0:
         num_splits = pick_num_splits(batch * num_heads_k * m_blocks, capacity, block_n,
                                      _multiprocessors(q.device))
-    num_splits = max(1, min(num_splits, MAX_SPLITS, triton.cdiv(max(capacity, 1), block_n)))
+    num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(max(capacity, 1), block_n)))
     dummy = seqlens_k  # stands in for absent optional tensors (never read)
     if num_splits > 1:
         out_partial = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import (INTERPRET, alibi_bias, device_capability, dropout_keep_tile, load_tile, tanh,
-                                     visible_block_ranges, visible_mask)
+from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile, load_tile,
+                                     next_power_of_2, tanh, tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
@@ -240,8 +240,11 @@ def _forward_kernel(
                      mask=row_valid[:, None] & (cols[None, :] < seqlen_k))
 
 
+_GENERATIONS = sorted({key[0] for key in FORWARD if key[0] > 0})
+
+
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool = False):
@@ -250,10 +253,7 @@ def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool =
     major = 0
     if q.is_cuda and not INTERPRET:
         major = device_capability(q.device)[0]
-    # Newer GPUs use the newest generation tuned so far; older ones the Ampere rows.
-    known = sorted({key[0] for key in FORWARD if key[0] > 0})
-    if major > 0:
-        major = max([m for m in known if m <= major] or [known[0]])
+    major = tuned_generation(major, _GENERATIONS)
     block_m, block_n, num_warps, num_stages, *rest = FORWARD[(major, q.element_size(), _block_d(head_dim), causal)]
     warp_specialize = bool(rest and rest[0])
     if dropout and major > 0:
@@ -342,7 +342,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     # that end inside a block (TMA reads the next sequence's rows there).
     one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
                        or dense_seqlen_k % block_n != 0)
-    grid = (triton.cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
+    grid = (cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
     _forward_kernel[grid](
         q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
         alibi if alibi is not None else dummy,
