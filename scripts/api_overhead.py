@@ -1,6 +1,7 @@
 """Host time per attention call.
 
-    PYTHONPATH=src python scripts/api_overhead.py            # CPU: mha_fwd outside the backend (backend stubbed)
+    PYTHONPATH=src python scripts/api_overhead.py            # CPU: mha_fwd outside the backend (backend
+                                                             # stubbed); kernels.forward.forward, launch stubbed
     PYTHONPATH=src python3 scripts/api_overhead.py --cuda    # GPU: whole calls, host-bound by construction
 
 --cuda times back-to-back calls on a shape so small that the GPU finishes each kernel long before the
@@ -36,7 +37,16 @@ def per_call_us(fn, calls: int, sync) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
 def cpu_main(calls: int) -> None:
+    from pyflash.kernels import forward as kernel_module
+    from pyflash.params import AttentionParams, Seqlens
+
+    real_get = backend.get
     backend.get = lambda device: _NoBackend
     q = torch.randn(16, 1024, 16, 128, dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
@@ -44,6 +54,16 @@ def cpu_main(calls: int) -> None:
         us = per_call_us(lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None),
                          calls, lambda: None)
         print(f"causal={causal}: {us:.1f} us per mha_fwd outside the backend")
+    backend.get = real_get
+    # kernels.forward.forward as on a Hopper card (table lookup, TMA descriptors), the launch stubbed.
+    kernel_module._forward_kernel = _NoLaunch()
+    kernel_module.INTERPRET = False
+    kernel_module.device_capability = lambda device: (9, 0)
+    q = torch.randn(1, 128, 2, 128, dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 128)
+    us = per_call_us(lambda: kernel_module.forward(q, q, q, out, lse, None, AttentionParams(128 ** -0.5, -1, 0),
+                                                   Seqlens(1, 128, 128), use_tma=True), calls, lambda: None)
+    print(f"{us:.1f} us per kernels.forward.forward before the launch (Hopper path: config, TMA descriptors)")
 
 
 def cuda_main(calls: int, profile: bool) -> None:
