@@ -5,6 +5,8 @@ configs the tuning tables pick for a GPU of generation 9: catches what the inter
 Each kernel with every feature switch off (the fast path) at head dims 64, 128, 256, and with every
 switch on at 128 and 96 (BLOCK_D 128); bf16, plus fp16 and fp32 cases. The compiles run in a child
 process without TRITON_INTERPRET (aot.Sm90Compiler): under the interpreter nothing is compilable.
+The heaviest kernels are also compiled for sm_86 (99 KB of shared memory a block): some config of
+common.smaller_configs, the fallback kernels/common.launch_fitting walks, must fit there.
 """
 import contextlib
 from unittest import mock
@@ -35,13 +37,13 @@ class _HopperQ:
 
 
 @contextlib.contextmanager
-def _on_hopper():
-    """The config functions as they run on a compute capability 9.0 device outside the interpreter."""
+def _on_gpu(capability):
+    """The config functions as they run on a device of this compute capability outside the interpreter."""
     with contextlib.ExitStack() as stack:
         for module in (forward, backward, decode):
             stack.enter_context(mock.patch.object(module, "INTERPRET", False))
         for module in (forward, backward):
-            stack.enter_context(mock.patch.object(module, "device_capability", lambda device: (9, 0)))
+            stack.enter_context(mock.patch.object(module, "device_capability", lambda device: capability))
         yield
 
 
@@ -57,11 +59,11 @@ def _switches(all_on, dropout):
     return switches
 
 
-def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False):
+def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, capability=(9, 0)):
     """ws: the warp-specialized variant (TMA, one loop; never with dropout or return_softmax)."""
     block_d = forward._block_d(head_dim)
     switches = _switches(all_on, False if ws else dropout)
-    with _on_hopper():
+    with _on_gpu(capability):
         block_m, block_n, warps, stages, _ = forward.forward_config(_HopperQ(dtype), head_dim, causal=all_on,
                                                                     dropout=switches["HAS_DROPOUT"])
     if ws:
@@ -81,12 +83,12 @@ def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False):
     return "pyflash.kernels.forward", "_forward_kernel", constexprs, options
 
 
-def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None):
+def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None, capability=(9, 0)):
     block_d = backward._block_d(head_dim)
     if kernel in ("_delta_kernel", "_dq_from_accumulator_kernel"):  # launched with Triton's default warps, stages
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=backward.ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=all_on)
         return "pyflash.kernels.backward", kernel, constexprs, dict(dtype=dtype)
-    with _on_hopper():
+    with _on_gpu(capability):
         config = backward.backward_config(_HopperQ(dtype), head_dim, causal=all_on)
     block_m, block_n, warps, stages = config.dkdv if kernel == "_dkdv_kernel" else config.dq
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -99,8 +101,8 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=Non
     return "pyflash.kernels.backward", kernel, constexprs, options
 
 
-def _decode_case(dtype, head_dim, all_on):
-    with _on_hopper():
+def _decode_case(dtype, head_dim, all_on, capability=(9, 0)):
+    with _on_gpu(capability):
         block_d, block_n, warps, stages = decode._config(head_dim, 4 if dtype == "fp32" else 2)
     # Off: one query token, MHA (block_m 16, one split, no pages). On: a GQA tile of 64 rows over
     # 256-row pages, split into MAX_SPLITS parts merged in the same launch.
@@ -203,3 +205,36 @@ def test_compile_error_is_reported(compiler):
     _, kernel, constexprs, options = _backward_case("_dq_kernel", "bf16", 8, False)
     with pytest.raises(RuntimeError, match="did not compile"):
         compiler.compile("pyflash.kernels.backward", kernel, dict(constexprs, BLOCK_D=8), **options)
+
+
+# sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4): 99 KB of shared memory a block, where the major-8 rows
+# (sized for A100's 163 KB) and the decode config do not all fit. launch_fitting then walks
+# common.smaller_configs; these are the heaviest kernels, each needing a fallback on such a part.
+SM86_MAX_SHARED = 101376
+SM86 = (8, 6)
+SM86_HEAVY = {
+    "dkdv-bf16-d256-dropout": _backward_case("_dkdv_kernel", "bf16", 256, False, dropout=True, capability=SM86),
+    "dq-bf16-d256-dropout": _backward_case("_dq_kernel", "bf16", 256, False, dropout=True, capability=SM86),
+    "dkdv-bf16-d128-on": _backward_case("_dkdv_kernel", "bf16", 128, True, capability=SM86),
+    "dq-bf16-d128-on": _backward_case("_dq_kernel", "bf16", 128, True, capability=SM86),
+    "decode-bf16-d128-off": _decode_case("bf16", 128, False, capability=SM86),
+    "decode-fp32-d128-off": _decode_case("fp32", 128, False, capability=SM86),
+}
+
+
+@pytest.mark.parametrize("case_id", SM86_HEAVY)
+def test_a_smaller_config_fits_sm86(compiler, case_id):
+    from pyflash.kernels.common import smaller_configs
+
+    module, kernel, constexprs, options = SM86_HEAVY[case_id]
+    names = ("BLOCK_N",) if kernel == "_decode_kernel" else ("BLOCK_M", "BLOCK_N")
+    tried = []
+    for blocks, warps, stages in smaller_configs([constexprs[name] for name in names], options["num_warps"],
+                                                 options["num_stages"]):
+        sized = dict(constexprs, **dict(zip(names, blocks)))
+        shared = compiler.compile(module, kernel, sized, **dict(options, num_warps=warps, num_stages=stages),
+                                  capability=86)["shared"]
+        tried.append((blocks, stages, shared))
+        if shared <= SM86_MAX_SHARED:
+            break
+    assert tried[-1][2] <= SM86_MAX_SHARED, f"no config of {kernel} fits sm_86: {tried}"

@@ -1,7 +1,12 @@
-"""Host-side helpers of kernels/common.py: the same values as Triton's own, the table lookup rule."""
-import triton
+"""Host-side helpers of kernels/common.py: the same values as Triton's own, the table lookup rule,
+the fallback to smaller tiles on parts with less shared memory."""
+import math
 
-from pyflash.kernels.common import cdiv, next_power_of_2, tuned_generation
+import pytest
+import triton
+from triton.runtime.errors import OutOfResources
+
+from pyflash.kernels.common import cdiv, launch_fitting, next_power_of_2, smaller_configs, tuned_generation
 
 
 def test_int_helpers_match_triton():
@@ -18,3 +23,42 @@ def test_tuned_generation():
     assert tuned_generation(8, generations) == 8
     assert tuned_generation(9, generations) == 9
     assert tuned_generation(12, generations) == 9  # newer GPUs: the newest tuned rows
+
+
+def test_smaller_configs():
+    assert smaller_configs((64, 128), 8, 3) == [
+        ((64, 128), 8, 3), ((64, 128), 8, 2), ((64, 128), 8, 1), ((64, 64), 8, 1), ((32, 64), 8, 1),
+        ((32, 32), 8, 1), ((16, 32), 8, 1), ((16, 16), 8, 1)]
+    assert smaller_configs((16,), 4, 1) == [((16,), 4, 1)]
+
+
+class _FakeDevice:
+    """Launches record their config and raise OutOfResources above a shared-memory budget (bytes per
+    stage of a tile of prod(blocks) elements, as a stand-in for the compiler's figure)."""
+
+    def __init__(self, budget):
+        self.budget, self.launched = budget, []
+
+    def launch(self, blocks, num_warps, num_stages):
+        need = num_stages * math.prod(blocks) * 8
+        if need > self.budget:
+            raise OutOfResources(need, self.budget, "shared memory")
+        self.launched.append((blocks, num_warps, num_stages))
+
+
+def test_launch_fitting_falls_back_and_remembers():
+    big = _FakeDevice(budget=10**9)
+    launch_fitting(("test", "big"), (64, 128), 8, 3, big.launch)
+    assert big.launched == [((64, 128), 8, 3)]  # fits: the table's config, nothing else tried
+
+    small = _FakeDevice(budget=64 * 64 * 8)
+    launch_fitting(("test", "small"), (64, 128), 8, 3, small.launch)
+    assert small.launched == [((64, 64), 8, 1)]  # the first smaller config that fits
+    small.launched.clear()
+    launch_fitting(("test", "small"), (64, 128), 8, 3, small.launch)
+    assert small.launched == [((64, 64), 8, 1)]  # remembered: no failing attempt first
+
+    tiny = _FakeDevice(budget=1)
+    with pytest.raises(OutOfResources):
+        launch_fitting(("test", "tiny"), (64, 128), 8, 3, tiny.launch)
+    assert tiny.launched == []

@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs
-from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile, load_tile,
-                                     next_power_of_2, tanh, tuned_generation, visible_block_ranges, visible_mask)
+from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
+                                     launch_fitting, load_tile, next_power_of_2, tanh, tuned_generation,
+                                     visible_block_ranges, visible_mask)
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -443,25 +444,33 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     alibi_strides = alibi.stride() if alibi is not None else (0, 0)
 
     dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
+    # Tiles that outgrow a smaller part's shared memory fall back to smaller ones (common.launch_fitting).
+    fit_key = (q.device, atomic_dq, cfg, *switches.values())
     if max_seqlen_k > 0:
-        grid = (cdiv(max_seqlen_k, dkdv_block_n), num_heads_k, batch)
-        _dkdv_kernel[grid](
-            q, k, v, dout, softmax_lse, delta, dq_target, dk, dv, *tensors,
-            *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen),
-            *stat_strides, *alibi_strides, *common_args,
-            BLOCK_M=dkdv_block_m, BLOCK_N=dkdv_block_n, ATOMIC_DQ=atomic_dq, **switches,
-            num_warps=dkdv_warps, num_stages=dkdv_stages)
+        def launch_dkdv(blocks, num_warps, num_stages):
+            block_m, block_n = blocks
+            _dkdv_kernel[(cdiv(max_seqlen_k, block_n), num_heads_k, batch)](
+                q, k, v, dout, softmax_lse, delta, dq_target, dk, dv, *tensors,
+                *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen),
+                *_row_strides(dv, varlen), *stat_strides, *alibi_strides, *common_args,
+                BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, **switches,
+                num_warps=num_warps, num_stages=num_stages)
+
+        launch_fitting(("dkdv", *fit_key), (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         _dq_from_accumulator_kernel[grid](
             dq_target, dq, cu_q, *_row_strides(dq_target, varlen), *_row_strides(dq, varlen), dense_seqlen_q,
             scale, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
     elif max_seqlen_q > 0:
-        grid = (cdiv(max_seqlen_q, dq_block_m), num_heads, batch)
-        _dq_kernel[grid](
-            q, k, v, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
-            *stat_strides, *alibi_strides, *common_args,
-            BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, **switches,
-            num_warps=dq_warps, num_stages=dq_stages)
+        def launch_dq(blocks, num_warps, num_stages):
+            block_m, block_n = blocks
+            _dq_kernel[(cdiv(max_seqlen_q, block_m), num_heads, batch)](
+                q, k, v, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
+                *stat_strides, *alibi_strides, *common_args,
+                BLOCK_M=block_m, BLOCK_N=block_n, **switches,
+                num_warps=num_warps, num_stages=num_stages)
+
+        launch_fitting(("dq", *fit_key), (dq_block_m, dq_block_n), dq_warps, dq_stages, launch_dq)
     if delta is not softmax_d:
         softmax_d.copy_(delta)

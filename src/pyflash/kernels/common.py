@@ -4,6 +4,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from triton.language.random import uint_to_uniform_float
 
 # Under the interpreter tl.dot on bf16 operands returns garbage: kernels upcast when this is set.
@@ -38,6 +39,50 @@ def tuned_generation(major: int, generations) -> int:
     if major == 0:
         return 0
     return max([m for m in generations if m <= major] or [generations[0]])
+
+
+def smaller_configs(blocks, num_warps: int, num_stages: int):
+    """``(blocks, num_warps, num_stages)`` first, then ever smaller shared-memory footprints: fewer
+    pipeline stages, then the largest block halved (down to 16) at one stage. ``blocks``: a tuple of
+    block sizes (the tiles a kernel keeps in shared memory scale with them)."""
+    configs = [(tuple(blocks), num_warps, stages) for stages in range(num_stages, 0, -1)]
+    blocks = list(blocks)
+    while max(blocks) > 16:
+        largest = blocks.index(max(blocks))
+        blocks[largest] //= 2
+        configs.append((tuple(blocks), num_warps, 1))
+    return configs
+
+
+_FITTING = {}
+
+
+def launch_fitting(key, blocks, num_warps: int, num_stages: int, launch) -> None:
+    """``launch(blocks, num_warps, num_stages)``, or with the first of ``smaller_configs`` whose
+    kernel fits the device's shared memory.
+
+    The tuning tables are keyed by compute capability major, but one generation's parts differ:
+    sm_80 has 163 KB of shared memory a block, sm_86 / sm_89 99 KB. Triton raises OutOfResources
+    before it launches a kernel that does not fit; the config that launched is remembered under
+    ``key`` (the kernel, the device and whatever else shapes its tiles)."""
+    first = _FITTING.get(key, 0)
+    error = None
+    if first == 0:
+        try:
+            launch(tuple(blocks), num_warps, num_stages)
+            return
+        except OutOfResources as exc:
+            error, first = exc, 1
+    configs = smaller_configs(blocks, num_warps, num_stages)
+    for index in range(first, len(configs)):
+        try:
+            launch(*configs[index])
+        except OutOfResources as exc:
+            error = exc
+            continue
+        _FITTING[key] = index
+        return
+    raise error
 
 
 @triton.jit

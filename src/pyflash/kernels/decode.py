@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, cdiv, next_power_of_2, tanh, visible_mask
+from pyflash.kernels.common import INTERPRET, alibi_bias, cdiv, launch_fitting, next_power_of_2, tanh, visible_mask
 
 MAX_SPLITS = 128
 
@@ -301,24 +301,30 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         counters = _counters(m_blocks * batch * num_heads_k, q.device)
     else:
         out_partial = lse_partial = counters = dummy
-    grid = (m_blocks, batch * num_heads_k, num_splits)
-    _decode_kernel[grid](
-        q, k_cache, v_cache, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
-        leftpad if leftpad is not None else dummy, batch_rows if batch_rows is not None else dummy,
-        block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), softmax_lse.stride(0), softmax_lse.stride(1),
-        out.numel(), softmax_lse.numel(),
-        block_table.stride(0) if paged else 0, alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-        seqlen_q, num_heads_k, groups, num_splits,
-        softmax_scale, softcap, window_left, window_right,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+    switches = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
         HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
         UPCAST=INTERPRET or q.dtype == torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+    def launch(blocks, num_warps, num_stages):
+        # A smaller fallback block_n (launch_fitting) is fine: splits are whole blocks of any size.
+        _decode_kernel[(m_blocks, batch * num_heads_k, num_splits)](
+            q, k_cache, v_cache, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
+            leftpad if leftpad is not None else dummy, batch_rows if batch_rows is not None else dummy,
+            block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), softmax_lse.stride(0), softmax_lse.stride(1),
+            out.numel(), softmax_lse.numel(),
+            block_table.stride(0) if paged else 0, alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+            seqlen_q, num_heads_k, groups, num_splits,
+            softmax_scale, softcap, window_left, window_right,
+            BLOCK_N=blocks[0], **switches, num_warps=num_warps, num_stages=num_stages)
+
+    launch_fitting(("decode", q.device, q.dtype, block_n, num_warps, num_stages, *switches.values()),
+                   (block_n,), num_warps, num_stages, launch)
