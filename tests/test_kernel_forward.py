@@ -2,7 +2,9 @@
 
 Every feature switch at small odd shapes, against the float64 naive oracle (tests/naive.py) with the
 flash_attn error rule; outputs poisoned with NaN first; dropout masks compared bit for bit with
-pyflash.philox through the sign pattern of return_softmax's probabilities.
+pyflash.philox through the sign pattern of return_softmax's probabilities. Each case runs over
+pointer loads and (power-of-two head dims) over TMA descriptors, which the interpreter emulates, on
+the three-loop kernel and (without dropout) the one-pass kernel.
 """
 import math
 
@@ -76,21 +78,33 @@ def _dense_case(case, seed=0):
     return q, k, v, slopes, dtype
 
 
-def _one_pass_params(cases):
-    """Each case on the three-loop path, and without dropout also on the one-pass path that the
-    warp-specialized kernel takes (PYFLASH_FORWARD_ONE_PASS=1)."""
-    return [pytest.param(case, one_pass, id=("one_pass-" if one_pass else "")
-                         + "-".join(map(str, case[3:] if isinstance(case[0], list) else case)).replace(" ", ""))
-            for case in cases for one_pass in (False, True) if not (one_pass and case[-1] > 0)]
+PATHS = ("loops", "one_pass", "tma", "tma_one_pass")
+
+
+def _path_params(cases):
+    """Each case on the three-loop kernel over pointer loads; without dropout also on the one-pass
+    kernel that warp specialization takes (PYFLASH_FORWARD_ONE_PASS=1); with a power-of-two head dim
+    also over TMA descriptors (the Hopper path; the interpreter emulates them)."""
+    params = []
+    for case in cases:
+        varlen = isinstance(case[0], list)
+        head_dim, dropout_p = case[5], case[-1]
+        for path in PATHS:
+            if ("one_pass" in path and dropout_p > 0) or (path.startswith("tma") and head_dim & (head_dim - 1)):
+                continue
+            case_id = "-".join(map(str, case[3:] if varlen else case)).replace(" ", "")
+            params.append(pytest.param(case, path, id=f"{path}-{case_id}"))
+    return params
 
 
 @pytest.fixture
-def one_pass_env(monkeypatch, request):
-    monkeypatch.setenv("PYFLASH_FORWARD_ONE_PASS", "1" if request.node.callspec.params["one_pass"] else "0")
+def path_env(monkeypatch, request):
+    one_pass = "one_pass" in request.node.callspec.params["path"]
+    monkeypatch.setenv("PYFLASH_FORWARD_ONE_PASS", "1" if one_pass else "0")
 
 
-@pytest.mark.parametrize("case, one_pass", _one_pass_params(DENSE))
-def test_dense(case, one_pass, one_pass_env):
+@pytest.mark.parametrize("case, path", _path_params(DENSE))
+def test_dense(case, path, path_env):
     q, k, v, slopes, dtype = _dense_case(case)
     batch, seqlen_q, seqlen_k, heads, _, head_dim = case[:6]
     causal, (left, right), softcap, _, dropout_p = case[7:]
@@ -103,7 +117,8 @@ def test_dense(case, one_pass, one_pass_env):
     probs = None
     if dropout_p > 0:
         probs = torch.zeros(batch, heads, _round128(seqlen_q), _round128(seqlen_k), dtype=dtype)
-    kernel.forward(q, k, v, out, lse, probs, params, Seqlens(batch, seqlen_q, seqlen_k))
+    kernel.forward(q, k, v, out, lse, probs, params, Seqlens(batch, seqlen_q, seqlen_k),
+                   use_tma=path.startswith("tma"))
 
     kwargs = dict(causal=causal, window_left=left, window_right=right, softcap=softcap, alibi_slopes=slopes,
                   p_dropout=dropout_p, seed_offset=(seed, offset), return_probs=True)
@@ -127,8 +142,8 @@ VARLEN = [
 ]
 
 
-@pytest.mark.parametrize("case, one_pass", _one_pass_params(VARLEN))
-def test_varlen(case, one_pass, one_pass_env):
+@pytest.mark.parametrize("case, path", _path_params(VARLEN))
+def test_varlen(case, path, path_env):
     cu_q, cu_k, used, heads, heads_k, head_dim, dtype, causal, (left, right), softcap, alibi, dropout_p = case
     dtype = DTYPES[dtype]
     batch = len(cu_q) - 1
@@ -154,7 +169,8 @@ def test_varlen(case, one_pass, one_pass_env):
     lse = torch.full((heads, cu_q[-1]), math.nan)
     probs = torch.zeros(batch, heads, _round128(max_q), _round128(max_k), dtype=dtype) if dropout_p > 0 else None
     params = _params(head_dim, left, right, softcap, alibi_bh, dropout_p, seed, offset)
-    kernel.forward(q, k_in, v_in, out, lse, probs, params, Seqlens(batch, max_q, max_k, cu_q_t, cu_k_t, used_t))
+    kernel.forward(q, k_in, v_in, out, lse, probs, params, Seqlens(batch, max_q, max_k, cu_q_t, cu_k_t, used_t),
+                   use_tma=path.startswith("tma"))
 
     kwargs = dict(seqused_k=used_t, causal=causal, window_left=left, window_right=right, softcap=softcap,
                   alibi_slopes=slopes, p_dropout=dropout_p, seed_offset=(seed, offset))

@@ -157,6 +157,8 @@ def _forward_kernel(
     if USE_TMA:
         # Through TMA the Q tile stays in shared memory, where wgmma reads it, sparing registers.
         q_tile = q.load([batch * dense_seqlen_q + q_start + start_m, head * HEAD_DIM])
+        if UPCAST:
+            q_tile = q_tile.to(tl.float32)
         k_src = k
         v_src = v
     else:
