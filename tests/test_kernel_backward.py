@@ -161,3 +161,16 @@ def test_deterministic_repeats_bitwise():
     second = check_dense(**kwargs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_falls_back_to_smaller_tiles(small_shared_memory):
+    """Where the table's tiles do not fit (Triton raises OutOfResources), smaller ones run, with the
+    grids recomputed: dK/dV and dQ each fall back on their own."""
+    from pyflash.kernels import backward as kernels
+
+    dkdv = small_shared_memory(kernels, "_dkdv_kernel", 16 * 16)
+    dq = small_shared_memory(kernels, "_dq_kernel", 16 * 16)
+    check_dense(seqlen_q=100, seqlen_k=128, window_right=0, head_dim=32, dropout_p=0.2)
+    # The interpreter's (16, 32) and (32, 16) tiles do not fit; (16, 16) at one stage does.
+    assert dkdv.launched == [dict(BLOCK_M=16, BLOCK_N=16, num_stages=1)]
+    assert dq.launched == [dict(BLOCK_M=16, BLOCK_N=16, num_stages=1)]

@@ -295,3 +295,19 @@ def test_config_table_covers_every_key():
                     block_m, block_n, num_warps, num_stages, *ws = kernel.FORWARD[(major, nbytes, block_d, causal)]
                     assert ws in ([], [True], [False])
                     assert block_m >= 16 and block_n >= 16 and num_warps in (1, 2, 4, 8) and num_stages >= 1
+
+
+def test_falls_back_to_smaller_tiles(small_shared_memory):
+    """Where the table's tiles do not fit (Triton raises OutOfResources), smaller ones run: over TMA
+    descriptors rebuilt for the new block shapes, with the grid recomputed."""
+    limited = small_shared_memory(kernel, "_forward_kernel", 32 * 32)
+    case = (2, 100, 129, 2, 1, 64, "bf16", True, (-1, -1), 0.0, None, 0.0)
+    q, k, v, _, dtype = _dense_case(case, seed=6)
+    out = torch.full_like(q, math.nan)
+    lse = torch.full((2, 2, 100), math.nan)
+    kernel.forward(q, k, v, out, lse, None, _params(64, -1, 0, 0.0, None, 0.0), Seqlens(2, 100, 129), use_tma=True)
+    assert limited.launched == [dict(BLOCK_M=32, BLOCK_N=32, num_stages=1)]  # the interpreter's (64, 32) did not fit
+    ref_out, ref_lse = naive.attention(q, k, v, causal=True, compute_dtype=torch.float64)
+    low_out, low_lse = naive.attention(q, k, v, causal=True)
+    _check(out, ref_out, low_out, "out", dtype)
+    _check(lse, ref_lse, low_lse, "lse", dtype)

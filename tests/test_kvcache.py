@@ -387,3 +387,15 @@ def test_mha_varlen_fwd_block_table(monkeypatch):
         mha_varlen_fwd(q, k_pages[:, :8], v_pages[:, :8], None, *common, block_table=block_table)
     with pytest.raises(TypeError, match="block_table"):
         mha_varlen_fwd(q, k_pages, v_pages, None, *common, block_table=block_table.long())
+
+
+def test_decode_falls_back_to_smaller_tiles(monkeypatch, small_shared_memory):
+    """Where the decode tiles do not fit (Triton raises OutOfResources: d=128 needs 139 KB, an sm_86
+    part has 99 KB), smaller key blocks run; the splits still cover every key."""
+    from pyflash.kernels import decode
+
+    limited = small_shared_memory(decode, "_decode_kernel", 16 * 16)
+    case = make_case(batch=2, capacity=257, seqlens=[257, 17], num_heads=6, num_heads_k=2)
+    run_and_check(monkeypatch, "triton", case, num_splits=3)
+    # The interpreter's block_n 32 over 3 stages does not fit; block_n 16 at one stage does.
+    assert limited.launched == [dict(BLOCK_M=16, BLOCK_N=16, num_stages=1)]

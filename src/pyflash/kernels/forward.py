@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile, load_tile,
-                                     next_power_of_2, tanh, tuned_generation, visible_block_ranges, visible_mask)
+from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
+                                     launch_fitting, load_tile, next_power_of_2, tanh, tuned_generation,
+                                     visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
@@ -263,18 +264,21 @@ def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool =
     return block_m, block_n, num_warps, num_stages, warp_specialize
 
 
-def _tma_descriptor(t, rows, block_rows, block_d, head_dim):
-    """A TMA descriptor over t viewed as (rows, heads * head_dim), or None if that view is illegal."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def _tma_view_ok(t, rows, block_d, head_dim) -> bool:
+    """Whether t viewed as (rows, heads * head_dim) can be read through a TMA descriptor."""
     heads = t.shape[-2]
     row_stride = t.stride(-3)
     dense_ok = t.dim() == 3 or t.shape[0] == 1 or t.stride(0) == t.shape[1] * row_stride
     if not dense_ok or (heads > 1 and t.stride(-2) != head_dim) or block_d != head_dim or rows == 0:
-        return None
-    if t.data_ptr() % 16 or (row_stride * t.element_size()) % 16:
-        return None
-    return TensorDescriptor(t, [rows, heads * head_dim], [row_stride, 1], [block_rows, block_d])
+        return False
+    return not (t.data_ptr() % 16 or (row_stride * t.element_size()) % 16)
+
+
+def _tma_descriptor(t, rows, block_rows, block_d):
+    """A TMA descriptor over t viewed as (rows, heads * head_dim) (_tma_view_ok), tiles (block_rows, block_d)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, [rows, t.shape[-2] * block_d], [t.stride(-3), 1], [block_rows, block_d])
 
 
 def _one_pass_allowed(dropout: bool, return_softmax: bool) -> bool:
@@ -320,14 +324,9 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
 
     if use_tma is None:
         use_tma = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
-    q_arg, k_arg, v_arg = q, k, v
-    if use_tma:
-        descriptors = (_tma_descriptor(q, q.shape[0] if varlen else batch * dense_seqlen_q, block_m, block_d, head_dim),
-                       _tma_descriptor(k, kv_rows, block_n, block_d, head_dim),
-                       _tma_descriptor(v, kv_rows, block_n, block_d, head_dim))
-        use_tma = None not in descriptors
-        if use_tma:
-            q_arg, k_arg, v_arg = descriptors
+    q_rows = q.shape[0] if varlen else batch * dense_seqlen_q
+    use_tma = use_tma and _tma_view_ok(q, q_rows, block_d, head_dim) and all(
+        _tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
 
     softcap = params.softcap
     scale = params.softmax_scale
@@ -340,28 +339,38 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     hopper = not INTERPRET and q.is_cuda and device_capability(q.device)[0] == 9
     warp_specialize = warp_specialize and one_pass_ok and use_tma and hopper
     one_pass = one_pass_ok and (warp_specialize or os.environ.get("PYFLASH_FORWARD_ONE_PASS") == "1")
-    # One pass masks every block when any block needs it: windows, causal, varlen ends, or dense keys
-    # that end inside a block (TMA reads the next sequence's rows there).
-    one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
-                       or dense_seqlen_k % block_n != 0)
-    grid = (cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)
-    _forward_kernel[grid](
-        q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
-        alibi if alibi is not None else dummy,
-        seqlens.cu_seqlens_q if varlen else dummy, seqlens.cu_seqlens_k if varlen else dummy,
-        seqlens.seqused_k if seqlens.seqused_k is not None else dummy,
-        *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
-        *(p.stride() if return_softmax else (0, 0, 0, 0)),
-        *(alibi.stride() if alibi is not None else (0, 0)),
-        num_heads, num_heads // num_heads_k, dense_seqlen_q, dense_seqlen_k,
-        qk_scale, softcap_scale, params.window_left, params.window_right,
-        params.dropout_p, params.philox_seed, params.philox_offset,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    switches = dict(
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
         IS_VARLEN=varlen, HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
         HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=has_dropout,
-        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma,
-        ONE_PASS=one_pass, ONE_PASS_MASKED=one_pass_masked, WARP_SPECIALIZE=warp_specialize,
-        UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+        RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma, ONE_PASS=one_pass, WARP_SPECIALIZE=warp_specialize,
+        UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+    def launch(blocks, num_warps, num_stages):
+        block_m, block_n = blocks
+        q_arg, k_arg, v_arg = q, k, v
+        if use_tma:
+            q_arg = _tma_descriptor(q, q_rows, block_m, block_d)
+            k_arg, v_arg = (_tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
+        # One pass masks every block when any block needs it: windows, causal, varlen ends, or dense
+        # keys that end inside a block (TMA reads the next sequence's rows there).
+        one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
+                           or dense_seqlen_k % block_n != 0)
+        _forward_kernel[(cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)](
+            q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
+            alibi if alibi is not None else dummy,
+            seqlens.cu_seqlens_q if varlen else dummy, seqlens.cu_seqlens_k if varlen else dummy,
+            seqlens.seqused_k if seqlens.seqused_k is not None else dummy,
+            *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides,
+            *(p.stride() if return_softmax else (0, 0, 0, 0)),
+            *(alibi.stride() if alibi is not None else (0, 0)),
+            num_heads, num_heads // num_heads_k, dense_seqlen_q, dense_seqlen_k,
+            qk_scale, softcap_scale, params.window_left, params.window_right,
+            params.dropout_p, params.philox_seed, params.philox_offset,
+            BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS_MASKED=one_pass_masked, **switches,
+            num_warps=num_warps, num_stages=num_stages)
+
+    # Tiles that outgrow a smaller part's shared memory fall back to smaller ones (common.launch_fitting).
+    launch_fitting(("forward", q.device, q.dtype, block_m, block_n, num_warps, num_stages, *switches.values()),
+                   (block_m, block_n), num_warps, num_stages, launch)
