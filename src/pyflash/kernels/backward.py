@@ -395,7 +395,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
              config=None) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
-    config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests)."""
+    config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
+    fallback to smaller tiles then)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -444,8 +445,16 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     alibi_strides = alibi.stride() if alibi is not None else (0, 0)
 
     dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
-    # Tiles that outgrow a smaller part's shared memory fall back to smaller ones (common.launch_fitting).
+    # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones
+    # (common.launch_fitting); a config given by the caller (tuning, tests) runs as given.
     fit_key = (q.device, atomic_dq, cfg, *switches.values())
+
+    def run(name, blocks, num_warps, num_stages, launch):
+        if config is not None:
+            launch(blocks, num_warps, num_stages)
+        else:
+            launch_fitting((name, *fit_key), blocks, num_warps, num_stages, launch)
+
     if max_seqlen_k > 0:
         def launch_dkdv(blocks, num_warps, num_stages):
             block_m, block_n = blocks
@@ -456,7 +465,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                 BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, **switches,
                 num_warps=num_warps, num_stages=num_stages)
 
-        launch_fitting(("dkdv", *fit_key), (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
+        run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         _dq_from_accumulator_kernel[grid](
@@ -471,6 +480,6 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                 BLOCK_M=block_m, BLOCK_N=block_n, **switches,
                 num_warps=num_warps, num_stages=num_stages)
 
-        launch_fitting(("dq", *fit_key), (dq_block_m, dq_block_n), dq_warps, dq_stages, launch_dq)
+        run("dq", (dq_block_m, dq_block_n), dq_warps, dq_stages, launch_dq)
     if delta is not softmax_d:
         softmax_d.copy_(delta)

@@ -290,7 +290,8 @@ def _one_pass_allowed(dropout: bool, return_softmax: bool) -> bool:
 def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=None) -> None:
     """Fill out, softmax_lse (and p when given) per the backend contract (DEVELOPERS.md).
 
-    config: (block_m, block_n, num_warps, num_stages[, warp_specialize]) instead of the table's;
+    config: (block_m, block_n, num_warps, num_stages[, warp_specialize]) instead of the table's (no
+    fallback to smaller tiles then: common.launch_fitting serves the table's configs);
     use_tma: force the TMA path on or off (default: on for Hopper whenever the tensors allow it).
     warp_specialize (Hopper, TMA only) runs the one-pass kernel with Triton's warp-specialization hint;
     PYFLASH_FORWARD_ONE_PASS=1 runs the one-pass kernel without the hint (the tests check that path)."""
@@ -371,6 +372,9 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
             BLOCK_M=block_m, BLOCK_N=block_n, ONE_PASS_MASKED=one_pass_masked, **switches,
             num_warps=num_warps, num_stages=num_stages)
 
-    # Tiles that outgrow a smaller part's shared memory fall back to smaller ones (common.launch_fitting).
+    if config is not None:  # tuning and tests: this config or an error, never a stand-in
+        launch((block_m, block_n), num_warps, num_stages)
+        return
+    # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones.
     launch_fitting(("forward", q.device, q.dtype, block_m, block_n, num_warps, num_stages, *switches.values()),
                    (block_m, block_n), num_warps, num_stages, launch)
