@@ -60,13 +60,13 @@ def make_case(head_dim, seqlen, causal, dtype=torch.bfloat16):
                 seqlens=Seqlens(batch, seqlen, seqlen))
 
 
-def ours(case, config=None, deterministic=False):
+def ours(case, config=None, deterministic=False, use_tma=None):
     q, k, v = case["q"], case["k"], case["v"]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     softmax_d = torch.empty_like(case["lse"])
     params = AttentionParams(case["scale"], -1, 0 if case["causal"] else -1)
     return lambda: backward(case["dout"], q, k, v, case["out"], case["lse"], dq, dk, dv, softmax_d, params,
-                            case["seqlens"], deterministic, config=config)
+                            case["seqlens"], deterministic, config=config, use_tma=use_tma)
 
 
 def sdpa(case, backend):
@@ -181,6 +181,7 @@ def main():
         timed(case, lambda: sdpa(case, SDPBackend.FLASH_ATTENTION), "sdpa FLASH", log)
         timed(case, lambda: sdpa(case, SDPBackend.CUDNN_ATTENTION), "sdpa CUDNN", log)
         timed(case, lambda: ours(case, deterministic=False), "pyflash", log)
+        timed(case, lambda: ours(case, deterministic=False, use_tma=False), "pyflash pointer loads", log)
         if backward_config(case["q"], head_dim, causal).atomic_dq:
             timed(case, lambda: ours(case, deterministic=True), "pyflash deterministic", log)
         if args.sweep:

@@ -59,8 +59,9 @@ def _switches(all_on, dropout):
     return switches
 
 
-def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, capability=(9, 0)):
-    """ws: the warp-specialized variant (TMA, one loop; never with dropout or return_softmax)."""
+def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, capability=(9, 0), lazy=False):
+    """ws: the warp-specialized variant (TMA, one loop; never with dropout or return_softmax);
+    lazy: LAZY_RESCALE."""
     block_d = forward._block_d(head_dim)
     switches = _switches(all_on, False if ws else dropout)
     with _on_gpu(capability):
@@ -71,7 +72,8 @@ def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, ca
         block_m, block_n, warps, stages = 128, 64, 4, 2
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       **switches, RETURN_SOFTMAX=all_on and not ws, USE_TMA=tma or ws, UPCAST=False,
-                      DOT_PRECISION=_precision(dtype), ONE_PASS=ws, ONE_PASS_MASKED=all_on, WARP_SPECIALIZE=ws)
+                      DOT_PRECISION=_precision(dtype), ONE_PASS=ws, ONE_PASS_MASKED=all_on, WARP_SPECIALIZE=ws,
+                      LAZY_RESCALE=lazy)
     tma = tma or ws
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:
@@ -83,7 +85,8 @@ def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, ca
     return "pyflash.kernels.forward", "_forward_kernel", constexprs, options
 
 
-def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None, capability=(9, 0)):
+def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None, capability=(9, 0), tma=False):
+    """tma: the loops read through descriptors (Q, dO in the dK/dV kernel; K, V in the dQ kernel)."""
     block_d = backward._block_d(head_dim)
     if kernel in ("_delta_kernel", "_dq_from_accumulator_kernel"):  # launched with Triton's default warps, stages
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=backward.ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=all_on)
@@ -98,6 +101,12 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=Non
         constexprs["ATOMIC_DQ"] = atomic_dq
         if not atomic_dq:  # backward() then hands dq itself to the (unused) accumulator argument
             options["arg_types"] = dict(dq_accum=f"*{dtype}")
+    if tma:
+        assert block_d == head_dim
+        constexprs["USE_TMA"] = True
+        rows = block_m if kernel == "_dkdv_kernel" else block_n
+        names = ("q", "dout") if kernel == "_dkdv_kernel" else ("k", "v")
+        options.setdefault("arg_types", {}).update({name: f"tensordesc<{dtype}[{rows}, {block_d}]>" for name in names})
     return "pyflash.kernels.backward", kernel, constexprs, options
 
 
@@ -137,10 +146,14 @@ def _cases():
         add(f"dkdv_atomic_dq-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True, True))
         add(f"dkdv-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True))
         add(f"dq-bf16-d{d}-on", _backward_case("_dq_kernel", "bf16", d, True))
+        if backward._block_d(d) == d:  # backward() takes TMA only then
+            add(f"dkdv_tma-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True, tma=True))
+            add(f"dq_tma-bf16-d{d}-on", _backward_case("_dq_kernel", "bf16", d, True, tma=True))
         add(f"forward-bf16-d{d}-on", _forward_case("bf16", d, True))
         if forward._block_d(d) == d:  # forward() takes TMA only then
             add(f"forward_tma-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True))
             add(f"forward_ws-bf16-d{d}-on", _forward_case("bf16", d, True, ws=True))
+            add(f"forward_tma_lazy-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True, lazy=True))
     # Dropout alone, with the non-causal configs (which the all-on cases never pick): the mask tile's
     # layout change goes through shared memory (dQ at d=128 (128, 128, 8, 2) once needed 262144 B).
     for d in FAST_HEAD_DIMS:
@@ -155,8 +168,11 @@ def _cases():
         add(f"dkdv_atomic_dq-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False, True))
         add(f"dkdv-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False))
         add(f"dq-bf16-d{d}-off", _backward_case("_dq_kernel", "bf16", d, False))
+        add(f"dkdv_tma-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False, tma=True))
+        add(f"dq_tma-bf16-d{d}-off", _backward_case("_dq_kernel", "bf16", d, False, tma=True))
         add(f"forward-bf16-d{d}-off", _forward_case("bf16", d, False))
         add(f"forward_tma-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True))
+        add(f"forward_tma_lazy-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True, lazy=True))
         add(f"forward_ws-bf16-d{d}-off", _forward_case("bf16", d, False, ws=True))
         add(f"decode-bf16-d{d}-off", _decode_case("bf16", d, False))
     add("dkdv-fp16-d128-off", _backward_case("_dkdv_kernel", "fp16", 128, False))

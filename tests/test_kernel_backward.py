@@ -35,17 +35,18 @@ def _check(ours, ref, lowp, name, atol=1e-5):
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
 
 
-def _run(dout, q, k, v, out, lse, params, seqlens, deterministic=True, config=None, grads=None):
+def _run(dout, q, k, v, out, lse, params, seqlens, deterministic=True, config=None, grads=None, use_tma=False):
     """The kernels with NaN-poisoned outputs (or the given, possibly strided, ones)."""
     dq, dk, dv = grads or (torch.full_like(t, math.nan) for t in (q, k, v))
     softmax_d = torch.full_like(lse, math.nan)
-    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic, config=config)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic, config=config,
+             use_tma=use_tma)
     return dq, dk, dv, softmax_d
 
 
 def check_dense(batch=2, seqlen_q=17, seqlen_k=100, num_heads=2, num_heads_k=1, head_dim=32,
                 dtype=torch.float32, window_left=-1, window_right=-1, softcap=0.0, alibi=False, dropout_p=0.0,
-                deterministic=True, config=None, grads=None):
+                deterministic=True, config=None, grads=None, use_tma=False):
     torch.manual_seed(seqlen_q * 1000 + seqlen_k)
     q = torch.randn(batch, seqlen_q, num_heads, head_dim, dtype=dtype)
     k, v = (torch.randn(batch, seqlen_k, num_heads_k, head_dim, dtype=dtype) for _ in range(2))
@@ -58,7 +59,7 @@ def check_dense(batch=2, seqlen_q=17, seqlen_k=100, num_heads=2, num_heads_k=1, 
     _, _, lowp = _grads(q, k, v, dout, dtype, **oracle)
     params = AttentionParams(scale, window_left, window_right, softcap, slopes, dropout_p, SEED, OFFSET)
     dq, dk, dv, softmax_d = _run(dout, q, k, v, out.to(dtype), lse.float(), params,
-                                 Seqlens(batch, seqlen_q, seqlen_k), deterministic, config, grads)
+                                 Seqlens(batch, seqlen_q, seqlen_k), deterministic, config, grads, use_tma)
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
         _check(ours, r, lp, name)
     delta = (dout.double() * out.to(dtype).double()).sum(-1).transpose(1, 2)
@@ -94,9 +95,21 @@ DENSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", [c[1] for c in DENSE_CASES], ids=[c[0] for c in DENSE_CASES])
-def test_dense(kwargs):
-    check_dense(**kwargs)
+def _dense_params():
+    """Every case over pointer loads; with a power-of-two head dim also over TMA descriptors (Q, dO
+    in the dK/dV loops, K, V in the dQ loops: the Hopper path, which the interpreter emulates)."""
+    params = []
+    for name, kwargs in DENSE_CASES:
+        params.append(pytest.param(kwargs, False, id=f"pointers-{name}"))
+        head_dim = kwargs.get("head_dim", 32)
+        if head_dim & (head_dim - 1) == 0:
+            params.append(pytest.param(kwargs, True, id=f"tma-{name}"))
+    return params
+
+
+@pytest.mark.parametrize("kwargs, use_tma", _dense_params())
+def test_dense(kwargs, use_tma):
+    check_dense(**kwargs, use_tma=use_tma)
 
 
 def test_strided_outputs():
@@ -125,8 +138,12 @@ def test_no_keys():
     dict(),
     dict(seqused=True, window_left=5, window_right=0, dropout_p=0.2, alibi=True, softcap=2.0),
 ], ids=["plain", "seqused_window_dropout_alibi_softcap"])
-def test_varlen(features):
-    dtype, num_heads, num_heads_k, head_dim = torch.float32, 4, 2, 24
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+def test_varlen(features, use_tma):
+    """TMA (head dim 32; the pointer path takes a padded 24) reads past a sequence's rows: NaN in the
+    keys past seqused_k and in rows after the last sequence must not reach any gradient."""
+    dtype, num_heads, num_heads_k = torch.float32, 4, 2
+    head_dim = 32 if use_tma else 24
     features = dict(features)
     lens_q, lens_k = [17, 0, 1, 40], [30, 5, 17, 33]
     used_k = [25, 0, 17, 1] if features.pop("seqused", False) else None
@@ -148,7 +165,16 @@ def test_varlen(features):
     params = AttentionParams(scale, oracle["window_left"], oracle["window_right"], oracle["softcap"], slopes,
                              oracle["p_dropout"], SEED, OFFSET)
     seqlens = Seqlens(len(lens_q), max(lens_q), max(lens_k), cu_q, cu_k, seqused)
-    dq, dk, dv, softmax_d = _run(dout, q, k, v, out.to(dtype), lse.float(), params, seqlens)
+    total_q = sum(lens_q)
+    nan_rows = torch.full((3, num_heads, head_dim), math.nan, dtype=dtype)
+    q_in, dout_in, out_in = (torch.cat([t, nan_rows]) for t in (q, dout, out.to(dtype)))
+    k_in, v_in = k.clone(), v.clone()
+    for start, used, stored in zip(cu_k.tolist(), used_k or lens_k, lens_k):
+        k_in[start + used:start + stored] = math.nan
+        v_in[start + used:start + stored] = math.nan
+    dq, dk, dv, softmax_d = _run(dout_in, q_in, k_in, v_in, out_in, lse.float(), params, seqlens,
+                                 use_tma=use_tma)
+    dq = dq[:total_q]
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
         _check(ours, r, lp, name)
     torch.testing.assert_close(softmax_d, (dout * out.to(dtype)).sum(-1).T, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ them can be compiled. The CPU tests run under the interpreter, so they compile t
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -75,8 +76,8 @@ def compile_for_sm90(kernel, constexprs: Dict[str, object], num_warps: Optional[
                      capability: int = 90):
     """``kernel`` (a JITFunction) compiled for sm_``capability`` (Hopper by default); no GPU needed.
 
-    constexprs: the value of every constexpr parameter (and of any other parameter to specialise
-    as a constant, e.g. ``stride_lse_m=1``). dtype: the element type of q/k/v-like pointers
+    constexprs: the value of every constexpr parameter without a default (and of any other
+    parameter to specialise as a constant, e.g. ``stride_lse_m=1``). dtype: the element type of q/k/v-like pointers
     ("bf16", "fp16", "fp32"). arg_types: explicit types by name, e.g. a TMA descriptor
     ``"tensordesc<bf16[128, 128]>"``. divisible: names of the arguments specialised as multiples of
     16 (default: pointers, strides, dense_seqlen_*, num_heads). num_warps / num_stages: None is
@@ -89,6 +90,9 @@ def compile_for_sm90(kernel, constexprs: Dict[str, object], num_warps: Optional[
     if triton.knobs.runtime.interpret or not hasattr(kernel, "params"):
         raise RuntimeError("Triton runs the interpreter here (TRITON_INTERPRET=1), whose kernels cannot be "
                            "compiled: use aot.Sm90Compiler, which compiles in a child process")
+    # Constexpr parameters left out take their defaults, as at a launch.
+    constexprs = {**{p.name: p.default for p in kernel.params
+                     if p.is_constexpr and p.default is not inspect.Parameter.empty}, **constexprs}
     signature = kernel_signature(kernel, constexprs, dtype, arg_types)
     divisible = None if divisible is None else set(divisible)
     attrs = {}

@@ -26,8 +26,8 @@ import triton.language as tl
 
 from pyflash.kernels import configs
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
-                                     launch_fitting, load_tile, next_power_of_2, tanh, tuned_generation,
-                                     visible_block_ranges, visible_mask)
+                                     launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
+                                     tuned_generation, visible_block_ranges, visible_mask)
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -63,6 +63,23 @@ def _load_rows(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr,
                CHECK_ROWS: tl.constexpr, MMA_DTYPE: tl.constexpr):
     """A (rows, BLOCK_D) tile from ``ptr`` (offset to the sequence and head), 0 where out of bounds."""
     return load_tile(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS).to(MMA_DTYPE)
+
+
+@triton.jit
+def _load_block(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, MMA_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
+                ZERO_TAIL: tl.constexpr):
+    """The (rows, BLOCK_D) tile that the loops step over: through a TMA descriptor over the
+    (rows, heads * d) view, read at [tma_row, tma_col], or by pointer as _load_rows. Past the sequence
+    TMA reads the next sequence's rows (finite: their P is 0) or zeros past the tensor; ZERO_TAIL
+    (varlen, masked blocks) zeroes them, as padding or unused cache slots there may hold NaN."""
+    if USE_TMA:
+        tile = src.load([tma_row, tma_col])
+        if ZERO_TAIL:
+            tile = tl.where((rows < row_limit)[:, None], tile, 0.0)
+        return tile.to(MMA_DTYPE)
+    else:
+        return _load_rows(src, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS, MMA_DTYPE)
 
 
 @triton.jit
@@ -127,20 +144,25 @@ def _score_grads(qk, dp, rows, cols, lse_log2, delta, seqlen_q, seqlen_k, qk_sca
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom, stride_dqm,
-               stride_lse_m, row_lo, row_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-               alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+def _dkdv_loop(dk, dv, k, v, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
+               stride_dqm, stride_lse_m, row_lo, row_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale,
+               softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed,
+               philox_offset, bh,
                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-               MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+               IS_VARLEN: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [row_lo, row_hi). Tiles are
-    (keys, queries): the accumulators take them without a transpose."""
+    (keys, queries): the accumulators take them without a transpose. Q and dO come from q_src and
+    do_src (TMA descriptors read at row tma_row + start_m, column tma_col, or pointers)."""
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr, rows, stride_qm, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
-        do = _load_rows(do_ptr, rows, stride_dom, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
+        q = _load_block(q_src, tma_row + start_m, tma_col, rows, stride_qm, seqlen_q, offs_d, HEAD_DIM, BLOCK_D,
+                        MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
+        do = _load_block(do_src, tma_row + start_m, tma_col, rows, stride_dom, seqlen_q, offs_d, HEAD_DIM,
+                         BLOCK_D, MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
         lse_log2, delta = _row_stats(lse_ptr, delta_ptr, rows, stride_lse_m, seqlen_q, MASKED)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -171,7 +193,7 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     # Key blocks vary fastest: programs running together share one head's Q and dO in L2.
     start_n = tl.program_id(0) * BLOCK_N
@@ -195,9 +217,16 @@ def _dkdv_kernel(
     if start_n + BLOCK_N > seqlen_k:
         # Keys past seqlen_k load as 0 but their P need not vanish: mask every query block.
         full_hi = full_lo
+    # Q, dO rows of this sequence in the (rows, heads * d) view that TMA reads.
+    tma_row = (batch * dense_seqlen_q + q_start).to(tl.int32)
     for head in range(head_k * group_size, (head_k + 1) * group_size):
-        q_ptr = q + batch * stride_qb + q_start * stride_qm + head * stride_qh
-        do_ptr = dout + batch * stride_dob + q_start * stride_dom + head * stride_doh
+        if USE_TMA:
+            q_src = q
+            do_src = dout
+        else:
+            q_src = q + batch * stride_qb + q_start * stride_qm + head * stride_qh
+            do_src = dout + batch * stride_dob + q_start * stride_dom + head * stride_doh
+        tma_col = head * HEAD_DIM
         dq_ptr = dq_accum + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh
         stats_offset = batch * stride_lse_b + head * stride_lse_h + q_start * stride_lse_m
         lse_ptr = softmax_lse + stats_offset
@@ -207,23 +236,26 @@ def _dkdv_kernel(
             alibi_slope = tl.load(alibi_slopes + batch * stride_alibi_b + head * stride_alibi_h) * 1.4426950408889634
         bh = batch * num_heads + head
         dk_acc, dv_acc = _dkdv_loop(
-            dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
-            stride_dqm, stride_lse_m, row_lo, full_lo, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-            alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+            dk_acc, dv_acc, k_tile, v_tile, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr, dq_ptr,
+            stride_qm, stride_dom, stride_dqm, stride_lse_m, row_lo, full_lo, start_n, cols, offs_d, seqlen_q,
+            seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale,
+            philox_seed, philox_offset, bh,
             True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
         dk_acc, dv_acc = _dkdv_loop(
-            dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
-            stride_dqm, stride_lse_m, full_lo, full_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-            alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+            dk_acc, dv_acc, k_tile, v_tile, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr, dq_ptr,
+            stride_qm, stride_dom, stride_dqm, stride_lse_m, full_lo, full_hi, start_n, cols, offs_d, seqlen_q,
+            seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale,
+            philox_seed, philox_offset, bh,
             False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
         dk_acc, dv_acc = _dkdv_loop(
-            dk_acc, dv_acc, k_tile, v_tile, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, stride_qm, stride_dom,
-            stride_dqm, stride_lse_m, full_hi, row_hi, start_n, cols, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale,
-            alibi_slope, window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
+            dk_acc, dv_acc, k_tile, v_tile, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr, dq_ptr,
+            stride_qm, stride_dom, stride_dqm, stride_lse_m, full_hi, row_hi, start_n, cols, offs_d, seqlen_q,
+            seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale,
+            philox_seed, philox_offset, bh,
             True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION)
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
     _store_rows(dk + batch * stride_dkb + k_start * stride_dkn + head_k * stride_dkh, dk_acc * softmax_scale,
                 cols, stride_dkn, stored_k, offs_d, HEAD_DIM)
     _store_rows(dv + batch * stride_dvb + k_start * stride_dvn + head_k * stride_dvh, dv_acc,
@@ -231,18 +263,21 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, col_lo, col_hi, rows, offs_d,
-             seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right,
+def _dq_loop(dq, q, do, lse_log2, delta, k_src, v_src, tma_row, tma_col, stride_kn, stride_vn, col_lo, col_hi,
+             rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right,
              dropout_p, dropout_scale, philox_seed, philox_offset, bh,
              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MMA_DTYPE: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over the key blocks [col_lo, col_hi)."""
+             DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [col_lo, col_hi). K and V come from
+    k_src and v_src (TMA descriptors read at row tma_row + start_n, column tma_col, or pointers)."""
     for start_n in range(col_lo, col_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr, cols, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
-        v = _load_rows(v_ptr, cols, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED, MMA_DTYPE)
+        k = _load_block(k_src, tma_row + start_n, tma_col, cols, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D,
+                        MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
+        v = _load_block(v_src, tma_row + start_n, tma_col, cols, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D,
+                        MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         _, ds = _score_grads(qk, dp, rows[:, None], cols[None, :], lse_log2[:, None], delta[:, None],
@@ -264,7 +299,7 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     # Query blocks vary fastest: programs running together share one head's K and V in L2. (Taking the
     # last, heaviest-under-causal, blocks first measured 3-6% slower at d=128 on H100: RESULTS.md.)
@@ -289,27 +324,37 @@ def _dq_kernel(
     if HAS_ALIBI:
         alibi_slope = tl.load(alibi_slopes + batch * stride_alibi_b + head * stride_alibi_h) * 1.4426950408889634
     bh = batch * num_heads + head
-    k_ptr = k + batch * stride_kb + k_start * stride_kn + head_k * stride_kh
-    v_ptr = v + batch * stride_vb + k_start * stride_vn + head_k * stride_vh
+    if USE_TMA:
+        k_src = k
+        v_src = v
+    else:
+        k_src = k + batch * stride_kb + k_start * stride_kn + head_k * stride_kh
+        v_src = v + batch * stride_vb + k_start * stride_vn + head_k * stride_vh
+    # K, V rows of this sequence and the kv head's columns in the (rows, heads_k * d) view that TMA reads.
+    tma_row = (batch * dense_seqlen_k + k_start).to(tl.int32)
+    tma_col = head_k * HEAD_DIM
     col_lo, full_lo, full_hi, col_hi = visible_block_ranges(
         start_m, seqlen_q, seqlen_k, seqlen_k - seqlen_q, window_left, window_right,
         BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, col_lo, full_lo,
+    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_src, v_src, tma_row, tma_col,
+                      stride_kn, stride_vn, col_lo, full_lo,
                       rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
                       window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
                       True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION)
-    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, full_lo, full_hi,
+                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
+    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_src, v_src, tma_row, tma_col,
+                      stride_kn, stride_vn, full_lo, full_hi,
                       rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
                       window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
                       False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION)
-    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_ptr, v_ptr, stride_kn, stride_vn, full_hi, col_hi,
+                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
+    dq_acc = _dq_loop(dq_acc, q_tile, do_tile, lse_log2, delta, k_src, v_src, tma_row, tma_col,
+                      stride_kn, stride_vn, full_hi, col_hi,
                       rows, offs_d, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left,
                       window_right, dropout_p, dropout_scale, philox_seed, philox_offset, bh,
                       True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION)
+                      HAS_DROPOUT, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
     _store_rows(dq + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh, dq_acc * softmax_scale,
                 rows, stride_dqm, seqlen_q, offs_d, HEAD_DIM)
 
@@ -392,11 +437,12 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
-             config=None) -> None:
+             config=None, use_tma=None) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
-    fallback to smaller tiles then)."""
+    fallback to smaller tiles then); use_tma: force the loops' TMA loads (Q, dO in the dK/dV kernel;
+    K, V in the dQ kernel) on or off (default: on for Hopper whenever the tensors allow it)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -444,10 +490,17 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                      *_row_strides(dout, varlen))
     alibi_strides = alibi.stride() if alibi is not None else (0, 0)
 
+    if use_tma is None:
+        use_tma = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+    q_rows = q.shape[0] if varlen else batch * dense_seqlen_q
+    kv_rows = k.shape[0] if varlen else batch * dense_seqlen_k
+    tma_q = use_tma and all(tma_view_ok(t, q_rows, block_d, head_dim) for t in (q, dout))
+    tma_kv = use_tma and all(tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
+
     dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
     # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones
     # (common.launch_fitting); a config given by the caller (tuning, tests) runs as given.
-    fit_key = (q.device, atomic_dq, cfg, *switches.values())
+    fit_key = (q.device, atomic_dq, cfg, tma_q, tma_kv, *switches.values())
 
     def run(name, blocks, num_warps, num_stages, launch):
         if config is not None:
@@ -458,11 +511,14 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if max_seqlen_k > 0:
         def launch_dkdv(blocks, num_warps, num_stages):
             block_m, block_n = blocks
+            q_arg, dout_arg = q, dout
+            if tma_q:
+                q_arg, dout_arg = (tma_descriptor(t, q_rows, block_m, block_d) for t in (q, dout))
             _dkdv_kernel[(cdiv(max_seqlen_k, block_n), num_heads_k, batch)](
-                q, k, v, dout, softmax_lse, delta, dq_target, dk, dv, *tensors,
+                q_arg, k, v, dout_arg, softmax_lse, delta, dq_target, dk, dv, *tensors,
                 *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen),
                 *_row_strides(dv, varlen), *stat_strides, *alibi_strides, *common_args,
-                BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, **switches,
+                BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, USE_TMA=tma_q, **switches,
                 num_warps=num_warps, num_stages=num_stages)
 
         run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
@@ -474,10 +530,13 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     elif max_seqlen_q > 0:
         def launch_dq(blocks, num_warps, num_stages):
             block_m, block_n = blocks
+            k_arg, v_arg = k, v
+            if tma_kv:
+                k_arg, v_arg = (tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
             _dq_kernel[(cdiv(max_seqlen_q, block_m), num_heads, batch)](
-                q, k, v, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
+                q, k_arg, v_arg, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
                 *stat_strides, *alibi_strides, *common_args,
-                BLOCK_M=block_m, BLOCK_N=block_n, **switches,
+                BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_kv, **switches,
                 num_warps=num_warps, num_stages=num_stages)
 
         run("dq", (dq_block_m, dq_block_n), dq_warps, dq_stages, launch_dq)

@@ -54,6 +54,23 @@ def smaller_configs(blocks, num_warps: int, num_stages: int):
     return configs
 
 
+def tma_view_ok(t, rows, block_d, head_dim) -> bool:
+    """Whether t viewed as (rows, heads * head_dim) can be read through a TMA descriptor."""
+    heads = t.shape[-2]
+    row_stride = t.stride(-3)
+    dense_ok = t.dim() == 3 or t.shape[0] == 1 or t.stride(0) == t.shape[1] * row_stride
+    if not dense_ok or (heads > 1 and t.stride(-2) != head_dim) or block_d != head_dim or rows == 0:
+        return False
+    return not (t.data_ptr() % 16 or (row_stride * t.element_size()) % 16)
+
+
+def tma_descriptor(t, rows, block_rows, block_d):
+    """A TMA descriptor over t viewed as (rows, heads * head_dim) (tma_view_ok), tiles (block_rows, block_d)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, [rows, t.shape[-2] * block_d], [t.stride(-3), 1], [block_rows, block_d])
+
+
 _FITTING = {}
 
 

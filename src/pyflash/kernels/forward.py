@@ -21,11 +21,14 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
-                                     launch_fitting, load_tile, next_power_of_2, tanh, tuned_generation,
-                                     visible_block_ranges, visible_mask)
+                                     launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
+                                     tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
+# Rescale the accumulator only when a row's max grows by more than 2**8 (FlashAttention-4's trick)
+# in the blocks every row sees whole; PYFLASH_FORWARD_LAZY_RESCALE=0/1 overrides (tests, tuning).
+LAZY_RESCALE = False
 
 
 @triton.jit
@@ -73,7 +76,8 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+            LAZY_RESCALE: tl.constexpr):
     """Online softmax over the key blocks [key_lo, key_hi): running max m_i, running sum l_i (both of
     the undropped probabilities) and the unnormalised output acc."""
     for start_n in tl.range(key_lo, key_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
@@ -83,16 +87,31 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
         s = _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
                     window_left, window_right, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                     DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # A row that has seen no visible key keeps m = -inf; subtracting 0 makes its p and alpha 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_block = tl.max(s, 1)
+        if LAZY_RESCALE and not MASKED:
+            # Keep the reference max m_i (so skip rescaling acc) until some row's max rises past it by
+            # more than 8 (p <= 2**8 then, exact enough in fp32 and bf16): one decision for the tile.
+            # Every row sees a key here, so m_block is finite; m_i = -inf at first forces the update.
+            if tl.max(m_block - m_i) > 8.0:
+                m_new = tl.maximum(m_i, m_block)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_i += tl.sum(p, 1)
+            m_new = m_i
         else:
-            m_sub = m_new
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+            m_new = tl.maximum(m_i, m_block)
+            if MASKED:
+                # A row that has seen no visible key keeps m = -inf; subtracting 0 makes its p and alpha 0, not NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.exp2(s - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             keep = dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, rows[:, None], start_n, BLOCK_N)
             p = tl.where(keep, p, 0.0)
@@ -121,6 +140,7 @@ def _forward_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     RETURN_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_PASS: tl.constexpr = False, ONE_PASS_MASKED: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False,
+    LAZY_RESCALE: tl.constexpr = False,
 ):
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
@@ -190,7 +210,7 @@ def _forward_kernel(
                                 dropout_p, philox_seed, philox_offset, bh,
                                 ONE_PASS_MASKED, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                                 HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION,
-                                WARP_SPECIALIZE)
+                                WARP_SPECIALIZE, LAZY_RESCALE)
     else:
         if HAS_LEFT:
             acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
@@ -198,19 +218,22 @@ def _forward_kernel(
                                     qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                     dropout_p, philox_seed, philox_offset, bh,
                                     True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                    HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
+                                    HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False,
+                                    LAZY_RESCALE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False,
+                                LAZY_RESCALE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False,
+                                LAZY_RESCALE)
 
     # Rows that saw no key: l = 0, output 0 and lse = +inf.
     has_key = l_i > 0.0
@@ -264,23 +287,6 @@ def forward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool =
     return block_m, block_n, num_warps, num_stages, warp_specialize
 
 
-def _tma_view_ok(t, rows, block_d, head_dim) -> bool:
-    """Whether t viewed as (rows, heads * head_dim) can be read through a TMA descriptor."""
-    heads = t.shape[-2]
-    row_stride = t.stride(-3)
-    dense_ok = t.dim() == 3 or t.shape[0] == 1 or t.stride(0) == t.shape[1] * row_stride
-    if not dense_ok or (heads > 1 and t.stride(-2) != head_dim) or block_d != head_dim or rows == 0:
-        return False
-    return not (t.data_ptr() % 16 or (row_stride * t.element_size()) % 16)
-
-
-def _tma_descriptor(t, rows, block_rows, block_d):
-    """A TMA descriptor over t viewed as (rows, heads * head_dim) (_tma_view_ok), tiles (block_rows, block_d)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor(t, [rows, t.shape[-2] * block_d], [t.stride(-3), 1], [block_rows, block_d])
-
-
 def _one_pass_allowed(dropout: bool, return_softmax: bool) -> bool:
     """RETURN_SOFTMAX's second pass is a second loop; dropout's Philox code is rejected by Triton's
     warp-specialization pass, so both keep the three-loop kernel."""
@@ -326,8 +332,8 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     if use_tma is None:
         use_tma = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
     q_rows = q.shape[0] if varlen else batch * dense_seqlen_q
-    use_tma = use_tma and _tma_view_ok(q, q_rows, block_d, head_dim) and all(
-        _tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
+    use_tma = use_tma and tma_view_ok(q, q_rows, block_d, head_dim) and all(
+        tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
 
     softcap = params.softcap
     scale = params.softmax_scale
@@ -340,20 +346,22 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     hopper = not INTERPRET and q.is_cuda and device_capability(q.device)[0] == 9
     warp_specialize = warp_specialize and one_pass_ok and use_tma and hopper
     one_pass = one_pass_ok and (warp_specialize or os.environ.get("PYFLASH_FORWARD_ONE_PASS") == "1")
+    lazy_rescale = os.environ.get("PYFLASH_FORWARD_LAZY_RESCALE", "1" if LAZY_RESCALE else "0") == "1"
     switches = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         IS_VARLEN=varlen, HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
         HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=has_dropout,
         RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma, ONE_PASS=one_pass, WARP_SPECIALIZE=warp_specialize,
+        LAZY_RESCALE=lazy_rescale,
         UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
     def launch(blocks, num_warps, num_stages):
         block_m, block_n = blocks
         q_arg, k_arg, v_arg = q, k, v
         if use_tma:
-            q_arg = _tma_descriptor(q, q_rows, block_m, block_d)
-            k_arg, v_arg = (_tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
+            q_arg = tma_descriptor(q, q_rows, block_m, block_d)
+            k_arg, v_arg = (tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
         # One pass masks every block when any block needs it: windows, causal, varlen ends, or dense
         # keys that end inside a block (TMA reads the next sequence's rows there).
         one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
