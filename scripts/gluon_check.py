@@ -29,6 +29,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 DTYPE_NAMES = ("bf16", "fp16")
+COUNTS = {"PASS": 0, "FAIL": 0}
 
 
 def log_json(record):
@@ -204,6 +205,9 @@ def run_job(job, timeout, label):
     for line in output.splitlines():
         if not line.startswith("[child]"):
             print(f"  {line}")
+        for tag in ("PASS", "FAIL"):
+            if line.startswith(tag + " "):
+                COUNTS[tag] += 1
     print(f"== {label}: {status} [{time.time() - start:.0f}s]", flush=True)
     if status != "ok":
         log_json(dict(name=label, ok=False, status=status))
@@ -270,8 +274,9 @@ def main():
             continue
         statuses[label] = run_job(job, min(args.timeout, int(left)), label)
     bad = {label: status for label, status in statuses.items() if status != "ok"}
-    print(f"== done in {time.time() - start:.0f}s: {len(statuses) - len(bad)}/{len(statuses)} jobs ran to the end"
-          + (f"; not ok: {bad}" if bad else ""), flush=True)
+    print(f"== done in {time.time() - start:.0f}s: cases PASS {COUNTS['PASS']} FAIL {COUNTS['FAIL']}; "
+          f"{len(statuses) - len(bad)}/{len(statuses)} jobs ran to the end" + (f"; not ok: {bad}" if bad else ""),
+          flush=True)
     return 0
 
 

@@ -92,7 +92,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPES))
-    parser.add_argument("--sweep", action="store_true", help="also BLOCK_N {64, 128} / stages {2, 3} / pingpong off (TMA boxes: powers of 2)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also BLOCK_N {64, 128} / stages {2, 3} / pingpong off (TMA boxes: powers of 2)")
     parser.add_argument("--dump", help="directory to write the ttgir and ptx of each config")
     args = parser.parse_args()
 

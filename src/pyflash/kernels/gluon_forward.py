@@ -303,7 +303,8 @@ def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, block_n=None, nu
     if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype of bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.shape == k.shape == v.shape) or q.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, seqlen, heads, head_dim) of one shape: {q.shape} {k.shape} {v.shape}")
+        raise ValueError(f"q, k, v must be (batch, seqlen, heads, head_dim) of one shape: "
+                         f"{tuple(q.shape)} {tuple(k.shape)} {tuple(v.shape)}")
     batch, seqlen, num_heads, head_dim = q.shape
     if head_dim not in (64, 128, 256):
         raise ValueError(f"head_dim must be 64, 128 or 256, got {head_dim}")
@@ -329,6 +330,8 @@ def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, block_n=None, nu
     k_desc = descriptor(views[1], block_n, head_dim)
     v_desc = descriptor(views[2], block_n, head_dim)
     o_desc = descriptor(views[3], WG_M, head_dim)
+    if batch * num_heads > 65535:
+        raise ValueError("batch * heads must be at most 65535 (the grid's y dimension)")
     grid = (triton.cdiv(seqlen, BLOCK_M), batch * num_heads)
     _forward_kernel[grid](q_desc, k_desc, v_desc, o_desc, lse, seqlen, num_heads, softmax_scale * LOG2E,
                           softmax_scale, BLOCK_N=block_n, HEAD_DIM=head_dim, NUM_STAGES=num_stages,
