@@ -181,6 +181,7 @@ def main():
         timed(case, lambda: sdpa(case, SDPBackend.FLASH_ATTENTION), "sdpa FLASH", log)
         timed(case, lambda: sdpa(case, SDPBackend.CUDNN_ATTENTION), "sdpa CUDNN", log)
         timed(case, lambda: ours(case, deterministic=False), "pyflash", log)
+        timed(case, lambda: ours(case, deterministic=False, use_tma=True), "pyflash TMA loads", log)
         timed(case, lambda: ours(case, deterministic=False, use_tma=False), "pyflash pointer loads", log)
         if backward_config(case["q"], head_dim, causal).atomic_dq:
             timed(case, lambda: ours(case, deterministic=True), "pyflash deterministic", log)

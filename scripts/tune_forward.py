@@ -106,24 +106,10 @@ def sweep(head_dims, seqlen, lines, ws=False):
     lines.append("")
 
 
-def lazy_ms(call) -> float:
-    """call timed with the forward's lazy rescaling switched on (PYFLASH_FORWARD_LAZY_RESCALE=1)."""
-    previous = os.environ.get("PYFLASH_FORWARD_LAZY_RESCALE")
-    os.environ["PYFLASH_FORWARD_LAZY_RESCALE"] = "1"
-    try:
-        return median_ms(call)
-    finally:
-        if previous is None:
-            del os.environ["PYFLASH_FORWARD_LAZY_RESCALE"]
-        else:
-            os.environ["PYFLASH_FORWARD_LAZY_RESCALE"] = previous
-
-
-def table(head_dims, seqlens, lines, lazy=False):
+def table(head_dims, seqlens, lines):
     lines += ["### pyflash (configs.py) vs SDPA backends: forward TFLOP/s (bf16)", "",
-              "| d | causal | s | config | pyflash | FA2 (SDPA FLASH) | cuDNN | vs FA2 | vs cuDNN |"
-              + (" pyflash lazy rescale |" if lazy else ""),
-              "|---|---|---|---|---|---|---|---|---|" + ("---|" if lazy else "")]
+              "| d | causal | s | config | pyflash | FA2 (SDPA FLASH) | cuDNN | vs FA2 | vs cuDNN |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for head_dim in head_dims:
         for causal in (False, True):
             for seqlen in seqlens:
@@ -137,9 +123,6 @@ def table(head_dims, seqlens, lines, lazy=False):
                 config = forward_config(q, head_dim, causal)
                 lines.append(f"| {head_dim} | {causal} | {seqlen} | {config} | {ours:.0f} | {fa2:.0f} | {cudnn:.0f} "
                              f"| {ours / fa2:.2f} | {ours / cudnn:.2f} |")
-                if lazy:
-                    call = pyflash_call(q, k, v, params, Seqlens(batch, seqlen, seqlen))
-                    lines[-1] += f" {tflops(flops, lazy_ms(call)):.0f} |"
                 print(lines[-1], flush=True)
                 del q, k, v
     lines.append("")
@@ -196,7 +179,6 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--no-extras", action="store_true")
-    parser.add_argument("--lazy", action="store_true", help="a column with lazy rescaling switched on")
     args = parser.parse_args()
     started = time.time()
     name = torch.cuda.get_device_name()
@@ -209,7 +191,7 @@ def main():
     if args.sweep:
         sweep(args.sweep, args.sweep_seqlen, lines, args.ws)
     if not args.no_table:
-        table(args.head_dims, args.seqlens, lines, args.lazy)
+        table(args.head_dims, args.seqlens, lines)
         if not args.no_extras:
             extras(lines)
     lines.append(f"({time.time() - started:.0f} s)")

@@ -59,9 +59,8 @@ def _switches(all_on, dropout):
     return switches
 
 
-def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, capability=(9, 0), lazy=False):
-    """ws: the warp-specialized variant (TMA, one loop; never with dropout or return_softmax);
-    lazy: LAZY_RESCALE."""
+def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, capability=(9, 0)):
+    """ws: the warp-specialized variant (TMA, one loop; never with dropout or return_softmax)."""
     block_d = forward._block_d(head_dim)
     switches = _switches(all_on, False if ws else dropout)
     with _on_gpu(capability):
@@ -72,8 +71,7 @@ def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, ca
         block_m, block_n, warps, stages = 128, 64, 4, 2
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       **switches, RETURN_SOFTMAX=all_on and not ws, USE_TMA=tma or ws, UPCAST=False,
-                      DOT_PRECISION=_precision(dtype), ONE_PASS=ws, ONE_PASS_MASKED=all_on, WARP_SPECIALIZE=ws,
-                      LAZY_RESCALE=lazy)
+                      DOT_PRECISION=_precision(dtype), ONE_PASS=ws, ONE_PASS_MASKED=all_on, WARP_SPECIALIZE=ws)
     tma = tma or ws
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:
@@ -153,7 +151,6 @@ def _cases():
         if forward._block_d(d) == d:  # forward() takes TMA only then
             add(f"forward_tma-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True))
             add(f"forward_ws-bf16-d{d}-on", _forward_case("bf16", d, True, ws=True))
-            add(f"forward_tma_lazy-bf16-d{d}-on", _forward_case("bf16", d, True, tma=True, lazy=True))
     # Dropout alone, with the non-causal configs (which the all-on cases never pick): the mask tile's
     # layout change goes through shared memory (dQ at d=128 (128, 128, 8, 2) once needed 262144 B).
     for d in FAST_HEAD_DIMS:
@@ -172,7 +169,6 @@ def _cases():
         add(f"dq_tma-bf16-d{d}-off", _backward_case("_dq_kernel", "bf16", d, False, tma=True))
         add(f"forward-bf16-d{d}-off", _forward_case("bf16", d, False))
         add(f"forward_tma-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True))
-        add(f"forward_tma_lazy-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True, lazy=True))
         add(f"forward_ws-bf16-d{d}-off", _forward_case("bf16", d, False, ws=True))
         add(f"decode-bf16-d{d}-off", _decode_case("bf16", d, False))
     add("dkdv-fp16-d128-off", _backward_case("_dkdv_kernel", "fp16", 128, False))

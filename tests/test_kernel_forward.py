@@ -99,11 +99,8 @@ def _path_params(cases):
 
 @pytest.fixture
 def path_env(monkeypatch, request):
-    path = request.node.callspec.params["path"]
-    one_pass = "one_pass" in path
+    one_pass = "one_pass" in request.node.callspec.params["path"]
     monkeypatch.setenv("PYFLASH_FORWARD_ONE_PASS", "1" if one_pass else "0")
-    # Lazy rescaling on two of the four paths, so each loop shape and each load path runs both ways.
-    monkeypatch.setenv("PYFLASH_FORWARD_LAZY_RESCALE", "1" if path in ("one_pass", "tma") else "0")
 
 
 @pytest.mark.parametrize("case, path", _path_params(DENSE))

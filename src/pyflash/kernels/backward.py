@@ -415,6 +415,7 @@ class BackwardConfig(NamedTuple):
     dkdv: Tuple[int, int, int, int]  # (block_m, block_n, num_warps, num_stages) of the dK/dV kernel
     dq: Tuple[int, int, int, int]  # the same for the dQ kernel
     atomic_dq: bool  # when not deterministic: dQ by fp32 atomics inside the dK/dV kernel
+    tma: bool = True  # Hopper: the loops' tiles through TMA descriptors
 
 
 def backward_config(q: torch.Tensor, head_dim: int, causal: bool) -> BackwardConfig:
@@ -442,7 +443,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
     fallback to smaller tiles then); use_tma: force the loops' TMA loads (Q, dO in the dK/dV kernel;
-    K, V in the dQ kernel) on or off (default: on for Hopper whenever the tensors allow it)."""
+    K, V in the dQ kernel) on or off (default: the config's tma on Hopper, when the tensors allow it)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -491,7 +492,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     alibi_strides = alibi.stride() if alibi is not None else (0, 0)
 
     if use_tma is None:
-        use_tma = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+        use_tma = cfg.tma and q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
     q_rows = q.shape[0] if varlen else batch * dense_seqlen_q
     kv_rows = k.shape[0] if varlen else batch * dense_seqlen_k
     tma_q = use_tma and all(tma_view_ok(t, q_rows, block_d, head_dim) for t in (q, dout))

@@ -46,9 +46,10 @@ FORWARD_DROPOUT_MIN_WARPS = 8
 
 
 # BACKWARD maps (capability major, dtype bytes, block_d, causal), keyed as FORWARD, to
-# ((block_m, block_n, num_warps, num_stages) of the dK/dV kernel, the same of the dQ kernel, atomic_dq).
+# ((block_m, block_n, num_warps, num_stages) of the dK/dV kernel, the same of the dQ kernel, atomic_dq[, tma]).
 # dK/dV programs own block_n keys and step over block_m query rows; dQ programs the reverse.
 # atomic_dq: when not deterministic, dQ comes from fp32 atomics inside the dK/dV kernel instead.
+# tma (default True; Hopper only): the loops read Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA.
 BACKWARD = {
     # Interpreter: several blocks per sequence, block_m != block_n, the deterministic dQ kernel.
     **{(0, nbytes, block_d, causal): ((16, 32, 4, 1), (32, 16, 4, 1), False)
@@ -61,8 +62,10 @@ BACKWARD = {
     # Atomic dQ was slower than the dQ kernel at every head dim measured.
     **{(9, 2, block_d, causal): ((64, 64, 4, 3), (128, 64, 4, 3), False)
        for block_d in (16, 32, 64) for causal in (False, True)},
-    (9, 2, 128, False): ((64, 128, 8, 3), (128, 128, 8, 2), False),
-    (9, 2, 128, True): ((64, 128, 8, 3), (128, 32, 4, 3), False),
+    # d=128 keeps pointer loads (tma False): through TMA these tiles measured 320 vs 401 TFLOP/s
+    # non-causal, 305 vs 311 causal; d=64 and d=256 gained 4-9% (benchmarks/RESULTS.md).
+    (9, 2, 128, False): ((64, 128, 8, 3), (128, 128, 8, 2), False, False),
+    (9, 2, 128, True): ((64, 128, 8, 3), (128, 32, 4, 3), False, False),
     **{(9, 2, 256, causal): ((64, 64, 8, 2), (64, 64, 4, 2), False) for causal in (False, True)},
     # fp32 (exact ieee dots): tiles four times the bytes, so smaller.
     **{(major, 4, block_d, causal): ((32, 64, 4, 2), (64, 32, 4, 2), False)

@@ -26,9 +26,6 @@ from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capabili
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
-# Rescale the accumulator only when a row's max grows by more than 2**8 (FlashAttention-4's trick)
-# in the blocks every row sees whole; PYFLASH_FORWARD_LAZY_RESCALE=0/1 overrides (tests, tuning).
-LAZY_RESCALE = False
 
 
 @triton.jit
@@ -76,8 +73,7 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-            LAZY_RESCALE: tl.constexpr):
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """Online softmax over the key blocks [key_lo, key_hi): running max m_i, running sum l_i (both of
     the undropped probabilities) and the unnormalised output acc."""
     for start_n in tl.range(key_lo, key_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
@@ -87,31 +83,16 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
         s = _scores(q, k, rows, cols, seqlen_q, seqlen_k, qk_scale, softcap_scale, alibi_slope,
                     window_left, window_right, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
                     DOT_PRECISION)
-        m_block = tl.max(s, 1)
-        if LAZY_RESCALE and not MASKED:
-            # Keep the reference max m_i (so skip rescaling acc) until some row's max rises past it by
-            # more than 8 (p <= 2**8 then, exact enough in fp32 and bf16): one decision for the tile.
-            # Every row sees a key here, so m_block is finite; m_i = -inf at first forces the update.
-            if tl.max(m_block - m_i) > 8.0:
-                m_new = tl.maximum(m_i, m_block)
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_i += tl.sum(p, 1)
-            m_new = m_i
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row that has seen no visible key keeps m = -inf; subtracting 0 makes its p and alpha 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, m_block)
-            if MASKED:
-                # A row that has seen no visible key keeps m = -inf; subtracting 0 makes its p and alpha 0, not NaN.
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_sub = m_new
-            p = tl.exp2(s - m_sub[:, None])
-            alpha = tl.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             keep = dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, rows[:, None], start_n, BLOCK_N)
             p = tl.where(keep, p, 0.0)
@@ -140,7 +121,6 @@ def _forward_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     RETURN_SOFTMAX: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_PASS: tl.constexpr = False, ONE_PASS_MASKED: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False,
-    LAZY_RESCALE: tl.constexpr = False,
 ):
     batch = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
@@ -210,7 +190,7 @@ def _forward_kernel(
                                 dropout_p, philox_seed, philox_offset, bh,
                                 ONE_PASS_MASKED, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                                 HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION,
-                                WARP_SPECIALIZE, LAZY_RESCALE)
+                                WARP_SPECIALIZE)
     else:
         if HAS_LEFT:
             acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
@@ -218,22 +198,19 @@ def _forward_kernel(
                                     qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                     dropout_p, philox_seed, philox_offset, bh,
                                     True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                    HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False,
-                                    LAZY_RESCALE)
+                                    HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 full_lo, full_hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False,
-                                LAZY_RESCALE)
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q_tile, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn,
                                 full_hi, hi, rows, offs_n, offs_d, seqlen_q, seqlen_k,
                                 qk_scale, softcap_scale, alibi_slope, window_left, window_right,
                                 dropout_p, philox_seed, philox_offset, bh,
                                 True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False,
-                                LAZY_RESCALE)
+                                HAS_ALIBI, HAS_DROPOUT, IS_VARLEN, USE_TMA, UPCAST, DOT_PRECISION, False)
 
     # Rows that saw no key: l = 0, output 0 and lse = +inf.
     has_key = l_i > 0.0
@@ -346,14 +323,12 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     hopper = not INTERPRET and q.is_cuda and device_capability(q.device)[0] == 9
     warp_specialize = warp_specialize and one_pass_ok and use_tma and hopper
     one_pass = one_pass_ok and (warp_specialize or os.environ.get("PYFLASH_FORWARD_ONE_PASS") == "1")
-    lazy_rescale = os.environ.get("PYFLASH_FORWARD_LAZY_RESCALE", "1" if LAZY_RESCALE else "0") == "1"
     switches = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         IS_VARLEN=varlen, HAS_SEQUSED_K=varlen and seqlens.seqused_k is not None,
         HAS_LEFT=params.window_left >= 0, HAS_RIGHT=params.window_right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, HAS_DROPOUT=has_dropout,
         RETURN_SOFTMAX=return_softmax, USE_TMA=use_tma, ONE_PASS=one_pass, WARP_SPECIALIZE=warp_specialize,
-        LAZY_RESCALE=lazy_rescale,
         UPCAST=INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
     def launch(blocks, num_warps, num_stages):
