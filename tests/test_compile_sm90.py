@@ -108,7 +108,7 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=Non
     return "pyflash.kernels.backward", kernel, constexprs, options
 
 
-def _decode_case(dtype, head_dim, all_on, capability=(9, 0)):
+def _decode_case(dtype, head_dim, all_on, capability=(9, 0), tma=False):
     with _on_gpu(capability):
         block_d, block_n, warps, stages = decode._config(head_dim, 4 if dtype == "fp32" else 2)
     # Off: one query token, MHA (block_m 16, one split, no pages). On: a GQA tile of 64 rows over
@@ -118,7 +118,11 @@ def _decode_case(dtype, head_dim, all_on, capability=(9, 0)):
                       HAS_SOFTCAP=all_on, HAS_ALIBI=all_on, IS_SPLIT=all_on,
                       HAS_LEFTPAD=all_on, HAS_BATCH_ROWS=all_on, UPCAST=dtype == "fp32",
                       DOT_PRECISION=_precision(dtype))
-    return "pyflash.kernels.decode", "_decode_kernel", constexprs, dict(num_warps=warps, num_stages=stages, dtype=dtype)
+    options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
+    if tma:  # K/V through descriptors (the "on" case: paged, pages of whole blocks, no left padding)
+        constexprs.update(USE_TMA=True, HAS_LEFTPAD=False)
+        options["arg_types"] = {name: f"tensordesc<{dtype}[{block_n}, {block_d}]>" for name in ("K", "V")}
+    return "pyflash.kernels.decode", "_decode_kernel", constexprs, options
 
 
 # Found by this test; strict, so that a fix shows up as XPASS (then drop the entry).
@@ -141,6 +145,8 @@ def _cases():
     # return_softmax; decode: paged, window, softcap, ALiBi, split.
     for d in ALL_ON_HEAD_DIMS:
         add(f"decode-bf16-d{d}-on", _decode_case("bf16", d, True))
+        if decode._config(d)[0] == d:
+            add(f"decode_tma-bf16-d{d}-on", _decode_case("bf16", d, True, tma=True))
         add(f"dkdv_atomic_dq-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True, True))
         add(f"dkdv-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True))
         add(f"dq-bf16-d{d}-on", _backward_case("_dq_kernel", "bf16", d, True))
@@ -171,6 +177,7 @@ def _cases():
         add(f"forward_tma-bf16-d{d}-off", _forward_case("bf16", d, False, tma=True))
         add(f"forward_ws-bf16-d{d}-off", _forward_case("bf16", d, False, ws=True))
         add(f"decode-bf16-d{d}-off", _decode_case("bf16", d, False))
+        add(f"decode_tma-bf16-d{d}-off", _decode_case("bf16", d, False, tma=True))
     add("dkdv-fp16-d128-off", _backward_case("_dkdv_kernel", "fp16", 128, False))
     add("dq-fp16-d128-off", _backward_case("_dq_kernel", "fp16", 128, False))
     add("forward-fp16-d128-off", _forward_case("fp16", 128, False))

@@ -12,9 +12,12 @@ import math
 import pytest
 import torch
 
+from pyflash.kernels import decode as decode_kernel
 from pyflash.kvcache import flash_attn_with_kvcache
 
-PATHS = ["reference", "triton"]
+# triton: K/V blocks through TMA descriptors where the layout allows (power-of-two head dim; pages of
+# whole blocks); triton_pointers: every block by pointer loads.
+PATHS = ["reference", "triton", "triton_pointers"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +154,8 @@ def make_case(batch=2, seqlen_q=1, num_heads=4, num_heads_k=2, head_dim=32, capa
 
 def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softcap=0.0, interleaved=True,
                   num_splits=0, scale=None, atol=None):
-    monkeypatch.setenv("PYFLASH_BACKEND", path)
+    monkeypatch.setenv("PYFLASH_BACKEND", "reference" if path == "reference" else "triton")
+    monkeypatch.setattr(decode_kernel, "USE_TMA", path == "triton")
     q = case["q"]
     head_dim = q.shape[-1]
     scale_value = scale if scale is not None else head_dim ** -0.5
@@ -191,8 +195,8 @@ def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softca
         got_k = logical_cache(case["k_cache"], b, batch_idx, case.get("block_table")).cpu()
         got_v = logical_cache(case["v_cache"], b, batch_idx, case.get("block_table")).cpu()
         torch.testing.assert_close(got_k.double(), keys.double(), atol=1e-2 if q.dtype != torch.float32 else 1e-5,
-                                   rtol=1e-2)
-        assert torch.equal(got_v, values)
+                                   rtol=1e-2, equal_nan=True)
+        assert torch.equal(got_v.isnan(), values.isnan()) and torch.equal(got_v.nan_to_num(), values.nan_to_num())
     return out, lse
 
 
@@ -243,6 +247,34 @@ def test_paged_long_seqlen_new(monkeypatch, path):
     # seqlen_new longer than a page: one append fills several pages.
     case = make_case(batch=2, seqlen_q=2, seqlen_new=37, page_size=16, capacity=96, seqlens=[3, 50])
     run_and_check(monkeypatch, path, case, num_splits=2)
+
+
+def poison_unused_slots(case, seqlen_new=0):
+    """NaN in every cache slot no sequence uses (past each sequence's end, unused pages): never read
+    for a result, yet TMA reads whole blocks past a sequence's end."""
+    used_k = torch.zeros(case["k_cache"].shape[:2], dtype=torch.bool)
+    table = case.get("block_table")
+    rows = case.get("cache_batch_idx")
+    for b, seqlen in enumerate(case["cache_seqlens"].tolist()):
+        for pos in range(seqlen + seqlen_new):
+            if table is None:
+                used_k[rows[b] if rows is not None else b, pos] = True
+            else:
+                used_k[table[b, pos // case["k_cache"].shape[1]], pos % case["k_cache"].shape[1]] = True
+    for name in ("k_cache", "v_cache"):
+        case[name] = case[name].masked_fill(~used_k[:, :, None, None], math.nan)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("page_size", [None, 64], ids=["contiguous", "paged64"])
+@pytest.mark.parametrize("window", [(-1, -1), (40, 0)], ids=["full", "window"])
+def test_nan_in_unused_slots(monkeypatch, path, page_size, window):
+    """Pages of whole blocks (64 = 2 interpreter blocks) take the TMA path; the window's first key is
+    not block-aligned there."""
+    case = make_case(batch=3, seqlen_q=2, seqlen_new=1, page_size=page_size, capacity=192, seqlens=[150, 5, 63],
+                     num_heads=4, num_heads_k=2)
+    poison_unused_slots(case, seqlen_new=1)
+    run_and_check(monkeypatch, path, case, window=window, num_splits=3)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -296,7 +328,8 @@ def test_empty_rows(monkeypatch, path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_int_and_default_cache_seqlens(monkeypatch, path):
-    monkeypatch.setenv("PYFLASH_BACKEND", path)
+    monkeypatch.setenv("PYFLASH_BACKEND", "reference" if path == "reference" else "triton")
+    monkeypatch.setattr(decode_kernel, "USE_TMA", path == "triton")
     case = make_case(batch=2, capacity=33, seqlens=[33, 33])
     expected = flash_attn_with_kvcache(case["q"], case["k_cache"], case["v_cache"], cache_seqlens=case["cache_seqlens"])
     for seqlens in (33, None):
@@ -311,11 +344,13 @@ def test_paths_agree_and_returns_out_alone(monkeypatch):
     case = make_case(batch=2, seqlen_q=2, num_heads=4, num_heads_k=2, capacity=70, seqlens=[70, 33])
     results = []
     for path in PATHS:
-        monkeypatch.setenv("PYFLASH_BACKEND", path)
+        monkeypatch.setenv("PYFLASH_BACKEND", "reference" if path == "reference" else "triton")
+        monkeypatch.setattr(decode_kernel, "USE_TMA", path == "triton")
         out = flash_attn_with_kvcache(case["q"], case["k_cache"], case["v_cache"], cache_seqlens=case["cache_seqlens"])
         assert isinstance(out, torch.Tensor)
         results.append(out.float())
-    torch.testing.assert_close(results[0], results[1], atol=2e-2, rtol=0)
+    for result in results[1:]:
+        torch.testing.assert_close(results[0], result, atol=2e-2, rtol=0)
 
 
 def test_pick_num_splits():

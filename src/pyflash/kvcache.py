@@ -143,6 +143,8 @@ def attention_reference(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, blo
         k_blk = k_cache[first, second].float().permute(0, 2, 1, 3).unsqueeze(2)  # (b, hk, 1, n, d)
         v_blk = v_cache[first, second].float().permute(0, 2, 1, 3).unsqueeze(2)
         cols5 = cols.view(1, 1, 1, 1, -1)
+        # Slots past a shorter sequence's end may hold anything (NaN): p = 0 does not cancel NaN in P V.
+        v_blk = v_blk.masked_fill((cols5 >= seqlen_k_b).transpose(-1, -2), 0.0)
         scores = masks.apply_softcap(torch.matmul(qf, k_blk.transpose(-1, -2)) * softmax_scale, softcap)
         if slopes is not None:
             scores = scores + masks.alibi_bias(slopes, rows, cols5, seqlen_q, seqlen_k_b)

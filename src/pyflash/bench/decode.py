@@ -13,6 +13,7 @@ no call finds its K/V in L2. Use: ``run_decode_bench(args)`` or ``python -m pyfl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -135,6 +136,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-paged", choices=["no", "yes", "both"], default="both")
     parser.add_argument("--decode-splits", type=int, nargs="+", default=[0], help="num_splits values (0: auto)")
     parser.add_argument("--decode-no-sdpa", action="store_true")
+    parser.add_argument("--decode-tma", choices=["on", "off", "both"], default="on",
+                        help="K/V blocks through TMA descriptors (kernels/decode.USE_TMA), pointer loads, or both")
     parser.add_argument("--decode-configs", nargs="+", default=[],
                         help="BLOCK_N,WARPS,STAGES entries to try in place of the d=128 tuning table row")
 
@@ -146,29 +149,31 @@ def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
     copy_GBps = copy_bandwidth_GBps()
     paged_options = {"no": [False], "yes": [True], "both": [False, True]}[args.decode_paged]
     configs = [tuple(int(x) for x in c.split(",")) for c in args.decode_configs] or [decode.DECODE_CONFIGS[128]]
-    default_config = decode.DECODE_CONFIGS[128]
+    default_config, default_tma = decode.DECODE_CONFIGS[128], decode.USE_TMA
+    tma_options = {"on": [True], "off": [False], "both": [True, False]}[args.decode_tma]
     rows, sdpa = [], {}
     for cache_len in args.decode_cache_lens:
         for batch in args.decode_batches:
             if batch * cache_len > MAX_TOKENS:
                 continue
             for paged in paged_options:
-                for config in configs:
+                for config, tma, splits in itertools.product(configs, tma_options, args.decode_splits):
                     decode.DECODE_CONFIGS[128] = config
-                    for splits in args.decode_splits:
-                        # SDPA has no paged layout: paged rows compare with it on the contiguous cache.
-                        row = decode_row(batch, cache_len, paged, splits,
-                                         with_sdpa=not args.decode_no_sdpa and (batch, cache_len) not in sdpa)
-                        if "sdpa_us" in row:
-                            sdpa[batch, cache_len] = row["sdpa_us"]
-                        elif (batch, cache_len) in sdpa:
-                            row.update(sdpa_us=sdpa[batch, cache_len],
-                                       sdpa_GBps=row["kv_MB"] * 1e6 / (sdpa[batch, cache_len] * 1e-6) / 1e9,
-                                       speedup_vs_sdpa=sdpa[batch, cache_len] / row["pyflash_us"])
-                        row.update(copy_GBps=copy_GBps, config=",".join(map(str, config)))
-                        rows.append(row)
-                        print(decode_table([row], copy_GBps).splitlines()[-1], flush=True)
+                    decode.USE_TMA = tma
+                    # SDPA has no paged layout: paged rows compare with it on the contiguous cache.
+                    row = decode_row(batch, cache_len, paged, splits,
+                                     with_sdpa=not args.decode_no_sdpa and (batch, cache_len) not in sdpa)
+                    if "sdpa_us" in row:
+                        sdpa[batch, cache_len] = row["sdpa_us"]
+                    elif (batch, cache_len) in sdpa:
+                        row.update(sdpa_us=sdpa[batch, cache_len],
+                                   sdpa_GBps=row["kv_MB"] * 1e6 / (sdpa[batch, cache_len] * 1e-6) / 1e9,
+                                   speedup_vs_sdpa=sdpa[batch, cache_len] / row["pyflash_us"])
+                    row.update(copy_GBps=copy_GBps, config=",".join(map(str, config)) + (",tma" if tma else ""))
+                    rows.append(row)
+                    print(decode_table([row], copy_GBps).splitlines()[-1], flush=True)
     decode.DECODE_CONFIGS[128] = default_config
+    decode.USE_TMA = default_tma
     table = decode_table(rows, copy_GBps)
     print(f"\n{torch.cuda.get_device_name()}\n{table}", flush=True)
     out_dir = getattr(args, "out", None)

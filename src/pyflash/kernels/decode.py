@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import INTERPRET, alibi_bias, cdiv, launch_fitting, next_power_of_2, tanh, visible_mask
+from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, launch_fitting, next_power_of_2,
+                                     tanh, tma_descriptor, tma_view_ok, visible_mask)
 
 MAX_SPLITS = 128
 
@@ -26,6 +27,9 @@ MAX_SPLITS = 128
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
 DECODE_CONFIGS = {64: (128, 4, 3), 128: (128, 4, 3), 256: (64, 4, 2)}
 INTERPRET_BLOCK_N = 32
+# K/V blocks through TMA descriptors on Hopper (contiguous caches, and paged ones whose pages hold whole
+# blocks); the bench flips it to compare.
+USE_TMA = True
 
 
 def _config(head_dim: int, element_size: int = 2):
@@ -55,39 +59,75 @@ def pick_num_splits(programs: int, max_seqlen_k: int, block_n: int, multiprocess
 
 
 @triton.jit
+def _block_by_pointers(K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v, pos, cols, seqlen_k,
+                       stride_kb, stride_ks, stride_vb, stride_vs, offs_d, d_ok,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                       PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """K and V rows of memory positions ``pos`` (sequence-local keys ``cols``), each row gathered by
+    its own address (any page size); 0 past the sequence (MASKED) and past HEAD_DIM."""
+    load_ok = d_ok[None, :]
+    if MASKED:
+        load_ok = load_ok & (cols < seqlen_k)[:, None]
+    if PAGED:
+        if MASKED:
+            page = tl.load(BlockTable + pos // PAGE_SIZE, mask=cols < seqlen_k, other=0)
+        else:
+            page = tl.load(BlockTable + pos // PAGE_SIZE)
+        page = page.to(tl.int64)
+        k_rows = page * stride_kb + (pos % PAGE_SIZE) * stride_ks
+        v_rows = page * stride_vb + (pos % PAGE_SIZE) * stride_vs
+    else:
+        k_rows = cache_row * stride_kb + pos.to(tl.int64) * stride_ks
+        v_rows = cache_row * stride_vb + pos.to(tl.int64) * stride_vs
+    if HEAD_DIM == BLOCK_D and not MASKED:
+        k = tl.load(K + kh_offset_k + k_rows[:, None] + offs_d[None, :])
+        v = tl.load(V + kh_offset_v + v_rows[:, None] + offs_d[None, :])
+    else:
+        k = tl.load(K + kh_offset_k + k_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+        v = tl.load(V + kh_offset_v + v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _block_by_tma(K, V, BlockTable, first, cols, seqlen_k, tma_row, tma_col, PAGE_SIZE: tl.constexpr,
+                  PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """K and V of the block at memory position ``first`` through descriptors over the cache's
+    (rows, heads_k * d) view: rows from ``tma_row + first`` (contiguous cache) or from the block's
+    page (decode() takes this path only when a page holds whole blocks)."""
+    if PAGED:
+        row = tl.load(BlockTable + first // PAGE_SIZE) * PAGE_SIZE + first % PAGE_SIZE
+    else:
+        row = tma_row + first
+    k = K.load([row, tma_col])
+    v = V.load([row, tma_col])
+    if MASKED:
+        # Past the sequence lie unused cache slots (maybe NaN), and p = 0 does not cancel NaN in P V.
+        v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
+    return k, v
+
+
+@triton.jit
 def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
                    start_pos, seqlen_k, seqlen_q, key_lo, t_begin, t_end,
                    stride_kb, stride_ks, stride_vb, stride_vs,
-                   scale, softcap, window_left, window_right, offs_d, d_ok,
+                   scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr):
     """Online softmax over key blocks ``key_lo + t * BLOCK_N`` for t in [t_begin, t_end).
-    MASKED blocks apply the visibility rule; the others are known to be fully visible."""
+    MASKED blocks apply the visibility rule; the others are known to be fully visible.
+    USE_TMA: K and V are TMA descriptors (_block_by_tma), else pointers (_block_by_pointers)."""
     for t in range(t_begin, t_end):
         cols = key_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos = start_pos + cols
-        load_ok = d_ok[None, :]
-        if MASKED:
-            load_ok = load_ok & (cols < seqlen_k)[:, None]
-        if PAGED:
-            if MASKED:
-                page = tl.load(BlockTable + pos // PAGE_SIZE, mask=cols < seqlen_k, other=0)
-            else:
-                page = tl.load(BlockTable + pos // PAGE_SIZE)
-            page = page.to(tl.int64)
-            k_rows = page * stride_kb + (pos % PAGE_SIZE) * stride_ks
-            v_rows = page * stride_vb + (pos % PAGE_SIZE) * stride_vs
+        if USE_TMA:
+            k, v = _block_by_tma(K, V, BlockTable, start_pos + key_lo + t * BLOCK_N, cols, seqlen_k, tma_row,
+                                 tma_col, PAGE_SIZE, PAGED, MASKED)
         else:
-            k_rows = cache_row * stride_kb + pos.to(tl.int64) * stride_ks
-            v_rows = cache_row * stride_vb + pos.to(tl.int64) * stride_vs
-        if HEAD_DIM == BLOCK_D and not MASKED:
-            k = tl.load(K + kh_offset_k + k_rows[:, None] + offs_d[None, :])
-            v = tl.load(V + kh_offset_v + v_rows[:, None] + offs_d[None, :])
-        else:
-            k = tl.load(K + kh_offset_k + k_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
-            v = tl.load(V + kh_offset_v + v_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            k, v = _block_by_pointers(K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v, start_pos + cols, cols,
+                                      seqlen_k, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, d_ok,
+                                      HEAD_DIM, BLOCK_D, PAGE_SIZE, PAGED, MASKED)
         if UPCAST:
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
@@ -124,13 +164,14 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
                    stride_part, stride_lse_part,
                    stride_bt, stride_alibi,
-                   seqlen_q, num_heads_k, groups, num_splits,
+                   seqlen_q, num_heads_k, groups, num_splits, cache_len,
                    scale, softcap, window_left, window_right,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-                   HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -169,6 +210,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     if HAS_RIGHT:
         hi = tl.minimum(row_last + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
         full_hi = tl.minimum(row_first + seqlen_k - seqlen_q + window_right + 1, seqlen_k)
+    if USE_TMA and PAGED:
+        lo = lo // BLOCK_N * BLOCK_N  # blocks at multiples of BLOCK_N never straddle a page (the mask trims)
     hi = tl.maximum(hi, lo)
     # This split's share: whole blocks, so neighbouring splits never overlap.
     blocks_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
@@ -184,24 +227,29 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     BlockTable += batch.to(tl.int64) * stride_bt
     kh_offset_k = head_k.to(tl.int64) * stride_kh
     kh_offset_v = head_k.to(tl.int64) * stride_vh
+    tma_row = (cache_row * cache_len).to(tl.int32)  # the sequence's first row in the (rows, hk * d) view
+    tma_col = head_k * HEAD_DIM
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
         start_pos, seqlen_k, seqlen_q, key_lo, 0, t_full_begin, stride_kb, stride_ks, stride_vb, stride_vs,
-        scale, softcap, window_left, window_right, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N,
-        PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION)
+        scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col, HEAD_DIM, BLOCK_D, BLOCK_N,
+        PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION,
+        USE_TMA)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
         start_pos, seqlen_k, seqlen_q, key_lo, t_full_begin, t_full_end, stride_kb, stride_ks, stride_vb,
-        stride_vs, scale, softcap, window_left, window_right, offs_d, d_ok, HEAD_DIM, BLOCK_D,
-        BLOCK_N, PAGE_SIZE, PAGED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION)
+        stride_vs, scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col, HEAD_DIM, BLOCK_D,
+        BLOCK_N, PAGE_SIZE, PAGED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION,
+        USE_TMA)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
         start_pos, seqlen_k, seqlen_q, key_lo, t_full_end, n_blocks, stride_kb, stride_ks, stride_vb, stride_vs,
-        scale, softcap, window_left, window_right, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N,
-        PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION)
+        scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col, HEAD_DIM, BLOCK_D, BLOCK_N,
+        PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION,
+        USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -298,11 +346,12 @@ def _counters(size: int, device: torch.device) -> torch.Tensor:
 
 
 def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, softmax_scale, window_left,
-           window_right, softcap, alibi_slopes, num_splits, out, softmax_lse) -> None:
+           window_right, softcap, alibi_slopes, num_splits, out, softmax_lse, use_tma=None) -> None:
     """Attention of ``q (b, sq, h, d)`` to the cache; writes ``out`` (b, sq, h, d) and ``softmax_lse``
     (b, h, sq), both contiguous. Inputs validated by ``pyflash.kvcache``: ``seqlens_k``/``leftpad``
     (b,) int32 memory positions ending/starting each sequence (leftpad None: 0), ``batch_rows`` (b,)
-    cache rows (None: row b; unused when paged), ``alibi_slopes`` None or fp32 (b, h)."""
+    cache rows (None: row b; unused when paged), ``alibi_slopes`` None or fp32 (b, h).
+    use_tma: K/V blocks through TMA descriptors (default USE_TMA; Hopper, where the layout allows)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     groups = num_heads // num_heads_k
@@ -322,6 +371,12 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         counters = _counters(m_blocks * batch * num_heads_k, q.device)
     else:
         out_partial = lse_partial = counters = dummy
+    rows = k_cache.shape[0] * k_cache.shape[1]  # of the (rows, heads_k * d) view TMA reads
+    use_tma = (USE_TMA if use_tma is None else use_tma) and (INTERPRET or (
+        q.is_cuda and device_capability(q.device)[0] >= 9))
+    use_tma = use_tma and all(tma_view_ok(t, rows, block_d, head_dim) for t in (k_cache, v_cache))
+    # Paged: a block must lie inside one page, so pages of whole blocks and no left padding.
+    use_tma = use_tma and not (paged and (leftpad is not None or k_cache.shape[1] % block_n))
     switches = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
@@ -329,12 +384,16 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
         HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
         UPCAST=INTERPRET or q.dtype == torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma)
 
     def launch(blocks, num_warps, num_stages):
-        # A smaller fallback block_n (launch_fitting) is fine: splits are whole blocks of any size.
+        # A smaller fallback block_n (launch_fitting) is fine: splits are whole blocks of any size
+        # (and a smaller power of two still divides a page).
+        k_arg, v_arg = k_cache, v_cache
+        if use_tma:
+            k_arg, v_arg = (tma_descriptor(t, rows, blocks[0], block_d) for t in (k_cache, v_cache))
         _decode_kernel[(m_blocks, batch * num_heads_k, num_splits)](
-            q, k_cache, v_cache, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
+            q, k_arg, v_arg, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
             leftpad if leftpad is not None else dummy, batch_rows if batch_rows is not None else dummy,
             block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
             q.stride(0), q.stride(1), q.stride(2),
@@ -343,7 +402,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
             out.stride(0), out.stride(1), out.stride(2), softmax_lse.stride(0), softmax_lse.stride(1),
             out.numel(), softmax_lse.numel(),
             block_table.stride(0) if paged else 0, alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            seqlen_q, num_heads_k, groups, num_splits,
+            seqlen_q, num_heads_k, groups, num_splits, k_cache.shape[1],
             softmax_scale, softcap, window_left, window_right,
             BLOCK_N=blocks[0], **switches, num_warps=num_warps, num_stages=num_stages)
 
