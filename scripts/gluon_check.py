@@ -50,44 +50,111 @@ def _torch_dtype(name):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def attention_reference(q, k, v, scale, causal, dtype):
-    """(out (b, s, h, d), lse (b, h, s)) with every op in ``dtype`` (float64: the reference; the
-    input dtype: PyTorch's own low-precision math, as flash_attn's attention_ref(upcast=False))."""
+def attention_reference(q, k, v, scale, dtype, window=(-1, -1), softcap=0.0, alibi=None):
+    """(out (b, sq, h, d), lse (b, h, sq)) with every op in ``dtype`` (float64: the reference; the
+    input dtype: PyTorch's own low-precision math, as flash_attn's attention_ref(upcast=False)).
+    The rules of SPEC.md: GQA (query head i reads kv head i // (h // hk)), bottom-right aligned
+    window (query i sees key j iff i + sk - sq - left <= j <= i + sk - sq + right, -1 unbounded),
+    softcap before the ALiBi bias -slope * |i + sk - sq - j|; a row that sees no key: out 0, lse +inf."""
     import torch
 
-    qh, kh, vh = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    qh = q.to(dtype).transpose(1, 2)  # (b, h, sq, d)
+    kh, vh = (t.to(dtype).repeat_interleave(h // hk, dim=2).transpose(1, 2) for t in (k, v))
     scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
-    if causal:
-        s_q, s_k = q.shape[1], k.shape[1]
-        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(s_k - s_q + 1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    lse = torch.logsumexp(scores.float() if dtype != torch.float64 else scores, dim=-1)
-    probs = torch.softmax(scores.float() if dtype != torch.float64 else scores, dim=-1).to(dtype)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    diag = i + sk - sq
+    if alibi is not None:
+        slopes = alibi.to(torch.float64).expand(b, h) if alibi.dim() == 2 else alibi.to(torch.float64)[None].expand(b, h)
+        bias = -slopes[:, :, None, None] * (diag - j).abs().to(torch.float64)
+        scores = scores + bias.to(dtype)
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if window[0] >= 0:
+        visible &= j >= diag - window[0]
+    if window[1] >= 0:
+        visible &= j <= diag + window[1]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    acc = scores.float() if dtype != torch.float64 else scores
+    lse = torch.logsumexp(acc, dim=-1)
+    probs = torch.softmax(acc, dim=-1)
+    empty = ~visible.any(dim=-1)  # (sq,)
+    probs = probs.masked_fill(empty[:, None], 0.0).to(dtype)
+    lse = lse.masked_fill(empty, float("inf"))
     return torch.matmul(probs, vh).transpose(1, 2), lse
 
 
-def check_case(shape, causal, dtype_name, variant):
+def make_inputs(case, dtype, gen):
+    """q (b, sq, h, d), k, v (b, sk, hk, d); case["layout"]: "contiguous" or "packed" (q, k, v slices of
+    one (b, s, 3, h, d) tensor when sq == sk and h == hk, else of a kv-packed (b, sk, 2, hk, d) one)."""
+    import torch
+
+    b, sq, h, d = case["shape"]
+    sk, hk = case.get("sk", sq), case.get("hk", h)
+    if case.get("layout") == "packed":
+        if sq == sk and h == hk:
+            qkv = torch.randn(b, sq, 3, h, d, generator=gen, device="cuda", dtype=dtype)
+            return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = torch.randn(b, sq, h, d, generator=gen, device="cuda", dtype=dtype)
+        kv = torch.randn(b, sk, 2, hk, d, generator=gen, device="cuda", dtype=dtype)
+        return q, kv[:, :, 0], kv[:, :, 1]
+    return (torch.randn(b, sq, h, d, generator=gen, device="cuda", dtype=dtype),
+            *(torch.randn(b, sk, hk, d, generator=gen, device="cuda", dtype=dtype) for _ in range(2)))
+
+
+def check_case(case, dtype_name):
     import torch
 
     from pyflash.kernels.gluon_forward import forward_gluon
 
-    batch, seqlen, heads, head_dim = shape
+    b, sq, h, d = case["shape"]
     dtype = _torch_dtype(dtype_name)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=gen, device="cuda", dtype=dtype) for _ in range(3))
-    scale = head_dim ** -0.5
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((batch, heads, seqlen), float("nan"), device="cuda", dtype=torch.float32)
-    forward_gluon(q, k, v, scale, causal, out=out, lse=lse, **variant)
+    gen = torch.Generator(device="cuda").manual_seed(case.get("seed", 0))
+    q, k, v = make_inputs(case, dtype, gen)
+    scale = d ** -0.5
+    window = tuple(case.get("window", (-1, 0) if case.get("causal") else (-1, -1)))
+    softcap = case.get("softcap", 0.0)
+    alibi = None
+    if case.get("alibi"):
+        slopes = torch.rand(b if case["alibi"] == "bh" else 1, h, generator=gen, device="cuda") * 0.3 + 0.01
+        alibi = slopes if case["alibi"] == "bh" else slopes[0]
+    if case.get("strided_out"):
+        # out a (b, sq, h, d) slice of a larger buffer (rows padded), lse a transposed (b, sq+pad, h)
+        # buffer: everything outside the views must stay NaN.
+        out_buf = torch.full((b, sq + 3, h * d + 64), float("nan"), device="cuda", dtype=dtype)
+        out = out_buf[:, 1:sq + 1, :h * d].view(b, sq, h, d)
+        lse_buf = torch.full((b, sq + 5, h), float("nan"), device="cuda", dtype=torch.float32)
+        lse = lse_buf[:, 2:sq + 2].permute(0, 2, 1)
+    else:
+        out_buf = lse_buf = None
+        out = torch.full((b, sq, h, d), float("nan"), device="cuda", dtype=dtype)
+        lse = torch.full((b, h, sq), float("nan"), device="cuda", dtype=torch.float32)
+    forward_gluon(q, k, v, scale, window_size=window, softcap=softcap, alibi_slopes=alibi, out=out, lse=lse,
+                  **case.get("variant", {}))
     torch.cuda.synchronize()
-    ref_out, ref_lse = attention_reference(q, k, v, scale, causal, torch.float64)
-    pt_out, _ = attention_reference(q, k, v, scale, causal, dtype)
+    ref_out, ref_lse = attention_reference(q, k, v, scale, torch.float64, window, softcap, alibi)
+    pt_out, _ = attention_reference(q, k, v, scale, dtype, window, softcap, alibi)
     err = (out.double() - ref_out).abs().max().item()
     pt_err = (pt_out.double() - ref_out).abs().max().item()
-    lse_err = (lse.double() - ref_lse).abs().max().item()
-    finite = bool(torch.isfinite(out).all().item() and torch.isfinite(lse).all().item())
-    ok = finite and err <= 2 * pt_err + 1e-3 and lse_err <= 2e-3
-    return dict(ok=ok, err=err, pt_err=pt_err, lse_err=lse_err, finite=finite)
+    inf_ref = torch.isinf(ref_lse)
+    # Rows that see no key: lse must be +inf exactly; the others within 2e-3.
+    lse_ok_inf = bool((torch.isinf(lse) & (lse > 0))[inf_ref].all().item()) if inf_ref.any() else True
+    finite_rows = ~inf_ref
+    lse_err = (lse.double() - ref_lse)[finite_rows].abs().max().item() if finite_rows.any() else 0.0
+    finite = bool(torch.isfinite(out).all().item() and not torch.isnan(lse).any().item())
+    untouched = True
+    if out_buf is not None:
+        mask = torch.ones(out_buf.shape, dtype=torch.bool, device="cuda")
+        mask[:, 1:sq + 1, :h * d] = False
+        lmask = torch.ones(lse_buf.shape, dtype=torch.bool, device="cuda")
+        lmask[:, 2:sq + 2] = False
+        untouched = bool(torch.isnan(out_buf[mask]).all().item() and torch.isnan(lse_buf[lmask]).all().item())
+    ok = finite and untouched and lse_ok_inf and err <= 2 * pt_err + 1e-3 and lse_err <= 2e-3
+    return dict(ok=ok, err=err, pt_err=pt_err, lse_err=lse_err, finite=finite, untouched=untouched,
+                empty_rows=int(inf_ref.sum().item()), lse_inf_ok=lse_ok_inf)
 
 
 def bench_case(seqlen, head_dim, causal, variants):
@@ -115,8 +182,11 @@ def bench_case(seqlen, head_dim, causal, variants):
 
     ours_out = {}
     for label, variant in variants:
-        def run(variant=variant, label=label):
-            ours_out[label] = forward_gluon(q, k, v, scale, causal, **variant)[0]
+        out_buf = torch.empty_like(q)
+        lse_buf = torch.empty(batch, heads, seqlen, device="cuda", dtype=torch.float32)
+
+        def run(variant=variant, label=label, out_buf=out_buf, lse_buf=lse_buf):
+            ours_out[label] = forward_gluon(q, k, v, scale, causal, out=out_buf, lse=lse_buf, **variant)[0]
         timed(f"gluon{label}", run)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -136,14 +206,26 @@ def bench_case(seqlen, head_dim, causal, variants):
     seqlens = Seqlens(batch, seqlen, seqlen)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seqlen, device="cuda", dtype=torch.float32)
-    timed("pyflash", lambda: forward(q, k, v, out, lse, None, params, seqlens))
+    import inspect
+
+    # The plain Triton kernel (forward() itself may dispatch to the Gluon kernel now).
+    extra = {"kernel": "triton"} if "kernel" in inspect.signature(forward).parameters else {}
+    timed("pyflash-triton", lambda: forward(q, k, v, out, lse, None, params, seqlens, **extra))
 
     # Agreement with cuDNN at the benchmark shape (catches errors the small shapes miss).
     if "o" in cudnn_out:
         for label, o in ours_out.items():
-            results[f"gluon{label}"]["max_diff_vs_cudnn"] = (o.float() - cudnn_out["o"].transpose(1, 2).float()
-                                                             ).abs().max().item()
+            diff = (o.float() - cudnn_out["o"].transpose(1, 2).float()).abs().max().item()
+            results[f"gluon{label}"]["max_diff_vs_cudnn"] = diff
+            if diff > 0.02:
+                results[f"gluon{label}"]["suspect"] = True
     return dict(batch=batch, heads=heads, results=results)
+
+
+def case_name(case, dtype):
+    b, sq, h, d = case["shape"]
+    extras = {key: value for key, value in case.items() if key not in ("shape", "seed")}
+    return f"check d={d} {dtype} q={tuple(case['shape'])} {json.dumps(extras, separators=(',', ':'))}"
 
 
 def child(job):
@@ -151,15 +233,16 @@ def child(job):
 
     print(f"[child] torch {torch.__version__}", flush=True)
     if job["kind"] == "check":
-        for shape, variant in job["cases"]:
-            name = (f"check d={shape[3]} causal={int(job['causal'])} {job['dtype']} shape={tuple(shape)}"
-                    f"{' ' + json.dumps(variant) if variant else ''}")
+        for case in job["cases"]:
+            name = case_name(case, job["dtype"])
             start = time.time()
             try:
-                r = check_case(tuple(shape), job["causal"], job["dtype"], variant)
+                r = check_case(case, job["dtype"])
                 print(f"{'PASS' if r['ok'] else 'FAIL'} {name}: max err {r['err']:.2e} (torch {job['dtype']} "
                       f"{r['pt_err']:.2e}, bound {2 * r['pt_err'] + 1e-3:.2e}) lse err {r['lse_err']:.2e}"
-                      f"{'' if r['finite'] else ' NON-FINITE'} [{time.time() - start:.1f}s]", flush=True)
+                      f"{' empty rows %d' % r['empty_rows'] if r['empty_rows'] else ''}"
+                      f"{'' if r['lse_inf_ok'] else ' LSE-NOT-INF'}{'' if r['finite'] else ' NON-FINITE'}"
+                      f"{'' if r['untouched'] else ' WROTE-OUTSIDE'} [{time.time() - start:.1f}s]", flush=True)
                 log_json(dict(name=name, **r))
             except Exception:  # noqa: BLE001 - report the case and go on
                 print(f"FAIL {name}: exception", flush=True)
@@ -175,8 +258,13 @@ def child(job):
                 cells.append(f"{key} ERROR({value['error']})")
             else:
                 extra = f" |d|={value['max_diff_vs_cudnn']:.1e}" if "max_diff_vs_cudnn" in value else ""
+                extra += " SUSPECT" if value.get("suspect") else ""
                 cells.append(f"{key} {value['tflops']:6.1f}{extra}")
         print(f"BENCH {name} b={r['batch']} h={r['heads']} TFLOP/s: " + "  ".join(cells), flush=True)
+        ranked = sorted(((value["tflops"], key) for key, value in r["results"].items()
+                         if "tflops" in value and key.startswith("gluon") and not value.get("suspect")), reverse=True)
+        if len(ranked) > 2:
+            print(f"RANK {name}: " + " > ".join(f"{key} {tf:.0f}" for tf, key in ranked), flush=True)
         log_json(dict(name=name, **r))
 
 
@@ -214,31 +302,85 @@ def run_job(job, timeout, label):
     return status
 
 
-def build_jobs(quick):
+def _variant_label(cfg):
+    return f"-bn{cfg.block_n}-st{cfg.num_stages}-wg{cfg.num_wg}{'' if cfg.pingpong else '-nopp'}"
+
+
+def _variant(cfg):
+    return dict(block_n=cfg.block_n, num_stages=cfg.num_stages, num_wg=cfg.num_wg, pingpong=cfg.pingpong)
+
+
+def feature_cases(head_dim, quick):
+    """Cases for the features beyond plain/causal attention (bf16)."""
+    d = head_dim
+    cases = [
+        dict(shape=[2, 1000, 8, d], hk=2, causal=True),                      # GQA
+        dict(shape=[2, 300, 4, d], sk=1000, hk=1, causal=True),              # MQA, sq < sk
+        dict(shape=[2, 1000, 3, d], sk=300, causal=True),                    # sq > sk: 700 rows see no key
+        dict(shape=[2, 777, 3, d], sk=1000, window=[256, 0]),                # sliding window, causal side
+        dict(shape=[2, 1000, 3, d], window=[100, 50], softcap=5.0),          # two-sided window + softcap
+        dict(shape=[2, 1000, 3, d], sk=777, alibi="bh", causal=True),        # ALiBi (b, h), sq > sk
+        dict(shape=[2, 1000, 4, d], hk=2, strided_out=True, layout="packed"),  # strided out/lse, kv-packed
+        dict(shape=[1, 555, 4, d], sk=999, hk=2, window=[200, 30], softcap=8.0, alibi="h",
+             strided_out=True),                                              # everything at once
+    ]
+    if not quick:
+        cases += [
+            dict(shape=[2, 1000, 3, d], sk=300),                             # sq > sk, not causal
+            dict(shape=[1, 1, 4, d], sk=1000, hk=4, causal=True),            # decode-like
+            dict(shape=[1, 1000, 2, d], sk=1, causal=True),                  # one key: rows < 999 empty
+            dict(shape=[2, 1000, 3, d], window=[0, 0]),                      # diagonal only
+            dict(shape=[2, 1000, 3, d], window=[300, -1]),                   # left only
+            dict(shape=[2, 700, 3, d], sk=1000, window=[-1, 100]),           # right only
+            dict(shape=[2, 1000, 3, d], sk=500, window=[10, 10]),            # windows that miss some tiles
+            dict(shape=[2, 1000, 3, d], softcap=30.0, causal=True),
+            dict(shape=[2, 1000, 3, d], alibi="h"),
+            dict(shape=[2, 1000, 3, d], strided_out=True, layout="packed", causal=True),  # qkv-packed
+            dict(shape=[3, 1, 2, d], sk=1),
+        ]
+    return cases
+
+
+def build_jobs(quick, sweep=False):
+    from pyflash.kernels.gluon_forward import default_config, tuning_candidates
+
     jobs = []
     head_dims = (64, 128, 256)
-    for head_dim, causal, dtype in itertools.product(head_dims, (False, True), DTYPE_NAMES):
-        if quick:
-            cases = [([2, 1000, 3, head_dim], {})]
-        else:
-            cases = [([2, 1000, 3, head_dim], {}), ([1, 128, 2, head_dim], {}), ([3, 77, 2, head_dim], {}),
-                     ([1, 1, 1, head_dim], {}), ([1, 2048, 2, head_dim], {})]
+    if not sweep:
+        for head_dim, dtype in itertools.product(head_dims, DTYPE_NAMES):
+            cases = []
+            for causal in (False, True):
+                if quick:
+                    cases.append(dict(shape=[2, 1000, 3, head_dim], causal=causal))
+                else:
+                    cases += [dict(shape=shape, causal=causal) for shape in
+                              ([2, 1000, 3, head_dim], [1, 128, 2, head_dim], [3, 77, 2, head_dim],
+                               [1, 1, 1, head_dim], [1, 2048, 2, head_dim])]
             if dtype == "bf16":
-                cases.append(([2, 1000, 3, head_dim], {"pingpong": False}))
-                if head_dim == 128:
-                    cases.append(([2, 1000, 3, head_dim], {"num_stages": 3}))
-                    cases.append(([2, 1000, 3, head_dim], {"block_n": 64}))
-        jobs.append((f"check d={head_dim} causal={int(causal)} {dtype}",
-                     dict(kind="check", causal=causal, dtype=dtype, cases=cases)))
+                cases += feature_cases(head_dim, quick)
+                if not quick:
+                    for cfg in tuning_candidates(head_dim):
+                        cases.append(dict(shape=[2, 1000, 3, head_dim], causal=True, variant=_variant(cfg)))
+            elif not quick:
+                cases += feature_cases(head_dim, True)[:3]
+            jobs.append((f"check d={head_dim} {dtype}", dict(kind="check", dtype=dtype, cases=cases,
+                                                            timeout=30 + 12 * len(cases))))
     for head_dim, causal, seqlen in itertools.product((64, 128), (False, True),
-                                                      (4096, ) if quick else (1024, 4096, 16384)):
+                                                      (4096, ) if quick or sweep else (1024, 4096, 16384)):
         variants = [("", {})]
-        if not quick:
+        if sweep:
+            variants += [(_variant_label(cfg), _variant(cfg)) for cfg in tuning_candidates(head_dim)]
+        elif not quick:
             variants.append(("-nopp", {"pingpong": False}))
-            if head_dim == 128:
-                variants.append(("-st3", {"num_stages": 3}))
         jobs.append((f"bench d={head_dim} causal={int(causal)} s={seqlen}",
-                     dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=variants)))
+                     dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=variants,
+                          timeout=40 + 12 * len(variants))))
+    if sweep:
+        for causal in (False, True):
+            variants = [("", {})] + [(_variant_label(cfg), _variant(cfg)) for cfg in tuning_candidates(256)]
+            jobs.append((f"bench d=256 causal={int(causal)} s=4096",
+                         dict(kind="bench", head_dim=256, causal=causal, seqlen=4096, variants=variants,
+                              timeout=40 + 12 * len(variants))))
     return jobs
 
 
@@ -248,6 +390,8 @@ def main():
     parser.add_argument("--timeout", type=int, default=60, help="seconds per child process (watchdog)")
     parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
     parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
+    parser.add_argument("--sweep", action="store_true",
+                        help="benchmark only: every tuning candidate (gluon_forward.tuning_candidates) at s=4096")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -264,15 +408,16 @@ def main():
         print(f"no CUDA device? {type(error).__name__}: {error}", flush=True)
     start = time.time()
     statuses = {}
-    for label, job in build_jobs(args.quick):
-        if args.only and job["kind"] != args.only:
+    sys.path.insert(0, SRC)
+    for label, job in build_jobs(args.quick, args.sweep):
+        if (args.only and job["kind"] != args.only) or (args.sweep and job["kind"] != "bench"):
             continue
         left = args.budget - (time.time() - start)
         if left < 15:
             print(f"== {label}: SKIPPED (budget of {args.budget} s spent)", flush=True)
             statuses[label] = "skipped"
             continue
-        statuses[label] = run_job(job, min(args.timeout, int(left)), label)
+        statuses[label] = run_job(job, min(max(args.timeout, job.get("timeout", 0)), int(left)), label)
     bad = {label: status for label, status in statuses.items() if status != "ok"}
     print(f"== done in {time.time() - start:.0f}s: cases PASS {COUNTS['PASS']} FAIL {COUNTS['FAIL']}; "
           f"{len(statuses) - len(bad)}/{len(statuses)} jobs ran to the end" + (f"; not ok: {bad}" if bad else ""),

@@ -3,7 +3,8 @@
 Against a materialised float32 reference with the flash_attn error rule (at most twice the error of
 the same reference run in the input dtype, plus atol), against PyTorch's own FlashAttention-2
 (``aten._flash_attention_forward``, the seed) where it has the feature, with dropout masks compared
-bit for bit with pyflash.philox. Both load paths (TMA descriptors on Hopper, pointers) are run.
+bit for bit with pyflash.philox. The Gluon kernel (where it handles a case) and the Triton kernel over both load paths (TMA
+descriptors on Hopper, pointers) are run.
 """
 import math
 
@@ -41,7 +42,7 @@ def make_params(head_dim, batch, num_heads, causal=False, window=(-1, -1), softc
                            2**40 + 99, 1234 if dropout_p > 0 else 0)
 
 
-def run_forward(q, k, v, params, seqlens, return_softmax=False, use_tma=None):
+def run_forward(q, k, v, params, seqlens, return_softmax=False, use_tma=None, kernel=None):
     """out, lse (and p) from the kernel, outputs poisoned first so a missed element shows."""
     out = torch.full_like(q, math.nan)
     lse_shape = (q.shape[1], q.shape[0]) if seqlens.is_varlen else (q.shape[0], q.shape[2], q.shape[1])
@@ -50,7 +51,7 @@ def run_forward(q, k, v, params, seqlens, return_softmax=False, use_tma=None):
     if return_softmax:
         rounded = [(n + 127) // 128 * 128 for n in (seqlens.max_seqlen_q, seqlens.max_seqlen_k)]
         p = torch.zeros(seqlens.batch_size, q.shape[-2], *rounded, dtype=q.dtype, device="cuda")
-    forward(q, k, v, out, lse, p, params, seqlens, use_tma=use_tma)
+    forward(q, k, v, out, lse, p, params, seqlens, use_tma=use_tma, kernel=kernel)
     return out, lse, p
 
 
@@ -77,15 +78,21 @@ DENSE = [
 ]
 
 
-@pytest.mark.parametrize("use_tma", [None, False], ids=["default", "pointers"])
+# default: the Gluon kernel where it handles the case; triton: the Triton kernel (TMA loads on Hopper);
+# pointers: the Triton kernel over pointer loads.
+PATHS = {"default": (None, None), "triton": (None, "triton"), "pointers": (False, "triton")}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", DENSE, ids=lambda c: f"{c[:6]}-{str(c[6])[6:]}-{c[7]}".replace(" ", ""))
-def test_dense(case, use_tma):
+def test_dense(case, path):
+    use_tma, kernel = PATHS[path]
     batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, dtype, features = case
     q, k, v = make_inputs([(batch, seqlen_q, heads, head_dim), (batch, seqlen_k, heads_k, head_dim),
                            (batch, seqlen_k, heads_k, head_dim)], dtype, seed=seqlen_q + head_dim)
     params = make_params(head_dim, batch, heads, **features)
     dropout = params.dropout_p > 0
-    out, lse, p = run_forward(q, k, v, params, Seqlens(batch, seqlen_q, seqlen_k), dropout, use_tma)
+    out, lse, p = run_forward(q, k, v, params, Seqlens(batch, seqlen_q, seqlen_k), dropout, use_tma, kernel)
     ref_out, ref_lse, ref_probs = reference(q, k, v, params)
     low_out, _, low_probs = reference(q, k, v, params, compute_dtype=dtype)
     assert_rule(out, ref_out, low_out, "out", dtype)

@@ -23,6 +23,7 @@ import triton.language as tl
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
+from pyflash.kernels import gluon_forward
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 
 LOG2E = math.log2(math.e)
@@ -270,8 +271,12 @@ def _one_pass_allowed(dropout: bool, return_softmax: bool) -> bool:
     return not dropout and not return_softmax
 
 
-def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=None) -> None:
+def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=None, kernel=None) -> None:
     """Fill out, softmax_lse (and p when given) per the backend contract (DEVELOPERS.md).
+
+    kernel: None runs the Gluon kernel (kernels/gluon_forward.py: Hopper, the features it has) where
+    it handles the call and this module's Triton kernel elsewhere; "triton" always runs the latter
+    (so does an explicit config).
 
     config: (block_m, block_n, num_warps, num_stages[, warp_specialize]) instead of the table's (no
     fallback to smaller tiles then: common.launch_fitting serves the table's configs);
@@ -283,6 +288,12 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     num_heads_k = k.shape[-2]
     batch = seqlens.batch_size
     if batch == 0 or q.numel() == 0:
+        return
+    if kernel not in (None, "triton"):
+        raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
+    if (kernel is None and config is None and use_tma is not False
+            and gluon_forward.supported(q, k, v, out, softmax_lse, params, seqlens, p is not None)):
+        gluon_forward.forward(q, k, v, out, softmax_lse, params, seqlens)
         return
     block_d = _block_d(head_dim)
     block_m, block_n, num_warps, num_stages, *rest = config or forward_config(q, head_dim, params.is_causal,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -55,62 +56,60 @@ AVAILABLE = _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET", "0") in
 LOG2E = math.log2(math.e)
 BLOCK_M = 128  # query rows per CTA
 WG_M = 64  # query rows per consumer warpgroup
-CONSUMER_REGS = 240  # setmaxnreg of consumer warpgroup 1 (consumer 0 gets what maxnreg leaves)
 PRODUCER_REGS = 24
-MAXNREG = 168  # 65536 registers / (3 warpgroups * 128 threads), rounded down to a multiple of 8
-
-
-def default_config(head_dim: int, causal: bool):
-    """(block_n, num_stages) for a head dim: the tiles FlashAttention-3 uses on H100, bounded by
-    registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared memory."""
-    if head_dim <= 64:
-        return 128, 3
-    if head_dim <= 128:
-        return 128, 2
-    return 64, 2
 
 
 if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
-                  batch, q_col, kv_col, start_m, n_blocks,
-                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WG_ROWS: gl.constexpr):
-        # Q: one load per consumer warpgroup so that each can start as soon as its half is in.
-        for w in gl.static_range(2):
+                  batch, q_col, kv_col, start_m, lo_blk, n_blocks,
+                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WG_ROWS: gl.constexpr, NUM_WG: gl.constexpr):
+        # Q: one load per consumer warpgroup so that each can start as soon as its rows are in.
+        for w in gl.static_range(NUM_WG):
             mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [batch, start_m + w * WG_ROWS, q_col], q_ready.index(w),
                                             q_smem.index(w))
-        for j in range(n_blocks):
-            stage = j % NUM_STAGES
+        for t in range(n_blocks):
+            stage = t % NUM_STAGES
             # Fresh mbarriers count as having completed the phase before phase 0: the first pass
             # through the ring waits on parity 1 and goes straight through.
-            phase = ((j // NUM_STAGES) & 1) ^ 1
+            phase = ((t // NUM_STAGES) & 1) ^ 1
+            row = (lo_blk + t) * BLOCK_N
             mbarrier.wait(k_empty.index(stage), phase)
             mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [batch, j * BLOCK_N, kv_col], k_ready.index(stage),
-                                            k_smem.index(stage))
+            tma.async_copy_global_to_shared(k_desc, [batch, row, kv_col], k_ready.index(stage), k_smem.index(stage))
             mbarrier.wait(v_empty.index(stage), phase)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [batch, j * BLOCK_N, kv_col], v_ready.index(stage),
-                                            v_smem.index(stage))
+            tma.async_copy_global_to_shared(v_desc, [batch, row, kv_col], v_ready.index(stage), v_smem.index(stage))
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, rows, cols, seqlen, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-        """Online-softmax step on the raw scores s (WG_M, BLOCK_N): returns p (fp32), alpha, m, l."""
+    def _softmax(s, m_i, l_i, cols, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                 MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+        """Online-softmax step on the raw scores s (WG_M, BLOCK_N) of the keys cols: returns p (fp32),
+        alpha, m, l. Scores stay in units where score_scale * s is log2(e) times the true score."""
+        if HAS_SOFTCAP:
+            # softcap * tanh(scale * qk / softcap) in log2 units (score_scale is 1 then); tanh as
+            # 1 - 2 / (e^{2x} + 1), exact to fp32 rounding and saturating cleanly to +-1.
+            x = s * softcap_in
+            s = softcap_out * (1.0 - 2.0 / (gl.exp2(x * 2.8853900817779268) + 1.0))
+        if HAS_ALIBI:
+            # -slope * |i + sk - sq - j|, alibi_coef = -slope in these units.
+            # In fp32 (exact below 2**24): no per-element integer ops, nothing for LLVM to reassociate.
+            dist = gl.abs(row_pos.to(gl.float32)[:, None] - cols.to(gl.float32)[None, :])
+            s = s + alibi_coef * dist
         if MASKED:
-            visible = cols[None, :] < seqlen
-            if CAUSAL:
-                # seqlen_q == seqlen_k: bottom-right and top-left alignment coincide.
-                visible = visible & (cols[None, :] <= rows[:, None])
+            visible = cols[None, :] < row_hi[:, None]
+            if HAS_LEFT:
+                visible = visible & (cols[None, :] >= row_lo[:, None])
             s = gl.where(visible, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_scaled = m_new * qk_scale
+        m_scaled = m_new * score_scale
         if MASKED:
             # A row with no visible key yet keeps m = -inf: subtract 0 so p and alpha are 0, not NaN.
             m_scaled = gl.where(m_new == float("-inf"), 0.0, m_scaled)
-        p = gl.exp2(s * qk_scale - m_scaled[:, None])
-        alpha = gl.exp2(m_i * qk_scale - m_scaled)
+        p = gl.exp2(s * score_scale - m_scaled[:, None])
+        alpha = gl.exp2(m_i * score_scale - m_scaled)
         l_i = l_i * alpha + gl.sum(p, 1)
         return p, alpha, m_new, l_i
 
@@ -121,34 +120,37 @@ if _IMPORT_ERROR is None:
         return count + 1
 
     @gluon.jit
-    def _pingpong_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    def _pingpong_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr):
         if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG))
+            mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
 
     @gluon.jit
-    def _attend(j, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                rows, col_offs, seqlen, qk_scale,
+    def _attend(t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                WG: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-        """Key block j >= 1: S_j = Q K_j^T and O += P_{j-1} V_{j-1} in flight together, softmax of
-        S_j under the PV GEMM, then O rescaled by alpha_j."""
+                WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
+                HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+        """The t-th key block (t >= 1) of this CTA: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight
+        together, softmax of S_t under the PV GEMM, then O rescaled by alpha_t."""
         WG_ROWS: gl.constexpr = q.shape[0]
-        stage = j % NUM_STAGES
-        prev = (j - 1) % NUM_STAGES
-        mbarrier.wait(k_ready.index(stage), (j // NUM_STAGES) & 1)
+        stage = t % NUM_STAGES
+        prev = (t - 1) % NUM_STAGES
+        mbarrier.wait(k_ready.index(stage), (t // NUM_STAGES) & 1)
         k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         s_tok = warpgroup_mma(q, k_t, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                               is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // NUM_STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // NUM_STAGES) & 1)
         o_tok = warpgroup_mma(p, v_prev, o, is_async=True)
-        _pingpong_pass(turn, WG, PINGPONG)
-        # wgmma groups retire in order: one outstanding means S_j is done, PV may still run.
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
+        # wgmma groups retire in order: one outstanding means S_t is done, PV may still run.
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage))
-        p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, rows, j * BLOCK_N + col_offs, seqlen, qk_scale, MASKED, CAUSAL)
+        cols = (lo_blk + t) * BLOCK_N + col_offs
+        p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, cols, row_lo, row_hi, row_pos, score_scale, softcap_in,
+                                          softcap_out, alibi_coef, MASKED, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -156,10 +158,13 @@ if _IMPORT_ERROR is None:
         return o, p, m_i, l_i, turn_count
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn, lse_ptr,
-                  batch, head, num_heads, q_col, start_m, seqlen, n_blocks, n_full, qk_scale, softmax_scale,
+    def _consumer(q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+                  lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                  batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                  lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-                  WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, CAUSAL: gl.constexpr):
+                  NUM_WG: gl.constexpr, WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
+                  HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
         dtype: gl.constexpr = o_desc.dtype
         # wgmma accumulators: warps stacked along M (4 warps x 16 rows), instruction N = tile N.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -171,11 +176,25 @@ if _IMPORT_ERROR is None:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         rows = start_m + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_layout)
         col_offs = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        # Bottom-right alignment: query i sits at key position i + sk - sq; it sees keys
+        # [row_pos - left, row_pos + right] within [0, sk).
+        row_pos = rows + (seqlen_k - seqlen_q)
+        row_lo = row_pos
+        if HAS_LEFT:
+            row_lo = row_pos - window_left
+        if HAS_RIGHT:
+            row_hi = gl.minimum(row_pos + window_right + 1, seqlen_k)
+        else:
+            row_hi = gl.full([WG_ROWS], 0, gl.int32, row_layout) + seqlen_k
+        alibi_coef = 0.0
+        if HAS_ALIBI:
+            alibi_coef = -gl.load(alibi_ptr + batch * stride_ab + head * stride_ah) * alibi_scale
 
         q = q_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
         mbarrier.wait(q_ready.index(WG), 0)
 
-        # Block 0 on its own (always through the mask: it may be the diagonal or the ragged end).
+        # Block 0 of the range on its own, always through the mask (a window edge, the diagonal, the
+        # ragged end, or a CTA whose rows see no key at all: then this block is all masked).
         m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([WG_ROWS], gl.float32, row_layout)
         turn_count = 0
@@ -183,99 +202,212 @@ if _IMPORT_ERROR is None:
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                               gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        _pingpong_pass(turn, WG, PINGPONG)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0))
-        p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, rows, col_offs, seqlen, qk_scale, True, CAUSAL)
+        p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo_blk * BLOCK_N + col_offs, row_lo, row_hi, row_pos,
+                                        score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
+                                        HAS_SOFTCAP, HAS_ALIBI)
         p = gl.convert_layout(p32.to(dtype), p_layout)
         o = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
 
-        # Blocks every row sees whole, then the masked tail (diagonal for causal, ragged end).
-        for j in range(1, n_full):
-            o, p, m_i, l_i, turn_count = _attend(j, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty,
-                                                 v_ready, v_empty, turn, rows, col_offs, seqlen, qk_scale, s_layout,
-                                                 o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, PINGPONG,
-                                                 False, CAUSAL)
-        for j in range(gl.maximum(n_full, 1), n_blocks):
-            o, p, m_i, l_i, turn_count = _attend(j, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty,
-                                                 v_ready, v_empty, turn, rows, col_offs, seqlen, qk_scale, s_layout,
-                                                 o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, PINGPONG,
-                                                 True, CAUSAL)
+        # Blocks [0, n_left): left window edge (masked); [n_left, n_mid): every row sees them whole;
+        # [n_mid, n_blocks): right edge / diagonal / ragged end (masked).
+        if HAS_LEFT:
+            for t in range(1, n_left):
+                o, p, m_i, l_i, turn_count = _attend(
+                    t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                    lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                    s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
+                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+        for t in range(gl.maximum(n_left, 1), n_mid):
+            o, p, m_i, l_i, turn_count = _attend(
+                t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False,
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+        for t in range(gl.maximum(n_mid, 1), n_blocks):
+            o, p, m_i, l_i, turn_count = _attend(
+                t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
 
         # Last PV GEMM.
         last = (n_blocks - 1) % NUM_STAGES
         mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         o_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
-        _pingpong_pass(turn, WG, PINGPONG)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(last))
 
-        # Epilogue: O / l through this warpgroup's (now dead) Q buffer and a TMA store; lse by pointer.
+        # Epilogue: O / l through this warpgroup's (now dead) Q buffer and a TMA store (clipped at the
+        # sequence end); lse (natural log, +inf for a row that saw no key) through its strides.
         l_safe = gl.where(l_i > 0.0, l_i, 1.0)
         o = o * gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))[:, None]
-        lse = gl.where(l_i > 0.0, m_i * softmax_scale + gl.log(l_safe), float("inf"))
-        lse_rows = lse_ptr + (batch * num_heads + head).to(gl.int64) * seqlen + rows
-        gl.store(lse_rows, lse, mask=rows < seqlen)
+        lse = gl.where(l_i > 0.0, (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+        lse_rows = (lse_ptr + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
+                    + rows.to(gl.int64) * stride_lm)
+        gl.store(lse_rows, lse, mask=rows < seqlen_q)
         q_smem.index(WG).reshape([WG_ROWS, HEAD_DIM]).store(o.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [batch, start_m + WG * WG_ROWS, q_col], q_smem.index(WG))
         tma.store_wait(0)
 
     @gluon.jit
-    def _forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, seqlen, num_heads, qk_scale, softmax_scale,
+    def _forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, alibi_ptr,
+                        stride_lb, stride_lh, stride_lm, stride_ab, stride_ah,
+                        seqlen_q, seqlen_k, num_heads, head_group, window_left, window_right,
+                        score_scale, softcap_in, softcap_out, alibi_scale,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                        CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr):
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                        HAS_ALIBI: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         WG_ROWS: gl.constexpr = q_desc.block_type.shape[1]
-        TILE_M: gl.constexpr = 2 * WG_ROWS
+        TILE_M: gl.constexpr = NUM_WG * WG_ROWS
         # Reverse order: under causal masking the last query tiles see the most keys; start them first.
         start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * TILE_M
         batch = gl.program_id(1) // num_heads
         head = gl.program_id(1) % num_heads
-        col = head * HEAD_DIM
-        if CAUSAL:
-            hi = gl.minimum(seqlen, start_m + TILE_M)
-            n_full = gl.minimum((start_m + 1) // BLOCK_N, seqlen // BLOCK_N)
-        else:
-            hi = seqlen
-            n_full = seqlen // BLOCK_N
-        n_blocks = gl.cdiv(hi, BLOCK_N)
+        q_col = head * HEAD_DIM
+        kv_col = (head // head_group) * HEAD_DIM
 
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        # The keys the tile's rows [first, last] can see (common.visible_block_ranges): [lo, hi), of
+        # which [full_lo, full_hi) every row sees whole. All non-negative before any division.
+        diag = seqlen_k - seqlen_q
+        first = start_m
+        last = gl.minimum(start_m + TILE_M, seqlen_q) - 1
+        lo = 0
+        full_lo = 0
+        hi = seqlen_k
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        if HAS_LEFT:
+            lo = gl.maximum(first + diag - window_left, 0) // BLOCK_N * BLOCK_N
+            full_lo = gl.cdiv(gl.maximum(last + diag - window_left, 0), BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = gl.minimum(last + diag + window_right + 1, seqlen_k)
+            full_hi = gl.maximum(gl.minimum(first + diag + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+        hi = gl.maximum(hi, lo)
+        full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+        full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+        lo_blk = lo // BLOCK_N
+        n_left = full_lo // BLOCK_N - lo_blk
+        n_mid = full_hi // BLOCK_N - lo_blk
+        # At least one block: a tile whose rows see no key runs one all-masked block (l = 0: O = 0, lse = +inf).
+        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N) - lo_blk, 1)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_WG] + q_desc.block_type.shape, q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        for w in gl.static_range(2):
+        for w in gl.static_range(NUM_WG):
             mbarrier.init(q_ready.index(w), count=1)
             mbarrier.init(turn.index(w), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrive per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=NUM_WG)
         if PINGPONG:
             mbarrier.arrive(turn.index(0))  # consumer 0 issues first
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn, lse_ptr,
-                         batch, head, num_heads, col, start_m, seqlen, n_blocks, n_full, qk_scale, softmax_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 0, WG_ROWS, PINGPONG, CAUSAL)),
-            (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn, lse_ptr,
-                         batch, head, num_heads, col, start_m, seqlen, n_blocks, n_full, qk_scale, softmax_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 1, WG_ROWS, PINGPONG, CAUSAL)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
-                         batch, col, col, start_m, n_blocks, BLOCK_N, NUM_STAGES, WG_ROWS)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        # (Gluon wants the partitions' argument tuples spelled out.)
+        if NUM_WG == 2:
+            gl.warp_specialize([
+                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                         BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                         HAS_SOFTCAP, HAS_ALIBI)),
+                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                         BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                         HAS_SOFTCAP, HAS_ALIBI)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready,
+                         v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks, BLOCK_N, NUM_STAGES,
+                         WG_ROWS, NUM_WG)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                         BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                         HAS_SOFTCAP, HAS_ALIBI)),
+                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                         BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                         HAS_SOFTCAP, HAS_ALIBI)),
+                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
+                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                         BLOCK_N, HEAD_DIM, NUM_STAGES, 2, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                         HAS_SOFTCAP, HAS_ALIBI)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready,
+                         v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks, BLOCK_N, NUM_STAGES,
+                         WG_ROWS, NUM_WG)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MAX_GRID_Y = 65535
+
+
+class Config(NamedTuple):
+    """A launch configuration: key block size, K/V ring depth, consumer warpgroups (64 query rows
+    each: the CTA's tile is 64 * num_wg rows) and the ping-pong GEMM schedule between them."""
+
+    block_n: int
+    num_stages: int
+    num_wg: int = 2
+    pingpong: bool = True
+
+
+def register_budget(num_wg: int):
+    """(maxnreg, consumer setmaxnreg, producer setmaxnreg): the CTA (num_wg consumer warpgroups and one
+    producer warpgroup's worth of registers) holds the register file; the producer keeps 24."""
+    groups = num_wg + 1
+    maxnreg = 65536 // (groups * 128) // 8 * 8
+    consumer = (65536 // 128 - PRODUCER_REGS) // num_wg // 8 * 8
+    return maxnreg, min(consumer, 240), PRODUCER_REGS
+
+
+def default_config(head_dim: int, causal: bool) -> Config:
+    """The tiles FlashAttention-3 uses on H100, bounded by registers (S is 64 x BLOCK_N fp32 per
+    warpgroup, O 64 x head_dim) and shared memory."""
+    if head_dim <= 64:
+        return Config(128, 3, 2, True)
+    if head_dim <= 128:
+        return Config(128, 2, 2, True)
+    return Config(64, 2, 2, True)
+
+
+def tuning_candidates(head_dim: int):
+    """Configs besides default_config worth timing (scripts/gluon_check.py --sweep ranks them; each
+    compiles without spills: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box)."""
+    if head_dim <= 64:
+        rows = ((128, 2, 2, True), (128, 4, 2, True), (128, 3, 2, False), (64, 3, 2, True), (256, 2, 2, True),
+                (128, 2, 3, True), (128, 3, 3, True), (128, 2, 3, False), (64, 4, 3, True))
+    elif head_dim <= 128:
+        rows = ((128, 3, 2, True), (128, 2, 2, False), (64, 3, 2, True), (64, 2, 3, True))
+    else:
+        rows = ((64, 2, 2, False), (64, 1, 2, True), (32, 3, 2, True))
+    return [Config(*row) for row in rows]
 
 
 def smem_layout(block_shape, torch_dtype):
@@ -283,58 +415,229 @@ def smem_layout(block_shape, torch_dtype):
     return gl.NVMMASharedLayout.get_default_for(list(block_shape), getattr(gl, _GL_DTYPES[torch_dtype]))
 
 
-def descriptor(t3, rows: int, head_dim: int):
-    """Host TMA descriptor over a (batch, seqlen, heads * head_dim) view with box [1, rows, head_dim]."""
+def _view3(t):
+    """(shape, strides) of t (batch, seqlen, heads, head_dim) as the (batch, seqlen, heads * head_dim)
+    view TMA reads, or None when that view does not exist or TMA cannot read it (16-byte aligned
+    base and strides, contiguous last dim, heads packed at head_dim). Strides of size-1 dims do not
+    matter and are replaced by aligned ones."""
+    if t.dim() != 4:
+        return None
+    batch, seqlen, heads, head_dim = t.shape
+    esize = t.element_size()
+    if t.stride(3) != 1 and head_dim > 1:
+        return None
+    if heads > 1 and t.stride(2) != head_dim:
+        return None
+    row = t.stride(1) if seqlen > 1 else heads * head_dim
+    bstride = t.stride(0) if batch > 1 else max(seqlen, 1) * row
+    if t.data_ptr() % 16 or (row * esize) % 16 or (bstride * esize) % 16 or row <= 0 or bstride <= 0:
+        return None
+    if max(row, bstride) * esize >= 1 << 40:
+        return None
+    return [batch, seqlen, heads * head_dim], [bstride, row, 1]
+
+
+def descriptor(t, rows: int, head_dim: int):
+    """Host TMA descriptor over t's (batch, seqlen, heads * head_dim) view with box [1, rows, head_dim]."""
+    shape, strides = _view3(t)
     block = [1, rows, head_dim]
-    return TensorDescriptor(t3, list(t3.shape), list(t3.stride()), block, smem_layout(block, t3.dtype))
+    return TensorDescriptor(t, shape, strides, block, smem_layout(block, t.dtype))
 
 
-def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, block_n=None, num_stages=None, pingpong=True,
-                  out=None, lse=None):
-    """Attention forward on Hopper: q, k, v (batch, seqlen, heads, head_dim) contiguous bf16/fp16,
-    same shapes. Returns (out (b, s, h, d) in q's dtype, lse (b, h, s) fp32, natural log).
+def supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) -> bool:
+    """Whether forward() handles this call exactly (the backend contract of kernels/forward.py)."""
+    try:
+        if not AVAILABLE or return_softmax or seqlens.is_varlen or params.dropout_p != 0:
+            return False
+        if not (isinstance(q, torch.Tensor) and q.is_cuda and q.dim() == 4):
+            return False
+        if torch.cuda.get_device_capability(q.device)[0] != 9:
+            return False
+        if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype == out.dtype):
+            return False
+        if any(t.device != q.device for t in (k, v, out, softmax_lse)):
+            return False
+        batch, seqlen_q, heads, head_dim = q.shape
+        if k.dim() != 4 or k.shape != v.shape or out.shape != q.shape:
+            return False
+        _, seqlen_k, heads_k, _ = k.shape
+        if head_dim not in SUPPORTED_HEAD_DIMS or k.shape[0] != batch or k.shape[-1] != head_dim:
+            return False
+        if heads_k == 0 or heads % heads_k or batch * heads > MAX_GRID_Y:
+            return False
+        if seqlens.batch_size != batch or seqlens.max_seqlen_q != seqlen_q or seqlens.max_seqlen_k != seqlen_k:
+            return False
+        if softmax_lse.dtype != torch.float32 or tuple(softmax_lse.shape) != (batch, heads, seqlen_q):
+            return False
+        alibi = params.alibi_slopes
+        if alibi is not None:
+            if alibi.dtype != torch.float32 or alibi.device != q.device:
+                return False
+            if tuple(alibi.shape) not in ((heads, ), (batch, heads)):
+                return False
+        if q.numel() == 0 or seqlen_k == 0:
+            return True  # forward() fills these without a launch
+        return all(_view3(t) is not None for t in (q, k, v, out))
+    except Exception:  # noqa: BLE001 - anything unexpected: let the Triton kernel handle it
+        return False
 
-    block_n / num_stages / pingpong override default_config (tuning); out / lse: preallocated
-    contiguous outputs to fill (tests poison them to catch rows the kernel never writes)."""
+
+def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -> None:
+    """Fill out (b, sq, h, d) and softmax_lse (b, h, sq) for a call supported() accepts.
+
+    config: a Config instead of default_config (tuning, tests)."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if batch == 0 or seqlen_q == 0 or num_heads == 0:
+        return
+    if seqlen_k == 0:
+        out.zero_()
+        softmax_lse.fill_(float("inf"))
+        return
+    causal = params.window_left < 0 and params.window_right == 0
+    cfg = config or default_config(head_dim, causal)
+    maxnreg, consumer_regs, producer_regs = register_budget(cfg.num_wg)
+
+    scale = float(params.softmax_scale)
+    softcap = float(params.softcap or 0.0)
+    if softcap > 0:
+        # Scores in log2 units: s = softcap * log2(e) * tanh(qk * scale / softcap); exp2 multiplier 1.
+        score_scale, softcap_in, softcap_out = 1.0, scale / softcap, softcap * LOG2E
+        alibi_scale = LOG2E
+    else:
+        # Raw qk; exp2(qk * scale * log2(e) - ...); an ALiBi bias b enters the raw scores as b / scale.
+        score_scale, softcap_in, softcap_out = scale * LOG2E, 0.0, 0.0
+        alibi_scale = 1.0 / scale if scale != 0 else 0.0
+    # Windows past both sequences are unbounded in effect; clamping keeps the kernel's int32 math exact.
+    bound = seqlen_q + seqlen_k
+    left = min(int(params.window_left), bound) if params.window_left >= 0 else -1
+    right = min(int(params.window_right), bound) if params.window_right >= 0 else -1
+
+    alibi = params.alibi_slopes
+    if alibi is not None:
+        stride_ab, stride_ah = (0, alibi.stride(0)) if alibi.dim() == 1 else alibi.stride()
+        alibi_arg = alibi
+    else:
+        stride_ab = stride_ah = 0
+        alibi_arg = softmax_lse  # never read
+
+    q_desc = descriptor(q, WG_M, head_dim)
+    o_desc = descriptor(out, WG_M, head_dim)
+    k_desc = descriptor(k, cfg.block_n, head_dim)
+    v_desc = descriptor(v, cfg.block_n, head_dim)
+    tile_m = WG_M * cfg.num_wg
+    grid = (triton.cdiv(seqlen_q, tile_m), batch * num_heads)
+    _forward_kernel[grid](
+        q_desc, k_desc, v_desc, o_desc, softmax_lse, alibi_arg,
+        *softmax_lse.stride(), stride_ab, stride_ah,
+        seqlen_q, seqlen_k, num_heads, num_heads // num_heads_k, left, right,
+        score_scale, softcap_in, softcap_out, alibi_scale,
+        BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+        PINGPONG=bool(cfg.pingpong), NUM_WG=cfg.num_wg, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        num_warps=4, maxnreg=maxnreg)
+
+
+def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
+                  alibi_slopes=None, block_n=None, num_stages=None, pingpong=None, num_wg=None, out=None, lse=None):
+    """Convenience entry (scripts, tests): q (b, sq, h, d), k, v (b, sk, hk, d) bf16/fp16 on an sm_90
+    GPU. Returns (out (b, sq, h, d), lse (b, h, sq) fp32, natural log). block_n / num_stages /
+    pingpong / num_wg override default_config; out / lse: preallocated outputs (any TMA-able strides)."""
+    from pyflash.params import AttentionParams, Seqlens
+
     if not AVAILABLE:
         raise RuntimeError(f"Gluon is not available here (import error {_IMPORT_ERROR!r} or TRITON_INTERPRET=1)")
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        raise RuntimeError("the Gluon forward needs a Hopper (sm_90) GPU")
-    if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype of bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.shape == k.shape == v.shape) or q.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, seqlen, heads, head_dim) of one shape: "
-                         f"{tuple(q.shape)} {tuple(k.shape)} {tuple(v.shape)}")
-    batch, seqlen, num_heads, head_dim = q.shape
-    if head_dim not in (64, 128, 256):
-        raise ValueError(f"head_dim must be 64, 128 or 256, got {head_dim}")
-    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    batch, seqlen_q, num_heads, head_dim = q.shape
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    d_block_n, d_stages = default_config(head_dim, causal)
-    block_n = block_n or d_block_n
-    num_stages = num_stages or d_stages
-
+    left, right = window_size
+    if causal:
+        right = 0
+    params = AttentionParams(softmax_scale, left, right, softcap=softcap,
+                             alibi_slopes=None if alibi_slopes is None else alibi_slopes.float())
+    seqlens = Seqlens(batch, seqlen_q, k.shape[1])
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
-        lse = torch.empty((batch, num_heads, seqlen), dtype=torch.float32, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
-    if lse.shape != (batch, num_heads, seqlen) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be a contiguous float32 tensor of shape {(batch, num_heads, seqlen)}")
-    if q.numel() == 0:
-        return out, lse
-    views = [t.view(batch, seqlen, num_heads * head_dim) for t in (q, k, v, out)]
-    q_desc = descriptor(views[0], WG_M, head_dim)
-    k_desc = descriptor(views[1], block_n, head_dim)
-    v_desc = descriptor(views[2], block_n, head_dim)
-    o_desc = descriptor(views[3], WG_M, head_dim)
-    if batch * num_heads > 65535:
-        raise ValueError("batch * heads must be at most 65535 (the grid's y dimension)")
-    grid = (triton.cdiv(seqlen, BLOCK_M), batch * num_heads)
-    _forward_kernel[grid](q_desc, k_desc, v_desc, o_desc, lse, seqlen, num_heads, softmax_scale * LOG2E,
-                          softmax_scale, BLOCK_N=block_n, HEAD_DIM=head_dim, NUM_STAGES=num_stages,
-                          CAUSAL=bool(causal), PINGPONG=bool(pingpong), CONSUMER_REGS=CONSUMER_REGS,
-                          PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
+        lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if not supported(q, k, v, out, lse, params, seqlens, False):
+        raise ValueError("this call is not supported by the Gluon forward (see supported())")
+    base = default_config(head_dim, params.is_causal)
+    cfg = Config(block_n or base.block_n, num_stages or base.num_stages, num_wg or base.num_wg,
+                 base.pingpong if pingpong is None else bool(pingpong))
+    forward(q, k, v, out, lse, params, seqlens, cfg)
     return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline compilation for sm_90 (no GPU needed): scripts/gluon_compile.py, tests/test_gluon_compile.py.
+# Needs a process where TRITON_INTERPRET is off.
+# ------------------------------------------------------------------------------------------------
+
+SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
+_SIG_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def kernel_signature(head_dim: int, block_n: int, dtype: str = "bf16"):
+    """Triton signature of _forward_kernel: Gluon TMA descriptors are typed with their shared layout."""
+    torch_dtype = _SIG_DTYPES[dtype]
+    q_block, kv_block = [1, WG_M, head_dim], [1, block_n, head_dim]
+    q_ty = f"tensordesc<{dtype}{q_block},{smem_layout(q_block, torch_dtype)!r}>"
+    kv_ty = f"tensordesc<{dtype}{kv_block},{smem_layout(kv_block, torch_dtype)!r}>"
+    sig = dict(q_desc=q_ty, k_desc=kv_ty, v_desc=kv_ty, o_desc=q_ty, lse_ptr="*fp32", alibi_ptr="*fp32",
+               score_scale="fp32", softcap_in="fp32", softcap_out="fp32", alibi_scale="fp32")
+    return {name: sig.get(name, "constexpr" if name.isupper() else "i32") for name in _forward_kernel.arg_names}
+
+
+def compile_sm90(head_dim: int, config: Config, dtype: str = "bf16", has_left: bool = False,
+                 has_right: bool = False, softcap: bool = False, alibi: bool = False):
+    """_forward_kernel compiled for sm_90 with these switches (Triton's CompiledKernel)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    maxnreg, consumer_regs, producer_regs = register_budget(config.num_wg)
+    constexprs = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, NUM_STAGES=config.num_stages, HAS_LEFT=has_left,
+                      HAS_RIGHT=has_right, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, PINGPONG=bool(config.pingpong),
+                      NUM_WG=config.num_wg, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
+    sig = kernel_signature(head_dim, config.block_n, dtype)
+    names = list(sig)
+    # As a typical launch specialises them: torch's pointers 16-byte aligned, lse's last stride 1.
+    attrs = {(names.index("lse_ptr"), ): [["tt.divisibility", 16]],
+             (names.index("alibi_ptr"), ): [["tt.divisibility", 16]]}
+    src = GluonASTSource(_forward_kernel, sig, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+
+
+def ptxas_stats(ptx: str):
+    """ptxas -v on ptx for sm_90a: dict(regs, spill_stores, spill_loads, stack, warnings, text)."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(regs=int(regs.group(1)) if regs else None,
+                spill_stores=int(spill.group(2)) if spill else None,
+                spill_loads=int(spill.group(3)) if spill else None,
+                stack=int(spill.group(1)) if spill else None,
+                warnings=[line for line in text.splitlines() if "warning" in line.lower()],
+                returncode=run.returncode, text=text)
+
+
+def offline_report(head_dim: int, config=None, dtype: str = "bf16", **flags):
+    """compile_sm90 + ptxas_stats as a plain dict (what tests/test_gluon_compile.py checks):
+    shared (bytes), regs, spill_stores, spill_loads, warnings."""
+    config = Config(*config) if config is not None else default_config(head_dim, flags.get("has_right", False))
+    compiled = compile_sm90(head_dim, config, dtype, **flags)
+    stats = ptxas_stats(compiled.asm["ptx"])
+    return dict(shared=compiled.metadata.shared, regs=stats["regs"], spill_stores=stats["spill_stores"],
+                spill_loads=stats["spill_loads"], warnings=stats["warnings"], ptxas_ok=stats["returncode"] == 0,
+                config=list(config))
