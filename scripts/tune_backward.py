@@ -181,8 +181,9 @@ def main():
         timed(case, lambda: sdpa(case, SDPBackend.FLASH_ATTENTION), "sdpa FLASH", log)
         timed(case, lambda: sdpa(case, SDPBackend.CUDNN_ATTENTION), "sdpa CUDNN", log)
         timed(case, lambda: ours(case, deterministic=False), "pyflash", log)
-        timed(case, lambda: ours(case, deterministic=False, use_tma=True), "pyflash TMA loads", log)
-        timed(case, lambda: ours(case, deterministic=False, use_tma=False), "pyflash pointer loads", log)
+        for tma in ((True, True), (True, False), (False, True), (False, False)):
+            timed(case, lambda: ours(case, deterministic=False, use_tma=tma),
+                  f"pyflash TMA loads in dK/dV {tma[0]}, dQ {tma[1]}", log)
         if backward_config(case["q"], head_dim, causal).atomic_dq:
             timed(case, lambda: ours(case, deterministic=True), "pyflash deterministic", log)
         if args.sweep:

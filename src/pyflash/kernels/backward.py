@@ -443,7 +443,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
     fallback to smaller tiles then); use_tma: force the loops' TMA loads (Q, dO in the dK/dV kernel;
-    K, V in the dQ kernel) on or off (default: the config's tma on Hopper, when the tensors allow it)."""
+    K, V in the dQ kernel) on or off, or a pair (dK/dV kernel, dQ kernel) (default: the config's tma
+    on Hopper, when the tensors allow it)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -493,10 +494,11 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     if use_tma is None:
         use_tma = cfg.tma and q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+    tma_dkdv, tma_dq = use_tma if isinstance(use_tma, tuple) else (use_tma, use_tma)
     q_rows = q.shape[0] if varlen else batch * dense_seqlen_q
     kv_rows = k.shape[0] if varlen else batch * dense_seqlen_k
-    tma_q = use_tma and all(tma_view_ok(t, q_rows, block_d, head_dim) for t in (q, dout))
-    tma_kv = use_tma and all(tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
+    tma_q = tma_dkdv and all(tma_view_ok(t, q_rows, block_d, head_dim) for t in (q, dout))
+    tma_kv = tma_dq and all(tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
 
     dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
     # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones
