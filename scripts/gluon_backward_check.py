@@ -1,0 +1,328 @@
+"""Correctness and speed of the Gluon FlashAttention-3-style backward on an H100, hang-proof.
+
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py            # full (seqlens 1k/4k/16k)
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --quick    # fewer shapes, s=4096 only
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep    # + tile variants in the benchmark
+
+Every job (one config's correctness shapes, or one benchmark shape) runs in a child process under a
+watchdog (--timeout, 60 s): a hang in warp-specialized code (mbarrier deadlock) kills that child only,
+is reported as HANG and the script goes on. A global budget (--budget, 540 s) skips what would not
+fit the 10-minute call.
+
+(a) correctness: dq, dk, dv are poisoned with NaN before the call; max |error| of each against a
+    float64 autograd reference next to the error of PyTorch's own autograd in the input dtype
+    (flash_attn's rule: ours <= 2 * theirs + 1e-3). out and lse given to the kernel come from the
+    float64 forward (out rounded to the input dtype, lse in fp32). PASS/FAIL per case.
+(b) speed: batch * seqlen = 16384, heads * head_dim = 2048, bf16, triton.testing.do_bench median,
+    TFLOP/s = 10 * b * h * s^2 * d (halved if causal), next to SDPA's cuDNN backward (autograd.grad of
+    F.scaled_dot_product_attention under sdpa_kernel(CUDNN_ATTENTION)) and pyflash's Triton backward
+    (pyflash.kernels.backward.backward). The max |difference| of our gradients from cuDNN's at the
+    benchmark shape is printed too (catches errors the small shapes miss).
+Lines are also appended as JSON to $OUT/gluon_backward_check.jsonl when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+DTYPE_NAMES = ("bf16", "fp16")
+COUNTS = {"PASS": 0, "FAIL": 0}
+
+
+def log_json(record):
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "gluon_backward_check.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Child side: runs one job (a JSON object on the command line) and prints one line per case.
+# ----------------------------------------------------------------------------------------------
+
+def _torch_dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def attention_reference(q, k, v, scale, causal):
+    """(out (b, s, h, d), lse (b, h, s)) in q's dtype (the softmax in fp32 for low precision, as
+    flash_attn's attention_ref(upcast=False)); differentiable."""
+    import torch
+
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+    scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
+    if causal:
+        s_q, s_k = q.shape[1], k.shape[1]
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(s_k - s_q + 1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    wide = scores.float() if scores.dtype != torch.float64 else scores
+    lse = torch.logsumexp(wide, dim=-1)
+    probs = torch.softmax(wide, dim=-1).to(q.dtype)
+    return torch.matmul(probs, vh).transpose(1, 2), lse
+
+
+def reference_grads(q, k, v, dout, scale, causal, dtype):
+    import torch
+
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = attention_reference(qr, kr, vr, scale, causal)
+    grads = torch.autograd.grad(out, (qr, kr, vr), dout.to(dtype))
+    return out.detach(), lse.detach(), grads
+
+
+def check_case(shape, causal, dtype_name, variant):
+    import torch
+
+    from pyflash.kernels.gluon_backward import backward_gluon
+
+    batch, seqlen, heads, head_dim = shape
+    dtype = _torch_dtype(dtype_name)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(shape, generator=gen, device="cuda", dtype=dtype) for _ in range(4))
+    scale = head_dim ** -0.5
+    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, scale, causal, torch.float64)
+    _, _, low = reference_grads(q, k, v, dout, scale, causal, dtype)
+    out = ref_out.to(dtype).contiguous()
+    lse = ref_lse.float().contiguous()
+    dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
+    backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=dq, dk=dk, dv=dv, **variant)
+    torch.cuda.synchronize()
+    result = dict(ok=True, finite=True)
+    for name, ours, theirs, exact in zip(("dq", "dk", "dv"), (dq, dk, dv), low, ref):
+        err = (ours.double() - exact).abs().max().item()
+        pt_err = (theirs.double() - exact).abs().max().item()
+        finite = bool(torch.isfinite(ours).all().item())
+        result[name] = dict(err=err, pt_err=pt_err)
+        result["finite"] &= finite
+        result["ok"] &= finite and err <= 2 * pt_err + 1e-3
+    return result
+
+
+def bench_case(seqlen, head_dim, causal, variants):
+    import torch
+    import torch.nn.functional as F
+    import triton
+    import triton.testing
+
+    batch, heads = 16384 // seqlen, 2048 // head_dim
+    flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+                     for _ in range(4))
+    scale = head_dim ** -0.5
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
+                                                           False, scale=scale)
+    lse = lse[..., :seqlen].contiguous()
+    results = {}
+
+    def timed(name, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            results[name] = dict(ms=ms, tflops=flops / ms * 1e-9)
+        except Exception as error:  # noqa: BLE001 - one failing backend must not hide the others
+            results[name] = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}")
+            traceback.print_exc()
+
+    from pyflash.kernels.gluon_backward import backward_gluon
+
+    ours = {}
+    for label, variant in variants:
+        grads = tuple(torch.empty_like(q) for _ in range(3))
+        accum = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+
+        def run(variant=variant, grads=grads, accum=accum):
+            backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=grads[0], dk=grads[1], dv=grads[2],
+                           dq_accum=accum, **variant)
+        timed(f"gluon{label}", run)
+        ours[label] = grads
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    cudnn_grads = {}
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o_cudnn = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+
+        def cudnn():
+            cudnn_grads["g"] = torch.autograd.grad(o_cudnn, (qt, kt, vt), dout.transpose(1, 2), retain_graph=True)
+        timed("cudnn", cudnn)
+    except Exception as error:  # noqa: BLE001
+        results["cudnn"] = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}")
+
+    try:
+        from pyflash.kernels.backward import backward
+        from pyflash.params import AttentionParams, Seqlens
+
+        params = AttentionParams(scale, -1, 0 if causal else -1)
+        seqlens = Seqlens(batch, seqlen, seqlen)
+        pdq, pdk, pdv = (torch.empty_like(q) for _ in range(3))
+        softmax_d = torch.empty_like(lse)
+        timed("pyflash", lambda: backward(dout, q, k, v, out, lse, pdq, pdk, pdv, softmax_d, params, seqlens,
+                                          False))
+    except Exception as error:  # noqa: BLE001
+        results["pyflash"] = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}")
+
+    if "g" in cudnn_grads:
+        for label, grads in ours.items():
+            if "error" in results.get(f"gluon{label}", {}):
+                continue
+            diffs = [(g.float() - c.transpose(1, 2).float()).abs().max().item()
+                     for g, c in zip(grads, cudnn_grads["g"])]
+            results[f"gluon{label}"]["max_diff_vs_cudnn"] = max(diffs)
+    return dict(batch=batch, heads=heads, results=results)
+
+
+def child(job):
+    import torch
+
+    print(f"[child] torch {torch.__version__}", flush=True)
+    if job["kind"] == "check":
+        for shape, variant in job["cases"]:
+            name = (f"check d={shape[3]} causal={int(job['causal'])} {job['dtype']} shape={tuple(shape)}"
+                    f"{' ' + json.dumps(variant) if variant else ''}")
+            start = time.time()
+            try:
+                r = check_case(tuple(shape), job["causal"], job["dtype"], variant)
+                cells = " ".join(f"{g} {r[g]['err']:.2e}/{2 * r[g]['pt_err'] + 1e-3:.2e}" for g in ("dq", "dk", "dv"))
+                print(f"{'PASS' if r['ok'] else 'FAIL'} {name}: err/bound {cells}"
+                      f"{'' if r['finite'] else ' NON-FINITE'} [{time.time() - start:.1f}s]", flush=True)
+                log_json(dict(name=name, **r))
+            except Exception:  # noqa: BLE001 - report the case and go on
+                print(f"FAIL {name}: exception", flush=True)
+                traceback.print_exc()
+                sys.stderr.flush()
+                log_json(dict(name=name, ok=False, error=traceback.format_exc()))
+    else:
+        name = f"bench d={job['head_dim']} causal={int(job['causal'])} s={job['seqlen']}"
+        r = bench_case(job["seqlen"], job["head_dim"], job["causal"], job["variants"])
+        cells = []
+        for key, value in r["results"].items():
+            if "error" in value:
+                cells.append(f"{key} ERROR({value['error']})")
+            else:
+                extra = f" |d|={value['max_diff_vs_cudnn']:.1e}" if "max_diff_vs_cudnn" in value else ""
+                cells.append(f"{key} {value['tflops']:6.1f}{extra}")
+        print(f"BENCH {name} b={r['batch']} h={r['heads']} TFLOP/s: " + "  ".join(cells), flush=True)
+        log_json(dict(name=name, **r))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side: builds the jobs, runs each in a child under the watchdog.
+# ----------------------------------------------------------------------------------------------
+
+def run_job(job, timeout, label):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, env.get("PYTHONPATH", "")]))
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        status = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        output, _ = proc.communicate()
+        status = f"HANG (killed after {timeout} s)"
+    output = output.decode() if isinstance(output, bytes) else (output or "")
+    for line in output.splitlines():
+        if not line.startswith("[child]"):
+            print(f"  {line}")
+        for tag in ("PASS", "FAIL"):
+            if line.startswith(tag + " "):
+                COUNTS[tag] += 1
+    print(f"== {label}: {status} [{time.time() - start:.0f}s]", flush=True)
+    if status != "ok":
+        log_json(dict(name=label, ok=False, status=status))
+    return status
+
+
+def sweep_variants(head_dim, causal):
+    """Tile variants that compile without spills (scripts/gluon_backward_compile.py --sweep)."""
+    variants = []
+    if head_dim == 64:
+        variants += [("-st3", {"num_stages": 3})]
+    if causal:
+        variants += [("-split", {"split_mask": True})]
+    return variants
+
+
+def build_jobs(quick, sweep):
+    jobs = []
+    for head_dim, causal, dtype in itertools.product((64, 128), (False, True), DTYPE_NAMES):
+        cases = [([2, 1000, 3, head_dim], {}), ([1, 77, 2, head_dim], {}), ([1, 128, 1, head_dim], {})]
+        if not quick:
+            cases += [([1, 1, 1, head_dim], {}), ([1, 300, 2, head_dim], {})]
+            if dtype == "bf16":
+                cases += [([2, 1000, 3, head_dim], v) for _, v in sweep_variants(head_dim, causal)]
+        jobs.append((f"check d={head_dim} causal={int(causal)} {dtype}",
+                     dict(kind="check", causal=causal, dtype=dtype, cases=cases)))
+    for head_dim, causal, seqlen in itertools.product((64, 128), (False, True),
+                                                      (4096, ) if quick else (1024, 4096, 16384)):
+        variants = [("", {})]
+        if sweep:
+            variants += sweep_variants(head_dim, causal)
+        jobs.append((f"bench d={head_dim} causal={int(causal)} s={seqlen}",
+                     dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=variants)))
+    return jobs
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="three shapes per config, one seqlen in the benchmark")
+    parser.add_argument("--sweep", action="store_true", help="also time the tile variants")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds per child process (watchdog)")
+    parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
+    parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    try:
+        import torch
+        import triton
+
+        print(f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}, "
+              f"device {torch.cuda.get_device_name()}", flush=True)
+    except Exception as error:  # noqa: BLE001 - the children report the details
+        print(f"no CUDA device? {type(error).__name__}: {error}", flush=True)
+    start = time.time()
+    statuses = {}
+    for label, job in build_jobs(args.quick, args.sweep):
+        if args.only and job["kind"] != args.only:
+            continue
+        left = args.budget - (time.time() - start)
+        if left < 15:
+            print(f"== {label}: SKIPPED (budget of {args.budget} s spent)", flush=True)
+            statuses[label] = "skipped"
+            continue
+        statuses[label] = run_job(job, min(args.timeout, int(left)), label)
+    bad = {label: status for label, status in statuses.items() if status != "ok"}
+    print(f"== done in {time.time() - start:.0f}s: cases PASS {COUNTS['PASS']} FAIL {COUNTS['FAIL']}; "
+          f"{len(statuses) - len(bad)}/{len(statuses)} jobs ran to the end" + (f"; not ok: {bad}" if bad else ""),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
