@@ -1,7 +1,9 @@
 """Correctness and speed of the Gluon FlashAttention-3-style forward on an H100, hang-proof.
 
-    PYTHONPATH=src python3 scripts/gluon_check.py            # full: ~6-8 minutes on a fresh machine
-    PYTHONPATH=src python3 scripts/gluon_check.py --quick    # one shape per config
+    PYTHONPATH=src python3 scripts/gluon_check.py --quick               # ~4 min: every feature once per head dim
+    PYTHONPATH=src python3 scripts/gluon_check.py --sweep               # rank the tuning candidates (s=4096)
+    PYTHONPATH=src python3 scripts/gluon_check.py --only check          # every correctness case (~8-10 min)
+    PYTHONPATH=src python3 scripts/gluon_check.py --only bench          # seqlens 1k / 4k / 16k
 
 Every group of kernel launches (one config's correctness shapes, or one benchmark shape) runs in a
 child process under a watchdog (--timeout, 60 s): a hang in warp-specialized code (it happened with
@@ -10,7 +12,11 @@ the script goes on. A global budget (--budget, 540 s) skips what would not fit t
 
 (a) correctness: out is poisoned with NaN (lse too) before the call; max |error| against a float64
     reference next to the error of PyTorch's own math in the input dtype (flash_attn's rule:
-    ours <= 2 * theirs + 1e-3), lse (natural log) against float64 within 2e-3. PASS/FAIL per case.
+    ours <= 2 * theirs + 1e-3), lse (natural log) against float64 within 2e-3, +inf exactly for rows
+    that see no key; strided out / lse must leave the buffer around them untouched (NaN).
+    Features: GQA/MQA, seqlen_q != seqlen_k both ways, windows (left, right, both, causal), softcap,
+    ALiBi ((h) and (b, h) slopes), strided out / lse, packed q/k/v, every tuning candidate.
+    PASS/FAIL per case.
 (b) speed: batch * seqlen = 16384, heads * head_dim = 2048, triton.testing.do_bench median, TFLOP/s
     = 4 * b * h * s^2 * d (halved if causal), next to SDPA's cuDNN backend and pyflash's Triton forward.
 Lines are also appended as JSON to $OUT/gluon_check.jsonl when OUT is set.
@@ -315,9 +321,7 @@ def feature_cases(head_dim, quick):
     d = head_dim
     cases = [
         dict(shape=[2, 1000, 8, d], hk=2, causal=True),                      # GQA
-        dict(shape=[2, 300, 4, d], sk=1000, hk=1, causal=True),              # MQA, sq < sk
         dict(shape=[2, 1000, 3, d], sk=300, causal=True),                    # sq > sk: 700 rows see no key
-        dict(shape=[2, 777, 3, d], sk=1000, window=[256, 0]),                # sliding window, causal side
         dict(shape=[2, 1000, 3, d], window=[100, 50], softcap=5.0),          # two-sided window + softcap
         dict(shape=[2, 1000, 3, d], sk=777, alibi="bh", causal=True),        # ALiBi (b, h), sq > sk
         dict(shape=[2, 1000, 4, d], hk=2, strided_out=True, layout="packed"),  # strided out/lse, kv-packed
@@ -326,6 +330,8 @@ def feature_cases(head_dim, quick):
     ]
     if not quick:
         cases += [
+            dict(shape=[2, 300, 4, d], sk=1000, hk=1, causal=True),          # MQA, sq < sk
+            dict(shape=[2, 777, 3, d], sk=1000, window=[256, 0]),            # sliding window, causal side
             dict(shape=[2, 1000, 3, d], sk=300),                             # sq > sk, not causal
             dict(shape=[1, 1, 4, d], sk=1000, hk=4, causal=True),            # decode-like
             dict(shape=[1, 1000, 2, d], sk=1, causal=True),                  # one key: rows < 999 empty
@@ -346,22 +352,27 @@ def build_jobs(quick, sweep=False):
 
     jobs = []
     head_dims = (64, 128, 256)
-    if not sweep:
+    if not sweep and quick:
+        for head_dim in head_dims:
+            cases = [dict(shape=[2, 1000, 3, head_dim], causal=causal) for causal in (False, True)]
+            cases += feature_cases(head_dim, True)
+            jobs.append((f"check d={head_dim} bf16", dict(kind="check", dtype="bf16", cases=cases,
+                                                         timeout=30 + 12 * len(cases))))
+        cases = [dict(shape=[2, 1000, 3, d], causal=causal) for d in head_dims for causal in (False, True)]
+        jobs.append(("check fp16", dict(kind="check", dtype="fp16", cases=cases, timeout=30 + 12 * len(cases))))
+    elif not sweep:
         for head_dim, dtype in itertools.product(head_dims, DTYPE_NAMES):
             cases = []
             for causal in (False, True):
-                if quick:
-                    cases.append(dict(shape=[2, 1000, 3, head_dim], causal=causal))
-                else:
-                    cases += [dict(shape=shape, causal=causal) for shape in
-                              ([2, 1000, 3, head_dim], [1, 128, 2, head_dim], [3, 77, 2, head_dim],
-                               [1, 1, 1, head_dim], [1, 2048, 2, head_dim])]
+                cases += [dict(shape=shape, causal=causal) for shape in
+                          ([2, 1000, 3, head_dim], [1, 128, 2, head_dim], [3, 77, 2, head_dim],
+                           [1, 1, 1, head_dim], [1, 2048, 2, head_dim])]
             if dtype == "bf16":
-                cases += feature_cases(head_dim, quick)
-                if not quick:
-                    for cfg in tuning_candidates(head_dim):
-                        cases.append(dict(shape=[2, 1000, 3, head_dim], causal=True, variant=_variant(cfg)))
-            elif not quick:
+                cases += feature_cases(head_dim, False)
+                for cfg in tuning_candidates(head_dim):
+                    cases.append(dict(shape=[2, 1000, 3, head_dim], causal=True, variant=_variant(cfg)))
+                    cases.append(dict(shape=[2, 1000, 8, head_dim], hk=2, window=[300, 20], variant=_variant(cfg)))
+            else:
                 cases += feature_cases(head_dim, True)[:3]
             jobs.append((f"check d={head_dim} {dtype}", dict(kind="check", dtype=dtype, cases=cases,
                                                             timeout=30 + 12 * len(cases))))
@@ -390,6 +401,7 @@ def main():
     parser.add_argument("--timeout", type=int, default=60, help="seconds per child process (watchdog)")
     parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
     parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
+    parser.add_argument("--head-dims", type=int, nargs="+", help="only the jobs of these head dims")
     parser.add_argument("--sweep", action="store_true",
                         help="benchmark only: every tuning candidate (gluon_forward.tuning_candidates) at s=4096")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -410,6 +422,9 @@ def main():
     statuses = {}
     sys.path.insert(0, SRC)
     for label, job in build_jobs(args.quick, args.sweep):
+        head_dims = {case["shape"][3] for case in job.get("cases", [])} | {job.get("head_dim")}
+        if args.head_dims and not head_dims & set(args.head_dims):
+            continue
         if (args.only and job["kind"] != args.only) or (args.sweep and job["kind"] != "bench"):
             continue
         left = args.budget - (time.time() - start)

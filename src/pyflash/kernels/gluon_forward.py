@@ -1,20 +1,20 @@
 """FlashAttention-3-style forward for Hopper (sm_90) written in Gluon (prototype).
 
-One CTA owns BLOCK_M = 128 query rows of one (batch, head) and runs three warp-specialized
-partitions (``gl.warp_specialize``):
+One CTA owns 64 * NUM_WG (128 by default, 192 with three consumers) query rows of one
+(batch, head) and runs warp-specialized partitions (``gl.warp_specialize``):
 
 * producer (1 warp, few registers): TMA loads of the two 64-row Q halves (once) and of the K and V
   tiles into a NUM_STAGES-deep ring in shared memory.
-* consumer 0 (the default partition, 4 warps = one warpgroup) and consumer 1 (a worker partition of
-  4 warps): each owns 64 of the 128 query rows and runs the online softmax over the same key blocks
+* consumer 0 (the default partition, 4 warps = one warpgroup) and consumers 1 (, 2) (worker
+  partitions of 4 warps): each owns 64 of the query rows and runs the online softmax over the same key blocks
   with asynchronous wgmma, Q, K and V read straight from shared memory, P fed from registers.
 
 Barriers (mbarriers in shared memory, one slot per ring stage):
 
 * ``q_ready[w]``          producer -> consumer w: Q half w has landed (TMA transaction count).
 * ``k_ready/v_ready[s]``  producer -> consumers: K_j / V_j has landed in stage s.
-* ``k_empty/v_empty[s]``  consumers -> producer: both warpgroups are done reading stage s (count 2).
-* ``turn[w]`` (PINGPONG)  consumer 1-w -> consumer w: "your turn to issue GEMMs". The warpgroups
+* ``k_empty/v_empty[s]``  consumers -> producer: every consumer warpgroup is done reading stage s (count NUM_WG).
+* ``turn[w]`` (PINGPONG)  consumer w-1 -> consumer w (a ring): "your turn to issue GEMMs". The warpgroups
   alternate their GEMM issue so that one warpgroup's softmax (MUFU exp2) runs while the other's
   GEMMs occupy the tensor cores (FlashAttention-3's ping-pong schedule).
 
@@ -23,13 +23,26 @@ S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits for S_j only, runs th
 the PV GEMM still runs, then waits for the PV GEMM, rescales O and releases K_j / V_{j-1}.
 
 Scores stay in raw units; the softmax scale and log2(e) are folded into one FMA,
-p = exp2(s * scale_log2 - m * scale_log2). Only the last key block (seqlen not a multiple of
-BLOCK_N) and, for causal, the diagonal blocks go through the mask.
+p = exp2(s * scale_log2 - m * scale_log2) (with softcap the scores are already in log2 units and the
+multiplier is 1). The key range of a CTA (common.visible_block_ranges' rules) is [lo, hi): blocks
+outside it are never loaded; of the blocks inside, only those at a window edge (the diagonal for
+causal), at the ragged end of the keys, and the first one go through the mask. A CTA whose rows
+see no key runs one all-masked block (out 0, lse +inf).
 
-Tensors are (batch, seqlen, heads, head_dim) contiguous; TMA descriptors are 3-D over the
-(batch, seqlen, heads * head_dim) view with boxes [1, rows, head_dim], so loads past a sequence's end
-read zeros and the O store is clipped at the sequence end (never writes the next batch's rows).
-The O tile is staged through the (then dead) Q buffer of its warpgroup.
+Features (constexpr switches; off they compile away): GQA/MQA (kv head = head // (h // hk)),
+seqlen_q != seqlen_k with bottom-right alignment, sliding windows (HAS_LEFT / HAS_RIGHT; causal is
+right = 0), softcap (HAS_SOFTCAP), ALiBi (HAS_ALIBI). Not here: dropout, return_softmax, varlen,
+head dims other than 64 / 128 / 256 (supported() says no and kernels/forward.py's Triton kernel runs).
+
+Tensors are (batch, seqlen, heads, head_dim) with any batch / seqlen strides TMA can read (heads
+packed at head_dim, 16-byte aligned): TMA descriptors are 3-D over the (batch, seqlen, heads *
+head_dim) view with boxes [1, rows, head_dim], so loads past a sequence's end read zeros and the O
+store is clipped at the sequence end (never writes the next batch's rows or padding around out).
+The O tile is staged through the (then dead) Q buffer of its warpgroup; lse goes through its strides.
+
+Entry points: supported() / forward() (the backend contract of kernels/forward.py), forward_gluon()
+(scripts), compile_sm90() / offline_report() (offline compilation: scripts/gluon_compile.py,
+tests/test_gluon_compile.py).
 """
 from __future__ import annotations
 
@@ -54,7 +67,6 @@ except Exception as error:  # noqa: BLE001 - any failure means "not available"
 AVAILABLE = _IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 LOG2E = math.log2(math.e)
-BLOCK_M = 128  # query rows per CTA
 WG_M = 64  # query rows per consumer warpgroup
 PRODUCER_REGS = 24
 
@@ -401,7 +413,7 @@ def tuning_candidates(head_dim: int):
     """Configs besides default_config worth timing (scripts/gluon_check.py --sweep ranks them; each
     compiles without spills: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box)."""
     if head_dim <= 64:
-        rows = ((128, 2, 2, True), (128, 4, 2, True), (128, 3, 2, False), (64, 3, 2, True), (256, 2, 2, True),
+        rows = ((128, 2, 2, True), (128, 4, 2, True), (128, 3, 2, False), (64, 3, 2, True),
                 (128, 2, 3, True), (128, 3, 3, True), (128, 2, 3, False), (64, 4, 3, True))
     elif head_dim <= 128:
         rows = ((128, 3, 2, True), (128, 2, 2, False), (64, 3, 2, True), (64, 2, 3, True))
@@ -444,14 +456,31 @@ def descriptor(t, rows: int, head_dim: int):
     return TensorDescriptor(t, shape, strides, block, smem_layout(block, t.dtype))
 
 
+_CAPABILITIES = {}
+
+
+def _capability(device):
+    """torch.cuda.get_device_capability, remembered per device (it costs microseconds a call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _CAPABILITIES.get(index)
+    if found is None:
+        found = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return found
+
+
 def supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) -> bool:
     """Whether forward() handles this call exactly (the backend contract of kernels/forward.py)."""
     try:
         if not AVAILABLE or return_softmax or seqlens.is_varlen or params.dropout_p != 0:
             return False
+        # The online softmax keeps the running max of the raw scores: that needs a positive scale.
+        if not (params.softmax_scale > 0 and math.isfinite(params.softmax_scale)):
+            return False
+        if params.softcap and not (params.softcap > 0 and math.isfinite(params.softcap)):
+            return False
         if not (isinstance(q, torch.Tensor) and q.is_cuda and q.dim() == 4):
             return False
-        if torch.cuda.get_device_capability(q.device)[0] != 9:
+        if _capability(q.device)[0] != 9:
             return False
         if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype == out.dtype):
             return False
