@@ -400,10 +400,12 @@ def register_budget(num_wg: int):
 
 
 def default_config(head_dim: int, causal: bool) -> Config:
-    """The tiles FlashAttention-3 uses on H100, bounded by registers (S is 64 x BLOCK_N fp32 per
-    warpgroup, O 64 x head_dim) and shared memory."""
+    """Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
+    memory, ranked on an H100 by scripts/gluon_check.py --sweep (benchmarks/RESULTS.md). d=64: three
+    consumer warpgroups (192-row tiles) win without a mask (481 vs 424 TFLOP/s at s=4096) but lose
+    under causal masking (365 vs 385), where the diagonal wastes more of a taller tile."""
     if head_dim <= 64:
-        return Config(128, 3, 2, True)
+        return Config(128, 2, 2, True) if causal else Config(128, 3, 3, True)
     if head_dim <= 128:
         return Config(128, 2, 2, True)
     return Config(64, 2, 2, True)
