@@ -2,7 +2,9 @@
 
     PYTHONPATH=src python3 scripts/gluon_backward_check.py            # full (seqlens 1k/4k/16k)
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --quick    # fewer shapes, s=4096 only
-    PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep    # + tile variants in the benchmark
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep    # speed of tuning_candidates, s=4096
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --candidates default,acc,acc-dq2
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --only check --candidates acc,acc-dq2  # their correctness
 
 Every job (one config's correctness shapes, or one benchmark shape) runs in a child process under a
 watchdog (--timeout, 60 s): a hang in warp-specialized code (mbarrier deadlock) kills that child only,
@@ -56,10 +58,15 @@ def _torch_dtype(name):
 
 
 def attention_reference(q, k, v, scale, causal):
-    """(out (b, s, h, d), lse (b, h, s)) in q's dtype (the softmax in fp32 for low precision, as
-    flash_attn's attention_ref(upcast=False)); differentiable."""
+    """(out (b, sq, h, d), lse (b, h, sq)) in q's dtype (the softmax in fp32 for low precision, as
+    flash_attn's attention_ref(upcast=False)); differentiable. k, v (b, sk, hk, d) with h % hk == 0
+    (GQA: expanded here, so their gradients sum over the group); causal is bottom-right aligned; a row
+    that sees no key gets output 0 and lse +inf (the backend contract)."""
     import torch
 
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
     scores = torch.matmul(qh * scale, kh.transpose(-1, -2))
     if causal:
@@ -68,7 +75,9 @@ def attention_reference(q, k, v, scale, causal):
         scores = scores.masked_fill(mask, float("-inf"))
     wide = scores.float() if scores.dtype != torch.float64 else scores
     lse = torch.logsumexp(wide, dim=-1)
-    probs = torch.softmax(wide, dim=-1).to(q.dtype)
+    empty = torch.isinf(lse)
+    probs = torch.exp(wide - torch.where(empty, 0.0, lse)[..., None]).to(q.dtype)
+    lse = torch.where(empty, float("inf"), lse)
     return torch.matmul(probs, vh).transpose(1, 2), lse
 
 
@@ -81,24 +90,52 @@ def reference_grads(q, k, v, dout, scale, causal, dtype):
     return out.detach(), lse.detach(), grads
 
 
-def check_case(shape, causal, dtype_name, variant):
+def check_case(spec, causal, dtype_name, variant, strided=False):
+    """spec (batch, seqlen_q, seqlen_k, heads, heads_k, head_dim). strided: through the backend
+    contract (gluon_backward.supported / backward) with dq, dk, dv, softmax_d non-contiguous views."""
     import torch
 
-    from pyflash.kernels.gluon_backward import backward_gluon
+    from pyflash.kernels import gluon_backward as gb
+    from pyflash.params import AttentionParams, Seqlens
 
-    batch, seqlen, heads, head_dim = shape
+    batch, seqlen_q, seqlen_k, heads, heads_k, head_dim = spec
     dtype = _torch_dtype(dtype_name)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(shape, generator=gen, device="cuda", dtype=dtype) for _ in range(4))
+    q, dout = (torch.randn(batch, seqlen_q, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
+               for _ in range(2))
+    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, generator=gen, device="cuda", dtype=dtype)
+            for _ in range(2))
     scale = head_dim ** -0.5
     ref_out, ref_lse, ref = reference_grads(q, k, v, dout, scale, causal, torch.float64)
     _, _, low = reference_grads(q, k, v, dout, scale, causal, dtype)
     out = ref_out.to(dtype).contiguous()
     lse = ref_lse.float().contiguous()
-    dq, dk, dv = (torch.full_like(q, float("nan")) for _ in range(3))
-    backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=dq, dk=dk, dv=dv, **variant)
-    torch.cuda.synchronize()
     result = dict(ok=True, finite=True)
+    if strided:
+        def poisoned(t, pad):
+            shape = list(t.shape)
+            shape[-1 if pad == "d" else 2] += 8
+            big = torch.full(shape, float("nan"), dtype=t.dtype, device=t.device)
+            return big[..., :t.shape[-1]] if pad == "d" else big[:, :, :t.shape[2]]
+        dq, dk, dv = poisoned(q, "d"), poisoned(k, "h"), poisoned(v, "d")
+        softmax_d = torch.full((batch, heads, seqlen_q + 5), float("nan"), device="cuda")[..., :seqlen_q]
+        params = AttentionParams(scale, -1, 0 if causal else -1)
+        seqlens = Seqlens(batch, seqlen_q, seqlen_k)
+        if not gb.supported(dout, q, k, v, out, lse, dq, dk, dv, params, seqlens, False):
+            raise RuntimeError("supported() said no")
+        result["deterministic_refused"] = not gb.supported(dout, q, k, v, out, lse, dq, dk, dv, params, seqlens, True)
+        result["ok"] &= result["deterministic_refused"]
+        gb.backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens,
+                    gb.Config(**variant) if variant else None)
+        torch.cuda.synchronize()
+        delta = (out.double() * dout.double()).sum(-1).transpose(1, 2)
+        d_err = (softmax_d.double() - delta).abs().max().item()
+        result["softmax_d"] = dict(err=d_err)
+        result["ok"] &= bool(torch.isfinite(softmax_d).all().item()) and d_err <= 1e-3 * max(1.0, delta.abs().max().item())
+    else:
+        dq, dk, dv = torch.full_like(q, float("nan")), torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+        gb.backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=dq, dk=dk, dv=dv, **variant)
+        torch.cuda.synchronize()
     for name, ours, theirs, exact in zip(("dq", "dk", "dv"), (dq, dk, dv), low, ref):
         err = (ours.double() - exact).abs().max().item()
         pt_err = (theirs.double() - exact).abs().max().item()
@@ -109,7 +146,7 @@ def check_case(shape, causal, dtype_name, variant):
     return result
 
 
-def bench_case(seqlen, head_dim, causal, variants):
+def bench_case(seqlen, head_dim, causal, variants, baselines=True):
     import torch
     import torch.nn.functional as F
     import triton
@@ -139,6 +176,8 @@ def bench_case(seqlen, head_dim, causal, variants):
 
     from pyflash.kernels.gluon_backward import backward_gluon
 
+    if not baselines and "" not in dict(variants):
+        variants = [("", {})] + list(variants)  # the reference the candidates' gradients are compared to
     ours = {}
     for label, variant in variants:
         grads = tuple(torch.empty_like(q) for _ in range(3))
@@ -149,6 +188,14 @@ def bench_case(seqlen, head_dim, causal, variants):
                            dq_accum=accum, **variant)
         timed(f"gluon{label}", run)
         ours[label] = grads
+
+    if not baselines:
+        base = ours.get("")
+        for label, grads in ours.items():
+            if label and base is not None and "error" not in results.get(f"gluon{label}", {}):
+                results[f"gluon{label}"]["max_diff_vs_default"] = max(
+                    (g.float() - b.float()).abs().max().item() for g, b in zip(grads, base))
+        return dict(batch=batch, heads=heads, results=results)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -192,13 +239,15 @@ def child(job):
 
     print(f"[child] torch {torch.__version__}", flush=True)
     if job["kind"] == "check":
-        for shape, variant in job["cases"]:
-            name = (f"check d={shape[3]} causal={int(job['causal'])} {job['dtype']} shape={tuple(shape)}"
-                    f"{' ' + json.dumps(variant) if variant else ''}")
+        for spec, variant, strided in job["cases"]:
+            name = (f"check d={spec[5]} causal={int(job['causal'])} {job['dtype']} (b,sq,sk,h,hk)={tuple(spec[:5])}"
+                    f"{' contract/strided' if strided else ''}{' ' + json.dumps(variant) if variant else ''}")
             start = time.time()
             try:
-                r = check_case(tuple(shape), job["causal"], job["dtype"], variant)
+                r = check_case(tuple(spec), job["causal"], job["dtype"], variant, strided)
                 cells = " ".join(f"{g} {r[g]['err']:.2e}/{2 * r[g]['pt_err'] + 1e-3:.2e}" for g in ("dq", "dk", "dv"))
+                if "softmax_d" in r:
+                    cells += f" softmax_d {r['softmax_d']['err']:.1e} deterministic-refused {r['deterministic_refused']}"
                 print(f"{'PASS' if r['ok'] else 'FAIL'} {name}: err/bound {cells}"
                       f"{'' if r['finite'] else ' NON-FINITE'} [{time.time() - start:.1f}s]", flush=True)
                 log_json(dict(name=name, **r))
@@ -209,13 +258,14 @@ def child(job):
                 log_json(dict(name=name, ok=False, error=traceback.format_exc()))
     else:
         name = f"bench d={job['head_dim']} causal={int(job['causal'])} s={job['seqlen']}"
-        r = bench_case(job["seqlen"], job["head_dim"], job["causal"], job["variants"])
+        r = bench_case(job["seqlen"], job["head_dim"], job["causal"], job["variants"], job.get("baselines", True))
         cells = []
         for key, value in r["results"].items():
             if "error" in value:
                 cells.append(f"{key} ERROR({value['error']})")
             else:
                 extra = f" |d|={value['max_diff_vs_cudnn']:.1e}" if "max_diff_vs_cudnn" in value else ""
+                extra += f" |d-default|={value['max_diff_vs_default']:.1e}" if "max_diff_vs_default" in value else ""
                 cells.append(f"{key} {value['tflops']:6.1f}{extra}")
         print(f"BENCH {name} b={r['batch']} h={r['heads']} TFLOP/s: " + "  ".join(cells), flush=True)
         log_json(dict(name=name, **r))
@@ -255,40 +305,64 @@ def run_job(job, timeout, label):
     return status
 
 
-def sweep_variants(head_dim, causal):
-    """Tile variants that compile without spills (scripts/gluon_backward_compile.py --sweep)."""
-    variants = []
-    if head_dim == 64:
-        variants += [("-st3", {"num_stages": 3})]
-    if causal:
-        variants += [("-split", {"split_mask": True})]
-    return variants
+def sweep_variants(head_dim, causal, wanted=None):
+    """[(label, Config fields)] of gluon_backward.tuning_candidates (each compiles without spills:
+    scripts/gluon_backward_compile.py --sweep), filtered by the labels in wanted."""
+    sys.path.insert(0, SRC)
+    from pyflash.kernels import gluon_backward as gb
+
+    return [(f"-{label}", cfg._asdict()) for label, cfg in gb.tuning_candidates(head_dim, causal).items()
+            if wanted is None or label in wanted]
 
 
-def build_jobs(quick, sweep):
+def build_jobs(quick, sweep, wanted=None, chunk=3):
     jobs = []
+    if sweep:
+        # Speed only, s=4096: per (head_dim, causal) one job with the default config, cuDNN and the Triton
+        # backward, then the candidates a few per child (a hang loses only its chunk).
+        for head_dim, causal in itertools.product((64, 128), (False, True)):
+            tag = f"d={head_dim} causal={int(causal)} s=4096"
+            if wanted is None or "default" in wanted:
+                jobs.append((f"bench {tag}", dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=4096,
+                                                  variants=[("", {})]), None))
+            variants = sweep_variants(head_dim, causal, wanted)
+            for i in range(0, len(variants), chunk):
+                part = variants[i:i + chunk]
+                jobs.append((f"bench {tag} {' '.join(label for label, _ in part)}",
+                             dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=4096, variants=part,
+                                  baselines=False), 120))
+        return jobs
     for head_dim, causal, dtype in itertools.product((64, 128), (False, True), DTYPE_NAMES):
-        cases = [([2, 1000, 3, head_dim], {}), ([1, 77, 2, head_dim], {}), ([1, 128, 1, head_dim], {})]
+        d = head_dim
+        cases = [([2, 1000, 1000, 3, 3, d], {}, False), ([1, 77, 77, 2, 2, d], {}, False),
+                 ([1, 128, 128, 1, 1, d], {}, False),
+                 # GQA / MQA, seqlen_q != seqlen_k (bottom-right causal; sq > sk leaves rows with no key),
+                 # and the backend contract with strided outputs.
+                 ([2, 300, 517, 4, 2, d], {}, False), ([1, 517, 300, 4, 1, d], {}, False),
+                 ([2, 200, 333, 6, 3, d], {}, True)]
         if not quick:
-            cases += [([1, 1, 1, head_dim], {}), ([1, 300, 2, head_dim], {})]
+            cases += [([1, 1, 1, 1, 1, d], {}, False), ([1, 300, 300, 2, 2, d], {}, False),
+                      ([1, 1, 260, 2, 1, d], {}, False), ([1, 260, 1, 2, 2, d], {}, True)]
             if dtype == "bf16":
-                cases += [([2, 1000, 3, head_dim], v) for _, v in sweep_variants(head_dim, causal)]
+                cands = sweep_variants(head_dim, causal, wanted)
+                cases += [([2, 1000, 1000, 3, 3, d], v, False) for _, v in cands]
+                cases += [([2, 300, 517, 4, 2, d], v, True) for _, v in cands]
         jobs.append((f"check d={head_dim} causal={int(causal)} {dtype}",
-                     dict(kind="check", causal=causal, dtype=dtype, cases=cases)))
+                     dict(kind="check", causal=causal, dtype=dtype, cases=cases), None if quick else 200))
     for head_dim, causal, seqlen in itertools.product((64, 128), (False, True),
                                                       (4096, ) if quick else (1024, 4096, 16384)):
-        variants = [("", {})]
-        if sweep:
-            variants += sweep_variants(head_dim, causal)
         jobs.append((f"bench d={head_dim} causal={int(causal)} s={seqlen}",
-                     dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=variants)))
+                     dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=[("", {})]), None))
     return jobs
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="three shapes per config, one seqlen in the benchmark")
-    parser.add_argument("--sweep", action="store_true", help="also time the tile variants")
+    parser.add_argument("--sweep", action="store_true",
+                        help="speed only at s=4096: default config, cuDNN, Triton and gluon_backward.tuning_candidates")
+    parser.add_argument("--candidates", help="comma-separated candidate labels for --sweep ('default' for the "
+                                             "default/cuDNN/Triton job), e.g. default,acc,acc-dq2")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per child process (watchdog)")
     parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
     parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
@@ -308,7 +382,8 @@ def main():
         print(f"no CUDA device? {type(error).__name__}: {error}", flush=True)
     start = time.time()
     statuses = {}
-    for label, job in build_jobs(args.quick, args.sweep):
+    wanted = set(args.candidates.split(",")) if args.candidates else None
+    for label, job, job_timeout in build_jobs(args.quick, args.sweep, wanted):
         if args.only and job["kind"] != args.only:
             continue
         left = args.budget - (time.time() - start)
@@ -316,7 +391,7 @@ def main():
             print(f"== {label}: SKIPPED (budget of {args.budget} s spent)", flush=True)
             statuses[label] = "skipped"
             continue
-        statuses[label] = run_job(job, min(args.timeout, int(left)), label)
+        statuses[label] = run_job(job, min(job_timeout or args.timeout, int(left)), label)
     bad = {label: status for label, status in statuses.items() if status != "ok"}
     print(f"== done in {time.time() - start:.0f}s: cases PASS {COUNTS['PASS']} FAIL {COUNTS['FAIL']}; "
           f"{len(statuses) - len(bad)}/{len(statuses)} jobs ran to the end" + (f"; not ok: {bad}" if bad else ""),

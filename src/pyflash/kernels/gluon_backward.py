@@ -46,22 +46,34 @@ exp2 of P with the dP GEMM, and dS with the dV GEMM, and the dQ GEMM with the dK
 reduce of step i's dQ with step i+1; and the two warpgroups' GEMMs with each other's element-wise
 work (they are not forced to alternate).
 
-Causal (seqlen_q == seqlen_k): query blocks entirely above the diagonal are skipped (the loop starts
-at the block holding the key block's first key). By default every causal step applies the mask
-(query index >= key index; a no-op past the first BLOCK_N / BLOCK_M steps) in one loop body: the
-query indices are read from shared memory (a third row of the lse2/delta TMA box) because an iota
-would be hoisted out of the loop and hold 16-32 registers, which spilled. SPLIT_MASK (split_mask=True)
-keeps separate masked and unmasked loops instead (cheaper per step, but two loop bodies spill at d=128). Ragged ends need no mask: TMA reads zeros past a sequence's end (a zero K row only
-produces dS entries that meet that zero K row in dQ, and its dK, dV rows are never stored; padded
-query rows have P = 0 through lse2 = +inf), and the dQ reduce is clipped at the sequence end.
+Features: GQA/MQA (one CTA per (key block, kv head): its steps run over the query blocks of every
+query head of the group, dK/dV summed in registers), any seqlen_q / seqlen_k, causal bottom-right
+aligned (query i sees keys j <= i + seqlen_k - seqlen_q). Query blocks that see none of the CTA's keys
+are skipped (the loop starts at the block holding the first query that sees the first key). By default
+every causal step applies the mask (a no-op past the diagonal) in one loop body; the query positions
+are read from shared memory (a third row of the stats TMA box) because an iota would be hoisted out of
+the loop and hold 16-32 registers. SPLIT_MASK keeps separate masked / unmasked loops (spills at
+d=128). Ragged ends: TMA reads zeros past a sequence's end; padded query rows have P = 0 (lse +inf);
+padded keys are masked (causal) or get a -inf bias (non-causal) so no P of theirs can overflow into dQ;
+the dQ reduce is clipped at the sequence end; dK/dV rows past seqlen_k are not stored.
 
-Tensors are (batch, seqlen, heads, head_dim) contiguous; TMA descriptors are 3-D over the
-(batch, seqlen, heads * head_dim) view. dK, dV are written from registers by pointer (once per CTA).
+Variants (Config, selectable for tuning: tuning_candidates, scripts/gluon_backward_check.py --sweep):
+acc_init (-lse/scale and -delta as the initial wgmma accumulators of S^T, dP^T: the stats registers
+are live only before the GEMMs; no per-element subtraction), dq_bufs=2 (double-buffered dQ staging:
+store_wait(1)), num_stages, lpt (causal: grid with key blocks slowest, heaviest blocks first).
+
+Tensors: q, k, v, dout TMA-readable (batch, seqlen, heads, head_dim) (3-D descriptors over the
+(batch, seqlen, heads * head_dim) view); out, lse, dq, dk, dv, softmax_d through their strides.
+
+Entry points: supported() / backward() (the backend contract of kernels/backward.py; never for
+deterministic calls: the TMA reduce-add order varies), backward_gluon() (scripts), compile_sm90() /
+offline_report() (scripts/gluon_backward_compile.py, tests/test_gluon_backward_compile.py).
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -96,13 +108,6 @@ PRODUCER_REGS = 24
 MAXNREG = 168  # 65536 registers / (3 warpgroups * 128 threads), rounded down to a multiple of 8
 
 
-def default_config(head_dim: int, causal: bool):
-    """(block_m, num_stages): query rows per step and depth of the Q/dO ring."""
-    if head_dim <= 64:
-        return 64, 2
-    return 64, 2
-
-
 if _IMPORT_ERROR is None:
 
     @_gl_builtin
@@ -115,66 +120,99 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
-                  q_ready, do_ready, stage_empty, batch, bh, col, start_n, m_lo, n_steps,
-                  BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps, n_total,
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
         mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch, start_n, col], kv_ready.index(0), k_smem)
-        tma.async_copy_global_to_shared(v_desc, [batch, start_n, col], kv_ready.index(0), v_smem)
-        for t in range(n_steps):
+        tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
+        tma.async_copy_global_to_shared(v_desc, [batch, start_n, kv_col], kv_ready.index(0), v_smem)
+        # Steps run over the query heads of the kv head's group (GQA), each over its query blocks.
+        for t in range(n_total):
             stage = t % NUM_STAGES
             # Fresh mbarriers count as having completed the phase before phase 0.
             phase = ((t // NUM_STAGES) & 1) ^ 1
-            m0 = (m_lo + t) * BLOCK_M
+            head = head0 + t // n_steps
+            m0 = (m_lo + t % n_steps) * BLOCK_M
+            col = head * HEAD_DIM
             mbarrier.wait(stage_empty.index(stage), phase)
-            # Q_i with the (lse2, delta) pair of its rows: both are needed to form P.
+            # Q_i with the stats rows of its queries: both are needed to form P.
             mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + st_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [batch, m0, col], q_ready.index(stage), q_smem.index(stage))
-            tma.async_copy_global_to_shared(st_desc, [bh, 0, m0], q_ready.index(stage), st_smem.index(stage))
+            tma.async_copy_global_to_shared(st_desc, [batch * num_heads + head, 0, m0], q_ready.index(stage),
+                                            st_smem.index(stage))
             mbarrier.expect(do_ready.index(stage), do_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage), do_smem.index(stage))
 
     @gluon.jit
     def _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
-              stage_empty, ds_ready, key0, batch, dq_col, m_lo, qk_scale,
+              stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale,
               s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-              MASKED: gl.constexpr):
+              MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr):
         """One query block: dV, dK += ..., dQ partial reduced into global memory."""
         WG_ROWS: gl.constexpr = k_w.shape[0]
         HALF: gl.constexpr = HEAD_DIM // 2
         dtype: gl.constexpr = q_smem.dtype
         stage = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
-        m0 = (m_lo + t) * BLOCK_M
+        m0 = (m_lo + t % n_steps) * BLOCK_M
+        dq_col = (head0 + t // n_steps) * HEAD_DIM + WG * HALF
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-
-        mbarrier.wait(q_ready.index(stage), phase)
-        s_tok = warpgroup_mma(k_w, q.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
-                              use_acc=False, is_async=True)
-        mbarrier.wait(do_ready.index(stage), phase)
-        dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-        # wgmma groups retire in order: one outstanding means S^T is done, dP^T may still run.
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        # The [1, 4, BLOCK_M] TMA box (no swizzle; row 3 unused: boxes are powers of 2) read as 4 * BLOCK_M contiguous floats.
+        # The [1, 4, BLOCK_M] TMA box (no swizzle; row 3 unused: boxes are powers of 2) read as 4 * BLOCK_M
+        # contiguous floats: rows (lse term, delta term, query position).
         stats = st_smem.index(stage)._reinterpret(gl.float32, [4 * BLOCK_M],
                                                   gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
         row_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-        lse2 = stats.slice(0, BLOCK_M).load(row_layout)
-        p = gl.exp2(s * qk_scale - lse2[None, :])
-        if MASKED:
-            # The query indices come from shared memory (the third stats row, as floats): an iota here
-            # would be hoisted out of the loop by the compiler and hold 16-32 registers throughout.
-            queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
-            keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
-            p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
+
+        mbarrier.wait(q_ready.index(stage), phase)
+        if ACC_INIT:
+            # The row statistics enter through the wgmma accumulators (use_acc): S^T starts at
+            # -lse / scale (-inf where masked), dP^T at -delta. Their registers are live only here,
+            # before the GEMMs, instead of across the element-wise work at the register peak.
+            nlse = stats.slice(0, BLOCK_M).load(row_layout)
+            if MASKED:
+                queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
+                keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
+                s_init = gl.where(queries[None, :] >= keys[:, None], nlse[None, :], float("-inf"))
+            elif KEY_BIAS:
+                s_init = kbias[:, None] + nlse[None, :]
+            else:
+                s_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + nlse[None, :]
+            s_tok = warpgroup_mma(k_w, q.permute((1, 0)), s_init, use_acc=True, is_async=True)
+            ndelta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
+            dp_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + ndelta[None, :]
+            mbarrier.wait(do_ready.index(stage), phase)
+            dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), dp_init, use_acc=True, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale)
+        else:
+            s_tok = warpgroup_mma(k_w, q.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
+                                  use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(stage), phase)
+            dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
+                                   use_acc=False, is_async=True)
+            # wgmma groups retire in order: one outstanding means S^T is done, dP^T may still run.
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            lse2 = stats.slice(0, BLOCK_M).load(row_layout)
+            if KEY_BIAS:
+                p = gl.exp2(s * qk_scale - (lse2[None, :] - kbias[:, None]))
+            else:
+                p = gl.exp2(s * qk_scale - lse2[None, :])
+            if MASKED:
+                # The query positions come from shared memory (the third stats row, as floats): an iota
+                # here would be hoisted out of the loop by the compiler and hold 16-32 registers throughout.
+                queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
+                keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
+                p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
         p = p.to(dtype)  # dS below uses the rounded P too, as PyTorch's softmax backward does: fewer registers
         p_op = gl.convert_layout(p, op_layout)
         dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=(dp_tok, ))
-        delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
-        ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
+        if ACC_INIT:
+            ds = (p.to(gl.float32) * dp).to(dtype)
+        else:
+            delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
+            ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
         ds_op = gl.convert_layout(ds, op_layout)
         dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
 
@@ -190,10 +228,10 @@ if _IMPORT_ERROR is None:
         dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
         mbarrier.arrive(stage_empty.index(stage))
 
-        # dQ half: registers -> shared (after the previous reduce has read it) -> TMA reduce-add.
-        tma.store_wait(0)
+        # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add.
+        tma.store_wait(DQ_BUFS - 1)
         gl.thread_barrier()
-        dq_buf = dq_smem.index(WG)
+        dq_buf = dq_smem.index(WG * DQ_BUFS + t % DQ_BUFS)
         dq_buf.reshape([BLOCK_M, HALF]).store(dq)
         fence_async_shared()
         gl.thread_barrier()
@@ -202,10 +240,11 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, do_ready,
-                  stage_empty, ds_ready, dk_ptr, dv_ptr, batch, head, num_heads, seqlen,
-                  col, start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                  stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                  stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                  start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-                  CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr):
+                  CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr):
         BLOCK_N_: gl.constexpr = 2 * 64
         WG_ROWS: gl.constexpr = 64
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -220,65 +259,89 @@ if _IMPORT_ERROR is None:
         # P^T, dS^T as the register A operand of the dV / dK wgmma.
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
         key0 = start_n + WG * WG_ROWS  # first key of this warpgroup
+        # Keys past seqlen_k read as zero rows: without causal masking (which hides them) their P is
+        # forced to 0 by a -inf bias, so that no overflowing P (scores far below lse) can reach dQ.
+        keys_w = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
+        kbias = gl.where(keys_w < seqlen_k, 0.0, float("-inf"))
 
         k_full = k_smem.reshape([BLOCK_N_, HEAD_DIM])
         k_w = k_full.slice(WG * WG_ROWS, WG_ROWS, dim=0)
         v_w = v_smem.reshape([BLOCK_N_, HEAD_DIM]).slice(WG * WG_ROWS, WG_ROWS, dim=0)
         k_half = k_full.slice(WG * HALF, HALF, dim=1)
-        dq_col = col + WG * HALF
 
         dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_ready.index(0), 0)
         if SPLIT_MASK:
             # Diagonal steps through the mask, the rest without it (two copies of the loop body).
-            for t in range(0, n_masked):
-                dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
-                               q_ready, do_ready, stage_empty, ds_ready, key0, batch, dq_col, m_lo,
-                               qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True)
-            for t in range(n_masked, n_steps):
-                dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
-                               q_ready, do_ready, stage_empty, ds_ready, key0, batch, dq_col, m_lo,
-                               qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False)
+            for g in range(group):
+                for t in range(g * n_steps, g * n_steps + n_masked):
+                    dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
+                                   q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
+                                   qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True,
+                                   False, ACC_INIT, DQ_BUFS)
+                for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
+                    dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
+                                   q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
+                                   qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False,
+                                   False, ACC_INIT, DQ_BUFS)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
-            for t in range(0, n_steps):
+            for t in range(0, group * n_steps):
                 dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
-                               q_ready, do_ready, stage_empty, ds_ready, key0, batch, dq_col, m_lo,
-                               qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL)
+                               q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
+                               qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL,
+                               not CAUSAL, ACC_INIT, DQ_BUFS)
 
-        # Epilogue: dK (times the softmax scale), dV from registers by pointer, rows past the end dropped.
+        # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
         rows = start_n + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
         dcols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-        offs = (batch * seqlen + rows).to(gl.int64)[:, None] * (num_heads * HEAD_DIM) + (col + dcols)[None, :]
-        mask = (rows < seqlen)[:, None] & (dcols < HEAD_DIM)[None, :]
-        gl.store(dk_ptr + offs, (dk * softmax_scale).to(dtype), mask=mask)
-        gl.store(dv_ptr + offs, dv.to(dtype), mask=mask)
+        mask = (rows < seqlen_k)[:, None] & (dcols < HEAD_DIM)[None, :]
+        rows64 = rows.to(gl.int64)[:, None]
+        dk_offs = batch.to(gl.int64) * stride_dkb + head_k.to(gl.int64) * stride_dkh + rows64 * stride_dkn
+        dv_offs = batch.to(gl.int64) * stride_dvb + head_k.to(gl.int64) * stride_dvh + rows64 * stride_dvn
+        gl.store(dk_ptr + dk_offs + dcols[None, :], (dk * softmax_scale).to(dtype), mask=mask)
+        gl.store(dv_ptr + dv_offs + dcols[None, :], dv.to(dtype), mask=mask)
         tma.store_wait(0)
 
     @gluon.jit
-    def _backward_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk_ptr, dv_ptr, seqlen,
-                         num_heads, qk_scale, softmax_scale,
+    def _backward_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk_ptr, dv_ptr,
+                         stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                         seqlen_q, seqlen_k, num_heads, num_heads_k, qk_scale, softmax_scale,
                          BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                         CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr,
+                         DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr):
         BLOCK_N_: gl.constexpr = k_desc.block_type.shape[1]
-        HALF: gl.constexpr = HEAD_DIM // 2
-        start_n = gl.program_id(0) * BLOCK_N_
-        batch = gl.program_id(1) // num_heads
-        head = gl.program_id(1) % num_heads
-        col = head * HEAD_DIM
-        n_m = gl.cdiv(seqlen, BLOCK_M)
+        if LPT:
+            # Key blocks slowest: every (batch, kv head)'s first key block (under causal the
+            # heaviest) is launched before any second one.
+            n_blk = gl.program_id(1)
+            bhk = gl.program_id(0)
+        else:
+            n_blk = gl.program_id(0)
+            bhk = gl.program_id(1)
+        start_n = n_blk * BLOCK_N_
+        batch = bhk // num_heads_k
+        head_k = bhk % num_heads_k
+        group = num_heads // num_heads_k
+        head0 = head_k * group
+        kv_col = head_k * HEAD_DIM
+        n_m = gl.cdiv(seqlen_q, BLOCK_M)
         if CAUSAL:
-            # Query blocks from the one holding this key block's first key; the first
-            # BLOCK_N / BLOCK_M of them cross the diagonal.
-            m_lo = start_n // BLOCK_M
+            # Bottom-right alignment: query i sees keys j <= i + seqlen_k - seqlen_q. Query blocks from
+            # the one holding the first query that sees this block's first key; those before the first
+            # query that sees the block's last key cross the diagonal.
+            diag = seqlen_k - seqlen_q
+            m_lo = gl.minimum(gl.maximum(start_n - diag, 0) // BLOCK_M, n_m)
             n_steps = n_m - m_lo
-            n_masked = gl.minimum(n_steps, gl.cdiv(start_n + BLOCK_N_ - 1 - m_lo * BLOCK_M, BLOCK_M))
+            n_masked = gl.minimum(n_steps, gl.maximum(gl.cdiv(gl.maximum(start_n + BLOCK_N_ - 1 - diag, 0),
+                                                              BLOCK_M) - m_lo, 0))
         else:
             m_lo = 0
             n_steps = n_m
             n_masked = 0
+        n_total = group * n_steps
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -288,7 +351,7 @@ if _IMPORT_ERROR is None:
         st_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + st_desc.block_type.shape, st_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N_, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N_, BLOCK_M], ds_layout)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2] + dq_desc.block_type.shape, dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_BUFS] + dq_desc.block_type.shape, dq_desc.layout)
         kv_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -305,52 +368,116 @@ if _IMPORT_ERROR is None:
 
         gl.warp_specialize([
             (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
-                         do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, batch, head, num_heads, seqlen,
-                         col, start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                         BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK)),
+                         do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                         stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                         start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                         BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS)),
             (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
-                         do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, batch, head, num_heads, seqlen,
-                         col, start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                         BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK)),
+                         do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                         stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                         start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                         BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS)),
             (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
-                         kv_ready, q_ready, do_ready, stage_empty, batch, gl.program_id(1), col, start_n, m_lo,
-                         n_steps, BLOCK_M, NUM_STAGES)),
+                         kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
+                         n_steps, n_total, BLOCK_M, HEAD_DIM, NUM_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 if triton is not None:
 
     @triton.jit
-    def _preprocess_kernel(out, dout, lse, stats, seqlen, num_heads, stats_len,
+    def _preprocess_kernel(out, dout, lse, softmax_d, stats, seqlen_q, num_heads, stats_len, diag, lse_mul, delta_mul,
+                           stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+                           stride_lb, stride_lh, stride_lm, stride_sb, stride_sh, stride_sm,
                            HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-        """stats[bh, 0] = lse2 = log2(e) * lse, stats[bh, 1] = delta = rowsum(O * dO) in a
-        (b * h, 4, stats_len) fp32 buffer (row 3 unused); padding rows get lse2 = +inf, delta = 0. stats[bh, 2] holds
-        the row index itself (as a float: exact below 2**24), which the causal mask compares."""
+        """softmax_d = delta = rowsum(O * dO) (fp32, through its strides) and the (b * h, 4, stats_len)
+        fp32 rows the main kernel reads per query block: [0] lse_mul * lse, [1] delta_mul * delta,
+        [2] the query's position among the keys (row + seqlen_k - seqlen_q, as a float: exact below
+        2**24), which the causal mask compares; row 3 unused. Padding rows get lse = +inf, delta = 0."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         batch = bh // num_heads
         head = bh % num_heads
         rows = pid_m * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, HEAD_DIM)
-        valid = rows < seqlen
-        offs = ((batch * seqlen + rows).to(tl.int64) * num_heads + head)[:, None] * HEAD_DIM + cols[None, :]
-        o = tl.load(out + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        do = tl.load(dout + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        valid = rows < seqlen_q
+        rows64 = rows.to(tl.int64)
+        o_ptrs = out + batch.to(tl.int64) * stride_ob + head * stride_oh + rows64[:, None] * stride_om + cols[None, :]
+        do_ptrs = (dout + batch.to(tl.int64) * stride_dob + head * stride_doh + rows64[:, None] * stride_dom
+                   + cols[None, :])
+        o = tl.load(o_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        do = tl.load(do_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, axis=1)
+        lse_val = tl.load(lse + batch.to(tl.int64) * stride_lb + head * stride_lh + rows64 * stride_lm, mask=valid,
+                          other=float("inf"))
+        tl.store(softmax_d + batch.to(tl.int64) * stride_sb + head * stride_sh + rows64 * stride_sm, delta,
+                 mask=valid)
         base = stats + bh.to(tl.int64) * 4 * stats_len + rows
-        lse_val = tl.load(lse + bh.to(tl.int64) * seqlen + rows, mask=valid, other=float("inf"))
-        tl.store(base, lse_val * 1.4426950408889634)
-        tl.store(base + stats_len, tl.sum(o * do, axis=1))
-        tl.store(base + 2 * stats_len, rows.to(tl.float32))
+        tl.store(base, lse_val * lse_mul)
+        tl.store(base + stats_len, delta * delta_mul)
+        tl.store(base + 2 * stats_len, (rows + diag).to(tl.float32))
 
     @triton.jit
-    def _dq_convert_kernel(dq_accum, dq, numel, scale, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        acc = tl.load(dq_accum + offs, mask=mask, other=0.0)
-        tl.store(dq + offs, (acc * scale).to(dq.dtype.element_ty), mask=mask)
+    def _dq_convert_kernel(dq_accum, dq, seqlen_q, num_heads, scale, stride_qb, stride_qm, stride_qh,
+                           HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """dq (any strides) = scale * dq_accum ((b, sq, h, d) contiguous fp32)."""
+        bh = tl.program_id(1)
+        batch = bh // num_heads
+        head = bh % num_heads
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, HEAD_DIM)
+        mask = (rows < seqlen_q)[:, None]
+        rows64 = rows.to(tl.int64)
+        src = dq_accum + ((batch.to(tl.int64) * seqlen_q + rows64) * num_heads + head)[:, None] * HEAD_DIM + cols[None, :]
+        dst = dq + batch.to(tl.int64) * stride_qb + head * stride_qh + rows64[:, None] * stride_qm + cols[None, :]
+        acc = tl.load(src, mask=mask, other=0.0)
+        tl.store(dst, (acc * scale).to(dq.dtype.element_ty), mask=mask)
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_GRID_Y = 65535
+SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
+ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
+
+
+class Config(NamedTuple):
+    """A launch configuration of the main kernel.
+
+    block_m: query rows per step (64; 128 spills at d=64 and d=128, even with acc_init);
+    num_stages: depth of the Q/dO ring; split_mask (causal): separate masked and unmasked loops;
+    acc_init: -lse / scale and -delta enter as the initial wgmma accumulators of S^T and dP^T (fewer
+    live registers, no per-element subtractions); dq_bufs: dQ staging buffers per warpgroup (2: the
+    previous TMA reduce gets a whole step to finish reading its buffer); lpt (causal): grid ordered so
+    that every head's first (heaviest) key block is launched before any second one."""
+
+    block_m: int = 64
+    num_stages: int = 2
+    split_mask: bool = False
+    acc_init: bool = False
+    dq_bufs: int = 1
+    lpt: bool = False
+
+
+def default_config(head_dim: int, causal: bool) -> Config:
+    """The configuration measured on H100 (scripts/gluon_backward_check.py --quick): 480 / 414 TFLOP/s
+    at d=128 (non-causal / causal), 344 / 310 at d=64."""
+    return Config(64, 2)
+
+
+def tuning_candidates(head_dim: int, causal: bool):
+    """{label: Config} worth timing against default_config (scripts/gluon_backward_check.py --sweep);
+    each compiles without spills within Hopper's shared memory (scripts/gluon_backward_compile.py --sweep)."""
+    cands = {"acc": Config(acc_init=True), "acc-dq2": Config(acc_init=True, dq_bufs=2)}
+    if head_dim <= 64:
+        cands.update({"st3": Config(num_stages=3), "acc-st3": Config(num_stages=3, acc_init=True),
+                      "acc-st3-dq2": Config(num_stages=3, acc_init=True, dq_bufs=2)})
+    if causal:
+        cands.update({"lpt": Config(lpt=True), "acc-lpt": Config(acc_init=True, lpt=True),
+                      "acc-dq2-lpt": Config(acc_init=True, dq_bufs=2, lpt=True)})
+        if head_dim <= 64:
+            cands.update({"split": Config(split_mask=True), "acc-split": Config(acc_init=True, split_mask=True)})
+    return cands
 
 
 def smem_layout(block_shape, torch_dtype):
@@ -359,74 +486,237 @@ def smem_layout(block_shape, torch_dtype):
 
 
 def descriptor(t3, block):
-    """Host TMA descriptor over a (batch, seqlen, heads * head_dim) view with the given box."""
+    """Host TMA descriptor over a contiguous 3-D tensor with the given box."""
     return TensorDescriptor(t3, list(t3.shape), list(t3.stride()), list(block), smem_layout(block, t3.dtype))
 
 
-def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, dq=None, dk=None, dv=None,
-                   block_m=None, num_stages=None, split_mask=False, dq_accum=None):
-    """Attention backward on Hopper: dout, q, k, v, out (batch, seqlen, heads, head_dim) contiguous
-    bf16/fp16 of one shape (MHA, seqlen_q == seqlen_k), lse (batch, heads, seqlen) fp32 natural log.
-    Returns (dq, dk, dv) in q's dtype (filled in place when given: contiguous, q's shape and dtype).
+def _view3(t):
+    """(shape, strides) of t (batch, seqlen, heads, head_dim) as the (batch, seqlen, heads * head_dim)
+    view TMA reads, or None when TMA cannot read it (16-byte aligned base and strides, contiguous last
+    dim, heads packed at head_dim). Strides of size-1 dims do not matter and are replaced."""
+    if t.dim() != 4:
+        return None
+    batch, seqlen, heads, head_dim = t.shape
+    esize = t.element_size()
+    if t.stride(3) != 1 and head_dim > 1:
+        return None
+    if heads > 1 and t.stride(2) != head_dim:
+        return None
+    row = t.stride(1) if seqlen > 1 else heads * head_dim
+    bstride = t.stride(0) if batch > 1 else max(seqlen, 1) * row
+    if t.data_ptr() % 16 or (row * esize) % 16 or (bstride * esize) % 16 or row <= 0 or bstride <= 0:
+        return None
+    if max(row, bstride) * esize >= 1 << 40:
+        return None
+    return [batch, seqlen, heads * head_dim], [bstride, row, 1]
 
-    block_m / num_stages override default_config (tuning); split_mask (causal): separate masked and
-    unmasked loops (fewer ALU ops per step, but it spills at d=128: see scripts/gluon_backward_compile.py);
-    dq_accum: a preallocated fp32 buffer of q's shape (zeroed here)."""
+
+def _descriptor4(t, rows, head_dim):
+    shape, strides = _view3(t)
+    block = [1, rows, head_dim]
+    return TensorDescriptor(t, shape, strides, block, smem_layout(block, t.dtype))
+
+
+def _is_causal(params) -> bool:
+    return params.window_left < 0 and params.window_right == 0
+
+
+def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic) -> bool:
+    """Whether backward() handles this call exactly (the backend contract of kernels/backward.py):
+    dense bf16/fp16 on an sm_90 GPU, head_dim 64 / 128, MHA or GQA/MQA, any seqlen_q / seqlen_k,
+    non-causal or causal (bottom-right aligned); no dropout, softcap, ALiBi or other windows, not
+    deterministic (the dQ reduce-add order varies). q, k, v, dout TMA-readable (heads packed at
+    head_dim, 16-byte aligned strides); out, lse, dq, dk, dv, softmax_d through their strides."""
+    try:
+        if not AVAILABLE or deterministic or seqlens.is_varlen or seqlens.seqused_k is not None:
+            return False
+        if params.dropout_p != 0 or params.softcap or params.alibi_slopes is not None:
+            return False
+        if not (params.window_left < 0 and params.window_right in (-1, 0)):
+            return False
+        if not (params.softmax_scale > 0 and math.isfinite(params.softmax_scale)):
+            return False
+        if not (isinstance(q, torch.Tensor) and q.is_cuda and q.dim() == 4):
+            return False
+        if torch.cuda.get_device_capability(q.device)[0] != 9:
+            return False
+        tensors = (dout, q, k, v, out, dq, dk, dv)
+        if q.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != q.dtype for t in tensors):
+            return False
+        if any(t.device != q.device for t in (*tensors, softmax_lse)) or any(t.dim() != 4 for t in tensors):
+            return False
+        batch, seqlen_q, heads, head_dim = q.shape
+        _, seqlen_k, heads_k, _ = k.shape
+        if not (out.shape == dout.shape == dq.shape == q.shape and v.shape == dk.shape == dv.shape == k.shape):
+            return False
+        if head_dim not in SUPPORTED_HEAD_DIMS or k.shape[0] != batch or k.shape[3] != head_dim:
+            return False
+        if heads_k == 0 or heads % heads_k:
+            return False
+        if seqlens.batch_size != batch or seqlens.max_seqlen_q != seqlen_q or seqlens.max_seqlen_k != seqlen_k:
+            return False
+        if softmax_lse.dtype != torch.float32 or tuple(softmax_lse.shape) != (batch, heads, seqlen_q):
+            return False
+        if any(t.stride(3) != 1 for t in tensors if t.shape[3] > 1):
+            return False
+        if q.numel() == 0 or k.numel() == 0:
+            return True  # backward() fills these without the main kernel
+        if batch * heads_k > MAX_GRID_Y or max(seqlen_q, seqlen_k) >= 1 << 24:
+            return False
+        return all(_view3(t) is not None for t in (q, k, v, dout))
+    except Exception:  # noqa: BLE001 - anything unexpected: let the Triton kernels handle it
+        return False
+
+
+def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config: Config = None,
+             dq_accum=None) -> None:
+    """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
+
+    config: a Config instead of default_config (tuning, tests); dq_accum: a preallocated fp32
+    (b, sq, h, d) contiguous buffer (zeroed here)."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if batch == 0 or num_heads == 0:
+        return
+    causal = _is_causal(params)
+    cfg = Config(*(config or default_config(head_dim, causal)))
+    scale = float(params.softmax_scale)
+    if seqlen_q > 0:
+        stats_len = triton.cdiv(seqlen_q, cfg.block_m) * cfg.block_m
+        stats = torch.empty((batch * num_heads, 4, stats_len), dtype=torch.float32, device=q.device)
+        lse_mul, delta_mul = (-1.0 / scale, -1.0) if cfg.acc_init else (LOG2E, 1.0)
+        _preprocess_kernel[(stats_len // ROW_BLOCK, batch * num_heads)](
+            out, dout, softmax_lse, softmax_d, stats, seqlen_q, num_heads, stats_len, seqlen_k - seqlen_q,
+            lse_mul, delta_mul, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), *softmax_lse.stride(), *softmax_d.stride(), HEAD_DIM=head_dim, BLOCK=ROW_BLOCK,
+            num_warps=4)
+    if seqlen_q == 0 or seqlen_k == 0:
+        # No query or no key: dK = dV = 0, and dQ = 0 (every row sees no key).
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return
+    if dq_accum is None:
+        dq_accum = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32, device=q.device)
+    else:
+        dq_accum.zero_()
+    q_desc = _descriptor4(q, cfg.block_m, head_dim)
+    do_desc = _descriptor4(dout, cfg.block_m, head_dim)
+    k_desc = _descriptor4(k, BLOCK_N, head_dim)
+    v_desc = _descriptor4(v, BLOCK_N, head_dim)
+    dq_desc = descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim), [1, cfg.block_m, head_dim // 2])
+    st_desc = descriptor(stats, [1, 4, cfg.block_m])
+    n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
+    lpt = bool(cfg.lpt and causal)
+    grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
+    _backward_kernel[grid](
+        q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
+        scale * LOG2E, scale, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
+        SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
+    _dq_convert_kernel[(triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads)](
+        dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=head_dim,
+        BLOCK=ROW_BLOCK, num_warps=4)
+
+
+def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, dq=None, dk=None, dv=None,
+                   softmax_d=None, config=None, dq_accum=None, **overrides):
+    """Convenience entry (scripts, tests): dout, q, out (b, sq, h, d), k, v (b, sk, hk, d) bf16/fp16 on
+    an sm_90 GPU, lse (b, h, sq) fp32 natural log. Returns (dq, dk, dv) (filled in place when given).
+    config (a Config) or keyword overrides of default_config's fields (block_m=, num_stages=,
+    split_mask=, acc_init=, dq_bufs=, lpt=) pick the variant."""
+    from pyflash.params import AttentionParams, Seqlens
+
     if not AVAILABLE:
         raise RuntimeError(f"Gluon is not available here (import error {_IMPORT_ERROR!r} or TRITON_INTERPRET=1)")
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        raise RuntimeError("the Gluon backward needs a Hopper (sm_90) GPU")
-    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype == dout.dtype
-                                                                == out.dtype):
-        raise ValueError("q, k, v, out, dout must share a dtype of bf16/fp16")
-    if q.dim() != 4 or not (q.shape == k.shape == v.shape == out.shape == dout.shape):
-        raise ValueError(f"q, k, v, out, dout must be (batch, seqlen, heads, head_dim) of one shape: "
-                         f"{tuple(q.shape)} {tuple(k.shape)} {tuple(v.shape)} {tuple(out.shape)} {tuple(dout.shape)}")
-    batch, seqlen, num_heads, head_dim = q.shape
-    if head_dim not in (64, 128):
-        raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
-    if block_m is not None and block_m not in (64, 128):
-        raise ValueError(f"block_m must be 64 or 128, got {block_m}")
-    if lse.shape != (batch, num_heads, seqlen) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {(batch, num_heads, seqlen)}")
-    q, k, v, out, dout, lse = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v, out, dout, lse))
+    batch, seqlen_q, num_heads, head_dim = q.shape
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    d_block_m, d_stages = default_config(head_dim, causal)
-    block_m = block_m or d_block_m
-    num_stages = num_stages or d_stages
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
-        if t is not None and (t.shape != q.shape or t.dtype != q.dtype or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    params = AttentionParams(softmax_scale, -1, 0 if causal else -1)
+    seqlens = Seqlens(batch, seqlen_q, k.shape[1])
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    if q.numel() == 0:
-        return dq, dk, dv
-    if batch * num_heads > 65535:
-        raise ValueError("batch * heads must be at most 65535 (the grid's y dimension)")
-
-    stats_len = triton.cdiv(seqlen, block_m) * block_m
-    stats = torch.empty((batch * num_heads, 4, stats_len), dtype=torch.float32, device=q.device)
-    _preprocess_kernel[(stats_len // 64, batch * num_heads)](
-        out, dout, lse, stats, seqlen, num_heads, stats_len, HEAD_DIM=head_dim, BLOCK=64, num_warps=4)
-    if dq_accum is None:
-        dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    else:
-        dq_accum.zero_()
-
-    views = [t.view(batch, seqlen, num_heads * head_dim) for t in (q, dout, k, v, dq_accum)]
-    q_desc = descriptor(views[0], [1, block_m, head_dim])
-    do_desc = descriptor(views[1], [1, block_m, head_dim])
-    k_desc = descriptor(views[2], [1, BLOCK_N, head_dim])
-    v_desc = descriptor(views[3], [1, BLOCK_N, head_dim])
-    dq_desc = descriptor(views[4], [1, block_m, head_dim // 2])
-    st_desc = descriptor(stats, [1, 4, block_m])
-    grid = (triton.cdiv(seqlen, BLOCK_N), batch * num_heads)
-    _backward_kernel[grid](q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, seqlen, num_heads,
-                           softmax_scale * LOG2E, softmax_scale, BLOCK_M=block_m, HEAD_DIM=head_dim,
-                           NUM_STAGES=num_stages, CAUSAL=bool(causal), SPLIT_MASK=bool(split_mask and causal), CONSUMER_REGS=CONSUMER_REGS,
-                           PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
-    numel = dq.numel()
-    _dq_convert_kernel[(triton.cdiv(numel, 4096), )](dq_accum, dq, numel, softmax_scale, BLOCK=4096, num_warps=8)
+    if softmax_d is None:
+        softmax_d = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if not supported(dout, q, k, v, out, lse, dq, dk, dv, params, seqlens, False):
+        raise ValueError("this call is not supported by the Gluon backward (see supported())")
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    cfg = Config(*(config or default_config(head_dim, causal)))._replace(**overrides)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, cfg, dq_accum=dq_accum)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline compilation for sm_90 (no GPU needed): scripts/gluon_backward_compile.py,
+# tests/test_gluon_backward_compile.py. Needs a process where TRITON_INTERPRET is off.
+# ------------------------------------------------------------------------------------------------
+
+_SIG_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _desc_type(dtype: str, block):
+    return f"tensordesc<{dtype}{list(block)},{smem_layout(block, _SIG_DTYPES[dtype])!r}>"
+
+
+def kernel_signature(head_dim: int, block_m: int, dtype: str = "bf16"):
+    """Triton signature of _backward_kernel: Gluon TMA descriptors are typed with their shared layout."""
+    qd = _desc_type(dtype, [1, block_m, head_dim])
+    kvd = _desc_type(dtype, [1, BLOCK_N, head_dim])
+    sig = dict(q_desc=qd, do_desc=qd, k_desc=kvd, v_desc=kvd, dq_desc=_desc_type("fp32", [1, block_m, head_dim // 2]),
+               st_desc=_desc_type("fp32", [1, 4, block_m]), dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}",
+               qk_scale="fp32", softmax_scale="fp32")
+    return {name: sig.get(name, "constexpr" if name.isupper() else "i32") for name in _backward_kernel.arg_names}
+
+
+def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str = "bf16"):
+    """_backward_kernel compiled for sm_90 (Triton's CompiledKernel), as a typical launch specialises it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = Config(*(config or default_config(head_dim, causal)))
+    constexprs = dict(BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=bool(causal),
+                      SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init),
+                      DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=CONSUMER_REGS,
+                      PRODUCER_REGS=PRODUCER_REGS)
+    sig = kernel_signature(head_dim, cfg.block_m, dtype)
+    names = list(sig)
+    attrs = {(names.index(n), ): [["tt.divisibility", 16]]
+             for n in ("dk_ptr", "dv_ptr", "stride_dkb", "stride_dkn", "stride_dvb", "stride_dvn")}
+    src = GluonASTSource(_backward_kernel, sig, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAXNREG))
+
+
+def ptxas_stats(ptx: str):
+    """ptxas -v on ptx for sm_90a: dict(regs, spill_stores, spill_loads, stack, warnings, returncode)."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(regs=int(regs.group(1)) if regs else None,
+                spill_stores=int(spill.group(2)) if spill else None,
+                spill_loads=int(spill.group(3)) if spill else None,
+                stack=int(spill.group(1)) if spill else None,
+                warnings=[line for line in text.splitlines() if "warning" in line.lower() or "error" in line.lower()],
+                returncode=run.returncode)
+
+
+def offline_report(head_dim: int, causal: bool, config=None, dtype: str = "bf16"):
+    """compile_sm90 + ptxas_stats as a plain dict: shared (bytes), regs, spill_stores, spill_loads, warnings."""
+    cfg = Config(*(config or default_config(head_dim, causal)))
+    compiled = compile_sm90(head_dim, causal, cfg, dtype)
+    stats = ptxas_stats(compiled.asm["ptx"])
+    return dict(shared=compiled.metadata.shared, regs=stats["regs"], spill_stores=stats["spill_stores"],
+                spill_loads=stats["spill_loads"], stack=stats["stack"], warnings=stats["warnings"],
+                ptxas_ok=stats["returncode"] == 0, config=list(cfg), ptx=compiled.asm["ptx"])

@@ -1,0 +1,89 @@
+"""The Gluon FlashAttention-3-style backward (kernels/gluon_backward.py) compiled offline for Hopper
+(sm_90) on this CPU-only machine: no spills (ptxas -v) and shared memory within Hopper's 227 KB, for
+the default configs and representative tuning candidates.
+
+Gluon cannot compile in a process where TRITON_INTERPRET=1 (how the CPU tests run, tests/conftest.py),
+so the compiles run in child processes without it, each printing one JSON line per config. Skipped
+only when Gluon itself cannot be imported.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+
+SM90_MAX_SHARED = 232448
+
+# (id, head_dim, causal, dtype, Config fields (block_m, num_stages, split_mask, acc_init, dq_bufs, lpt) or None)
+CASES = [
+    ("d64-default", 64, False, "bf16", None),
+    ("d64-causal-acc-st3-dq2", 64, True, "bf16", (64, 3, False, True, 2, False)),
+    ("d64-causal-split", 64, True, "fp16", (64, 2, True, False, 1, False)),
+    ("d128-default", 128, False, "bf16", None),
+    ("d128-causal-default-fp16", 128, True, "fp16", None),
+    ("d128-causal-acc-dq2-lpt", 128, True, "bf16", (64, 2, False, True, 2, True)),
+]
+CHILDREN = 2
+
+_CHILD = r"""
+import json, sys, traceback
+from pyflash.kernels import gluon_backward as gb
+for case_id, head_dim, causal, dtype, config in json.loads(sys.argv[1]):
+    try:
+        report = gb.offline_report(head_dim, causal, config, dtype)
+        report.pop("ptx")
+    except Exception:
+        report = dict(error=traceback.format_exc())
+    print("REPORT " + json.dumps(dict(id=case_id, **report)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def reports():
+    import pyflash
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    src = os.path.dirname(os.path.dirname(os.path.abspath(pyflash.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
+    chunks = [CASES[i::CHILDREN] for i in range(CHILDREN)]
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(chunk)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for chunk in chunks if chunk]
+    found, errors = {}, []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        for line in stdout.splitlines():
+            if line.startswith("REPORT "):
+                report = json.loads(line[len("REPORT "):])
+                found[report["id"]] = report
+        if proc.returncode:
+            errors.append(stderr[-2000:])
+    return found, errors
+
+
+@pytest.mark.parametrize("case_id", [case[0] for case in CASES])
+def test_gluon_backward_compiles_clean(reports, case_id):
+    found, errors = reports
+    assert case_id in found, f"no report for {case_id}: {errors}"
+    report = found[case_id]
+    assert "error" not in report, report.get("error")
+    assert report["ptxas_ok"], report
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
+    assert report["shared"] <= SM90_MAX_SHARED, report
+    assert not report["warnings"], report["warnings"]
+
+
+def test_supported_refuses_off_gpu():
+    """Under the interpreter (or without an sm_90 GPU) the backend never claims a call."""
+    import torch
+
+    from pyflash.kernels import gluon_backward as gb
+    from pyflash.params import AttentionParams, Seqlens
+
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 8)
+    params, seqlens = AttentionParams(0.125, -1, -1), Seqlens(1, 8, 8)
+    assert not gb.supported(q, q, q, q, q, lse, q, q, q, params, seqlens, False)
