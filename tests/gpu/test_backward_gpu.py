@@ -32,13 +32,18 @@ def reference_grads(q, k, v, dout, params, batch_offset=0, compute_dtype=torch.f
     return out.detach(), lse.detach(), grads
 
 
-def run_backward(dout, q, k, v, out, lse, params, seqlens, deterministic=True, atomic_dq=False):
+def run_backward(dout, q, k, v, out, lse, params, seqlens, deterministic=True, atomic_dq=False,
+                 default_path=False):
     """dq, dk, dv, softmax_d from the kernels, outputs poisoned first so a missed element shows.
-    atomic_dq: the table's config with dQ by fp32 atomics (used when not deterministic)."""
+    atomic_dq: the table's config with dQ by fp32 atomics (used when not deterministic);
+    default_path: no config, as the API calls it (the Gluon backward where it handles the call)."""
     dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
     softmax_d = torch.full_like(lse, math.nan)
-    config = backward_config(q, q.shape[-1], params.is_causal)._replace(atomic_dq=atomic_dq)
-    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic, config=config)
+    if default_path:
+        backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
+    else:
+        config = backward_config(q, q.shape[-1], params.is_causal)._replace(atomic_dq=atomic_dq)
+        backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic, config=config)
     return dq, dk, dv, softmax_d
 
 
@@ -92,6 +97,26 @@ def test_dense_against_float32(feature, head_dim, dtype, deterministic):
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
         # fp32: the "low precision" reference is the reference; allow float32 rounding of the sums
         assert_error_rule(ours, r, lp, name, atol=1e-4 * r.abs().max().item() if dtype == torch.float32 else 1e-4)
+    delta = (dout.float() * out.to(dtype).float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(softmax_d, delta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("feature,head_dim,dtype", [
+    ("plain", 128, torch.bfloat16), ("causal", 128, torch.bfloat16), ("causal", 128, torch.float16),
+    ("plain", 128, torch.float16), ("plain", 64, torch.bfloat16), ("window", 128, torch.bfloat16)])
+def test_default_path_against_float32(feature, head_dim, dtype):
+    """As the API calls it (not deterministic, no config): the Gluon backward at d=128 without a window
+    (GQA, seqlen_q != seqlen_k), the Triton kernels elsewhere."""
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k = 2, 1000, 1531, 6, 2
+    q, k, v, dout = make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype)
+    params = make_params(head_dim, batch, num_heads, **FEATURES[feature])
+    out, lse, ref = reference_grads(q, k, v, dout, params)
+    _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
+    dq, dk, dv, softmax_d = run_backward(dout, q, k, v, out.to(dtype), lse.float(), params,
+                                         Seqlens(batch, seqlen_q, seqlen_k), deterministic=False,
+                                         default_path=True)
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
+        assert_error_rule(ours, r, lp, name)
     delta = (dout.float() * out.to(dtype).float()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(softmax_d, delta, rtol=1e-4, atol=1e-4)
 
@@ -153,7 +178,8 @@ def test_against_torch_flash(causal, window, head_dim):
         dout, q, k, v, out, lse, None, None, seqlen, seqlen, 0.0, causal, rng_state, unused, scale=scale,
         window_size_left=left if left >= 0 else None, window_size_right=right if right >= 0 else None)
     params = AttentionParams(scale, left, right)
-    dq, dk, dv, _ = run_backward(dout, q, k, v, out, lse, params, Seqlens(batch, seqlen, seqlen))
+    dq, dk, dv, _ = run_backward(dout, q, k, v, out, lse, params, Seqlens(batch, seqlen, seqlen),
+                                 deterministic=False, default_path=True)
     _, _, ref = reference_grads(q, k, v, dout, params)
     for name, ours, theirs, r in zip(("dq", "dk", "dv"), (dq, dk, dv), torch_grads, ref):
         assert_error_rule(ours, r, theirs, name)

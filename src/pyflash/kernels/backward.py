@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels import configs
+from pyflash.kernels import configs, gluon_backward
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
@@ -437,9 +437,19 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
     return (0, t.stride(0), t.stride(1)) if varlen else t.stride()
 
 
+# Head dims where the Gluon backward (kernels/gluon_backward.py) runs the calls it supports: it measured
+# faster than these kernels at d=128 (473 vs 396 TFLOP/s at s=4096, causal 420 vs 314), slower at
+# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md).
+GLUON_HEAD_DIMS = frozenset({128})
+
+
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
-             config=None, use_tma=None) -> None:
+             config=None, use_tma=None, kernel=None) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
+
+    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, and what
+    gluon_backward.supported accepts: not deterministic among others) and these Triton kernels
+    elsewhere; "triton" always runs the latter (so does an explicit config or use_tma).
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
     fallback to smaller tiles then); use_tma: force the loops' TMA loads (Q, dO in the dK/dV kernel;
@@ -451,6 +461,13 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     batch = seqlens.batch_size
     max_seqlen_q, max_seqlen_k = seqlens.max_seqlen_q, seqlens.max_seqlen_k
     if batch == 0:
+        return
+    if kernel not in (None, "triton"):
+        raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
+    if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS
+            and gluon_backward.supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens,
+                                         deterministic)):
+        gluon_backward.backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens)
         return
     block_d = _block_d(head_dim)
     cfg = BackwardConfig(*(config or backward_config(q, head_dim, params.is_causal)))
