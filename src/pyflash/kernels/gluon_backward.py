@@ -77,6 +77,8 @@ from typing import NamedTuple
 
 import torch
 
+from pyflash.kernels.gluon_forward import smem_layout
+
 try:
     import triton
     import triton.language as tl
@@ -478,11 +480,6 @@ def tuning_candidates(head_dim: int, causal: bool):
         if head_dim <= 64:
             cands.update({"split": Config(split_mask=True), "acc-split": Config(acc_init=True, split_mask=True)})
     return cands
-
-
-def smem_layout(block_shape, torch_dtype):
-    """The NVMMA shared layout (128-byte swizzle where it fits) of a TMA box of block_shape."""
-    return gl.NVMMASharedLayout.get_default_for(list(block_shape), getattr(gl, _GL_DTYPES[torch_dtype]))
 
 
 def descriptor(t3, block):

@@ -424,9 +424,18 @@ def tuning_candidates(head_dim: int):
     return [Config(*row) for row in rows]
 
 
+_LAYOUTS = {}
+
+
 def smem_layout(block_shape, torch_dtype):
-    """The NVMMA shared layout (128-byte swizzle where it fits) of a TMA box of block_shape."""
-    return gl.NVMMASharedLayout.get_default_for(list(block_shape), getattr(gl, _GL_DTYPES[torch_dtype]))
+    """The NVMMA shared layout (128-byte swizzle where it fits) of a TMA box of block_shape; remembered,
+    as building one costs ~7 us of host time and every launch needs four."""
+    key = (tuple(block_shape), torch_dtype)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[torch_dtype]
+        layout = _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(list(block_shape), element)
+    return layout
 
 
 def _view3(t):
