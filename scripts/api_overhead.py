@@ -99,14 +99,18 @@ def cuda_main(calls: int, profile: bool) -> None:
         print(f"| {name} | {us:.1f} |")
     if profile:
         fwd = lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, True, -1, -1, False, None)  # noqa: E731
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(2000):
-            fwd()
-        profiler.disable()
-        stats = pstats.Stats(profiler)
-        stats.sort_stats("cumulative").print_stats(40)
-        stats.sort_stats("tottime").print_stats(25)
+        res = fwd()
+        bwd = lambda: pyflash.mha_bwd(dout, q, k, v, res[0], res[4], None, None, None, None, 0.0, None,  # noqa: E731
+                                      True, -1, -1, False, res[5], res[6])
+        for name, call in (("mha_fwd", fwd), ("mha_bwd", bwd)):
+            print(f"== cProfile of {name} (causal), 1000 calls")
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(1000):
+                call()
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("tottime").print_stats(22)
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ from typing import NamedTuple
 
 import torch
 
-from pyflash.kernels.gluon_forward import smem_layout
+from pyflash.kernels.gluon_forward import tma_view3, smem_layout
 
 try:
     import triton
@@ -487,29 +487,8 @@ def descriptor(t3, block):
     return TensorDescriptor(t3, list(t3.shape), list(t3.stride()), list(block), smem_layout(block, t3.dtype))
 
 
-def _view3(t):
-    """(shape, strides) of t (batch, seqlen, heads, head_dim) as the (batch, seqlen, heads * head_dim)
-    view TMA reads, or None when TMA cannot read it (16-byte aligned base and strides, contiguous last
-    dim, heads packed at head_dim). Strides of size-1 dims do not matter and are replaced."""
-    if t.dim() != 4:
-        return None
-    batch, seqlen, heads, head_dim = t.shape
-    esize = t.element_size()
-    if t.stride(3) != 1 and head_dim > 1:
-        return None
-    if heads > 1 and t.stride(2) != head_dim:
-        return None
-    row = t.stride(1) if seqlen > 1 else heads * head_dim
-    bstride = t.stride(0) if batch > 1 else max(seqlen, 1) * row
-    if t.data_ptr() % 16 or (row * esize) % 16 or (bstride * esize) % 16 or row <= 0 or bstride <= 0:
-        return None
-    if max(row, bstride) * esize >= 1 << 40:
-        return None
-    return [batch, seqlen, heads * head_dim], [bstride, row, 1]
-
-
 def _descriptor4(t, rows, head_dim):
-    shape, strides = _view3(t)
+    shape, strides = tma_view3(t)
     block = [1, rows, head_dim]
     return TensorDescriptor(t, shape, strides, block, smem_layout(block, t.dtype))
 
@@ -560,7 +539,7 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
             return True  # backward() fills these without the main kernel
         if batch * heads_k > MAX_GRID_Y or max(seqlen_q, seqlen_k) >= 1 << 24:
             return False
-        return all(_view3(t) is not None for t in (q, k, v, dout))
+        return all(tma_view3(t) is not None for t in (q, k, v, dout))
     except Exception:  # noqa: BLE001 - anything unexpected: let the Triton kernels handle it
         return False
 
