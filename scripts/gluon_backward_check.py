@@ -6,6 +6,11 @@
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --candidates default,acc,acc-dq2
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --only check --candidates acc,acc-dq2  # their correctness
 
+--sweep ends with a ranking per (head_dim, causal): every timed label by TFLOP/s, with its ratio to the
+default config and to cuDNN. --only check --candidates X,Y checks just those candidates (one child per
+candidate and (head_dim, causal): bf16 MHA / ragged / GQA / MQA / sq > sk shapes and the strided backend
+contract), plus the default config's cases when 'default' is listed.
+
 Every job (one config's correctness shapes, or one benchmark shape) runs in a child process under a
 watchdog (--timeout, 60 s): a hang in warp-specialized code (mbarrier deadlock) kills that child only,
 is reported as HANG and the script goes on. A global budget (--budget, 540 s) skips what would not
@@ -28,6 +33,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 DTYPE_NAMES = ("bf16", "fp16")
 COUNTS = {"PASS": 0, "FAIL": 0}
+SPEEDS = {}  # "d=.. causal=.. s=.." -> {label: TFLOP/s}, from the children's BENCH lines
 
 
 def log_json(record):
@@ -299,6 +306,17 @@ def run_job(job, timeout, label):
         for tag in ("PASS", "FAIL"):
             if line.startswith(tag + " "):
                 COUNTS[tag] += 1
+        if line.startswith("BENCH ") and " TFLOP/s: " in line:
+            head, cells = line.split(" TFLOP/s: ", 1)
+            shape = " ".join(word for word in head.split()[1:] if word.split("=")[0] in ("d", "causal", "s"))
+            speeds = SPEEDS.setdefault(shape, {})
+            for key, value in re.findall(r"(?:^|\s)([A-Za-z][\w-]*)\s+(\d+\.\d+)(?=\s|$)", cells):
+                # The default config is re-timed next to each chunk of candidates: gluon#2, gluon#3, ...
+                entry, n = key, 1
+                while entry in speeds:
+                    n += 1
+                    entry = f"{key}#{n}"
+                speeds[entry] = float(value)
     print(f"== {label}: {status} [{time.time() - start:.0f}s]", flush=True)
     if status != "ok":
         log_json(dict(name=label, ok=False, status=status))
@@ -315,8 +333,43 @@ def sweep_variants(head_dim, causal, wanted=None):
             if wanted is None or label in wanted]
 
 
+def print_ranking():
+    """Per benchmark shape: every label timed (gluon = default config, gluon-X = candidate X, cudnn,
+    pyflash = the Triton backward) by TFLOP/s, best first."""
+    for shape, speeds in SPEEDS.items():
+        base, cudnn = speeds.get("gluon"), speeds.get("cudnn")
+        print(f"RANKING {shape}:", flush=True)
+        for rank, (label, tflops) in enumerate(sorted(speeds.items(), key=lambda item: -item[1]), 1):
+            ratios = "".join(f"  {tflops / ref:5.3f}x {name}" for name, ref in (("default", base), ("cudnn", cudnn))
+                             if ref)
+            print(f"  {rank:2d}. {label:24s} {tflops:6.1f}{ratios}", flush=True)
+        log_json(dict(name=f"ranking {shape}", speeds=speeds))
+
+
+CHECK_SHAPES = ([2, 1000, 1000, 3, 3], [1, 77, 77, 2, 2], [2, 300, 517, 4, 2], [1, 517, 300, 4, 1])
+
+
+def candidate_check_jobs(wanted):
+    """One check child per (head_dim, causal, candidate in wanted): bf16 shapes (MHA, ragged, GQA, MQA with
+    sq > sk: rows that see no key under causal) and the strided backend contract (GQA, ragged)."""
+    jobs = []
+    for head_dim, causal in itertools.product((64, 128), (False, True)):
+        for label, variant in sweep_variants(head_dim, causal, wanted):
+            cases = [(shape + [head_dim], variant, False) for shape in CHECK_SHAPES]
+            cases.append(([2, 200, 333, 6, 3, head_dim], variant, True))
+            jobs.append((f"check d={head_dim} causal={int(causal)} bf16 {label}",
+                         dict(kind="check", causal=causal, dtype="bf16", cases=cases), 90))
+    return jobs
+
+
 def build_jobs(quick, sweep, wanted=None, chunk=3):
     jobs = []
+    if wanted is not None and not sweep:
+        # The listed candidates' correctness (and their speed at s=4096 if --only bench is not excluded:
+        # use --sweep for that); the default config's own checks only when 'default' is listed.
+        jobs += candidate_check_jobs(wanted)
+        if "default" not in wanted:
+            return jobs
     if sweep:
         # Speed only, s=4096: per (head_dim, causal) one job with the default config, cuDNN and the Triton
         # backward, then the candidates a few per child (a hang loses only its chunk).
@@ -392,6 +445,8 @@ def main():
             statuses[label] = "skipped"
             continue
         statuses[label] = run_job(job, min(job_timeout or args.timeout, int(left)), label)
+    if SPEEDS:
+        print_ranking()
     bad = {label: status for label, status in statuses.items() if status != "ok"}
     print(f"== done in {time.time() - start:.0f}s: cases PASS {COUNTS['PASS']} FAIL {COUNTS['FAIL']}; "
           f"{len(statuses) - len(bad)}/{len(statuses)} jobs ran to the end" + (f"; not ok: {bad}" if bad else ""),

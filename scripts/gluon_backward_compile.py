@@ -8,6 +8,7 @@ configuration fails, spills or outgrows shared memory.
     PYTHONPATH=src .venv/bin/python scripts/gluon_backward_compile.py                  # default configs
     PYTHONPATH=src .venv/bin/python scripts/gluon_backward_compile.py --sweep          # + tuning_candidates
     PYTHONPATH=src .venv/bin/python scripts/gluon_backward_compile.py --config 128,2,0,1,1,0   # one Config
+    PYTHONPATH=src .venv/bin/python scripts/gluon_backward_compile.py --head-dims 64 --config 64,2,0,0,1,0,1,0,2  # dq_own
     PYTHONPATH=src .venv/bin/python scripts/gluon_backward_compile.py --dump /tmp/glb  # keep ttgir / ptx
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"])
     parser.add_argument("--sweep", action="store_true", help="also every tuning_candidates config")
     parser.add_argument("--config", help="one Config as comma-separated fields (block_m,num_stages,split_mask,"
-                                         "acc_init,dq_bufs,lpt) instead of the defaults")
+                                         "acc_init,dq_bufs,lpt[,dq_own,dq_early,wgs]) instead of the defaults")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dump", help="directory to write the ptx of each config")
     args = parser.parse_args()

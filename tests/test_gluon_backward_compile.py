@@ -18,7 +18,8 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 SM90_MAX_SHARED = 232448
 
-# (id, head_dim, causal, dtype, Config fields (block_m, num_stages, split_mask, acc_init, dq_bufs, lpt) or None)
+# (id, head_dim, causal, dtype, Config fields (block_m, num_stages, split_mask, acc_init, dq_bufs, lpt[, dq_own,
+# dq_early, wgs]) or None)
 CASES = [
     ("d64-default", 64, False, "bf16", None),
     ("d64-causal-acc-st3-dq2", 64, True, "bf16", (64, 3, False, True, 2, False)),
@@ -26,6 +27,11 @@ CASES = [
     ("d128-default", 128, False, "bf16", None),
     ("d128-causal-default-fp16", 128, True, "fp16", None),
     ("d128-causal-acc-dq2-lpt", 128, True, "bf16", (64, 2, False, True, 2, True)),
+    # (..., dq_own, dq_early, wgs): each warpgroup's own dQ (d=64), dQ GEMM before dK (shared dS).
+    ("d64-own", 64, False, "bf16", (64, 2, False, False, 1, False, True, False, 2)),
+    ("d64-causal-acc-own-st3", 64, True, "bf16", (64, 3, False, True, 1, False, True, False, 2)),
+    ("d128-causal-dqe", 128, True, "bf16", (64, 2, False, False, 1, False, False, True, 2)),
+    ("d128-acc-dqe-fp16", 128, False, "fp16", (64, 2, False, True, 1, False, False, True, 2)),
 ]
 CHILDREN = 2
 

@@ -60,7 +60,14 @@ the dQ reduce is clipped at the sequence end; dK/dV rows past seqlen_k are not s
 Variants (Config, selectable for tuning: tuning_candidates, scripts/gluon_backward_check.py --sweep):
 acc_init (-lse/scale and -delta as the initial wgmma accumulators of S^T, dP^T: the stats registers
 are live only before the GEMMs; no per-element subtraction), dq_bufs=2 (double-buffered dQ staging:
-store_wait(1)), num_stages, lpt (causal: grid with key blocks slowest, heaviest blocks first).
+store_wait(1)), num_stages, lpt (causal: grid with key blocks slowest, heaviest blocks first),
+dq_early (after the dS exchange the dQ GEMM is issued before the dK GEMM, and dK, which reads Q, runs
+under the dQ store / reduce; the stage is released after dK), dq_own (no dS exchange: each warpgroup
+writes its dS^T to its own shared buffer, takes dK from it (SS) and computes its own keys' contribution
+to all of dQ, in parts of <= 64 columns, each reduced by its own TMA reduce-add: the warpgroups never
+wait for each other, at the price of twice the reduce traffic; clean at d=64, one 4-byte spill at
+d=128), wgs=3 (with dq_own: three consumer warpgroups, 192 keys per CTA, K / V as one 64-row box each;
+spills at the 160 registers four warpgroups leave: not a tuning candidate).
 
 Tensors: q, k, v, dout TMA-readable (batch, seqlen, heads, head_dim) (3-D descriptors over the
 (batch, seqlen, heads * head_dim) view); out, lse, dq, dk, dv, softmax_d through their strides.
@@ -107,10 +114,12 @@ WG_N = 64  # keys per consumer warpgroup
 BLOCK_N = 2 * WG_N  # keys per CTA (two consumer warpgroups)
 CONSUMER_REGS = 240  # setmaxnreg of the consumer worker warpgroup
 PRODUCER_REGS = 24
+DQ_MAX = 64  # dq_own: columns per dQ GEMM / reduce (head_dim // DQ_MAX of them, one after the other)
 MAXNREG = 168  # 65536 registers / (3 warpgroups * 128 threads), rounded down to a multiple of 8
 
 
 if _IMPORT_ERROR is None:
+    DQ_MAX_ = gl.constexpr(DQ_MAX)
 
     @_gl_builtin
     def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
@@ -123,10 +132,20 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
                   q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps, n_total,
-                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
-        mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
-        tma.async_copy_global_to_shared(v_desc, [batch, start_n, kv_col], kv_ready.index(0), v_smem)
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, KV_BOXES: gl.constexpr):
+        if KV_BOXES == 1:
+            mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
+            tma.async_copy_global_to_shared(v_desc, [batch, start_n, kv_col], kv_ready.index(0), v_smem)
+        else:
+            # One box of K and V per consumer warpgroup.
+            rows: gl.constexpr = k_desc.block_type.shape[1]
+            mbarrier.expect(kv_ready.index(0), KV_BOXES * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+            for i in gl.static_range(KV_BOXES):
+                tma.async_copy_global_to_shared(k_desc, [batch, start_n + i * rows, kv_col], kv_ready.index(0),
+                                                k_smem.index(i))
+                tma.async_copy_global_to_shared(v_desc, [batch, start_n + i * rows, kv_col], kv_ready.index(0),
+                                                v_smem.index(i))
         # Steps run over the query heads of the kv head's group (GQA), each over its query blocks.
         for t in range(n_total):
             stage = t % NUM_STAGES
@@ -145,19 +164,36 @@ if _IMPORT_ERROR is None:
             tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage), do_smem.index(stage))
 
     @gluon.jit
+    def _dq_reduce(dq, dq_smem, index, dq_desc, batch, m0, col, PENDING: gl.constexpr):
+        """dQ part: registers -> shared (after the reduce that last read that buffer: at most PENDING newer
+        bulk groups of this warpgroup may still run) -> TMA reduce-add into global memory."""
+        tma.store_wait(PENDING)
+        gl.thread_barrier()
+        dq_buf = dq_smem.index(index)
+        dq_buf.reshape([dq.shape[0], dq.shape[1]]).store(dq)
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(dq_desc, [batch, m0, col], dq_buf)
+
+    @gluon.jit
     def _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
               stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale,
               s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-              MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr):
+              MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
+              DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr):
         """One query block: dV, dK += ..., dQ partial reduced into global memory."""
         WG_ROWS: gl.constexpr = k_w.shape[0]
         HALF: gl.constexpr = HEAD_DIM // 2
+        # Columns of dQ per GEMM / reduce: its half (dS shared by the warpgroups) or, DQ_OWN (this
+        # warpgroup's own keys' contribution to all of dQ), at most 64 (DQ_PARTS GEMMs one after the other).
+        DQ_COLS: gl.constexpr = (HEAD_DIM if HEAD_DIM <= DQ_MAX_ else DQ_MAX_) if DQ_OWN else HALF
+        DQ_PARTS: gl.constexpr = HEAD_DIM // DQ_COLS if DQ_OWN else 1
         dtype: gl.constexpr = q_smem.dtype
         stage = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
         m0 = (m_lo + t % n_steps) * BLOCK_M
-        dq_col = (head0 + t // n_steps) * HEAD_DIM + WG * HALF
+        dq_col = (head0 + t // n_steps) * HEAD_DIM + (0 if DQ_OWN else WG * HALF)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         # The [1, 4, BLOCK_M] TMA box (no swizzle; row 3 unused: boxes are powers of 2) read as 4 * BLOCK_M
@@ -215,29 +251,68 @@ if _IMPORT_ERROR is None:
         else:
             delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
             ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
-        ds_op = gl.convert_layout(ds, op_layout)
-        dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+        if DQ_OWN:
+            # dQ += dS_w K_w over this warpgroup's own keys only (full head_dim, its own TMA reduce): no
+            # exchange with the other warpgroups. dS^T -> this warpgroup's own dS buffer (the previous
+            # step's dQ / dK GEMMs, which read it, were waited for before the barriers of its dQ store).
+            # dK takes dS^T from there too (SS): no register copy of dS^T is live across the GEMMs.
+            ds_w = ds_smem.index(WG)
+            ds_w.store(ds)
+            fence_async_shared()
+            gl.thread_barrier()
+            base = WG * DQ_PARTS * DQ_BUFS + (t % DQ_BUFS) * DQ_PARTS
+            dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(0, DQ_COLS, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
+                                   is_async=True)
+            dk_tok = warpgroup_mma(ds_w, q, dk, is_async=True)
+            # dV and dQ (part 0) done; dK still runs under the dQ store.
+            dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
+            _dq_reduce(dq, dq_smem, base, dq_desc, batch, m0, dq_col, DQ_PARTS * DQ_BUFS - 1)
+            dk = warpgroup_mma_wait(0, deps=(dk_tok, ))
+            mbarrier.arrive(stage_empty.index(stage))
+            # The other column parts of dQ, one at a time (fewer live registers than one wide GEMM).
+            for part in gl.static_range(1, DQ_PARTS):
+                dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(part * DQ_COLS, DQ_COLS, dim=1),
+                                       gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
+                                       is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+                _dq_reduce(dq, dq_smem, base + part, dq_desc, batch, m0, dq_col + part * DQ_COLS,
+                           DQ_PARTS * DQ_BUFS - 1)
+        elif DQ_EARLY:
+            # The dS exchange first, then dQ before dK: dK (reads Q) runs under the dQ store below.
+            buf = t % 2
+            ds_buf = ds_smem.index(buf)
+            ds_buf.slice(WG * WG_ROWS, WG_ROWS, dim=0).store(ds)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(buf))
+            ds_op = gl.convert_layout(ds, op_layout)
+            mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
+            dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half,
+                                   gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False, is_async=True)
+            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
+        else:
+            ds_op = gl.convert_layout(ds, op_layout)
+            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
 
-        # dS^T rows of this warpgroup into the shared buffer; then dQ over both warpgroups' keys.
-        buf = t % 2
-        ds_buf = ds_smem.index(buf)
-        ds_buf.slice(WG * WG_ROWS, WG_ROWS, dim=0).store(ds)
-        fence_async_shared()
-        mbarrier.arrive(ds_ready.index(buf))
-        mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
-        dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half, gl.zeros([BLOCK_M, HALF], gl.float32, dq_layout),
-                               use_acc=False, is_async=True)
-        dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
-        mbarrier.arrive(stage_empty.index(stage))
+            # dS^T rows of this warpgroup into the shared buffer; then dQ over both warpgroups' keys.
+            buf = t % 2
+            ds_buf = ds_smem.index(buf)
+            ds_buf.slice(WG * WG_ROWS, WG_ROWS, dim=0).store(ds)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(buf))
+            mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
+            dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half,
+                                   gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False, is_async=True)
+            dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+            mbarrier.arrive(stage_empty.index(stage))
 
-        # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add.
-        tma.store_wait(DQ_BUFS - 1)
-        gl.thread_barrier()
-        dq_buf = dq_smem.index(WG * DQ_BUFS + t % DQ_BUFS)
-        dq_buf.reshape([BLOCK_M, HALF]).store(dq)
-        fence_async_shared()
-        gl.thread_barrier()
-        _tma_reduce_add(dq_desc, [batch, m0, dq_col], dq_buf)
+        if not DQ_OWN:
+            # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add.
+            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1)
+            if DQ_EARLY:
+                dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
+                mbarrier.arrive(stage_empty.index(stage))
         return dk, dv
 
     @gluon.jit
@@ -246,10 +321,12 @@ if _IMPORT_ERROR is None:
                   stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                   start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-                  CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr):
-        BLOCK_N_: gl.constexpr = 2 * 64
+                  CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
+                  NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr):
         WG_ROWS: gl.constexpr = 64
+        BLOCK_N_: gl.constexpr = NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
+        DQ_COLS: gl.constexpr = (HEAD_DIM if HEAD_DIM <= DQ_MAX_ else DQ_MAX_) if DQ_OWN else HALF
         dtype: gl.constexpr = q_smem.dtype
         # wgmma accumulators: warps stacked along M (4 warps x 16 rows), instruction N = tile N.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -257,7 +334,7 @@ if _IMPORT_ERROR is None:
         kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, HEAD_DIM, 16])
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, HALF, 16])
+                                                            instr_shape=[16, DQ_COLS, 16])
         # P^T, dS^T as the register A operand of the dV / dK wgmma.
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
         key0 = start_n + WG * WG_ROWS  # first key of this warpgroup
@@ -266,10 +343,15 @@ if _IMPORT_ERROR is None:
         keys_w = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
         kbias = gl.where(keys_w < seqlen_k, 0.0, float("-inf"))
 
-        k_full = k_smem.reshape([BLOCK_N_, HEAD_DIM])
-        k_w = k_full.slice(WG * WG_ROWS, WG_ROWS, dim=0)
-        v_w = v_smem.reshape([BLOCK_N_, HEAD_DIM]).slice(WG * WG_ROWS, WG_ROWS, dim=0)
-        k_half = k_full.slice(WG * HALF, HALF, dim=1)
+        if NUM_WG == 3:
+            k_w = k_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
+            v_w = v_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
+            k_half = k_w  # unused (DQ_OWN)
+        else:
+            k_full = k_smem.reshape([BLOCK_N_, HEAD_DIM])
+            k_w = k_full.slice(WG * WG_ROWS, WG_ROWS, dim=0)
+            v_w = v_smem.reshape([BLOCK_N_, HEAD_DIM]).slice(WG * WG_ROWS, WG_ROWS, dim=0)
+            k_half = k_full.slice(0 if DQ_OWN else WG * HALF, HALF, dim=1)  # unused with DQ_OWN
 
         dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
@@ -281,19 +363,19 @@ if _IMPORT_ERROR is None:
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True,
-                                   False, ACC_INIT, DQ_BUFS)
+                                   False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY)
                 for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False,
-                                   False, ACC_INIT, DQ_BUFS)
+                                   False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
                 dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL,
-                               not CAUSAL, ACC_INIT, DQ_BUFS)
+                               not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY)
 
         # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
         rows = start_n + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
@@ -313,8 +395,12 @@ if _IMPORT_ERROR is None:
                          BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                          CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr,
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                         PRODUCER_REGS: gl.constexpr):
-        BLOCK_N_: gl.constexpr = k_desc.block_type.shape[1]
+                         PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
+                         DQ_EARLY: gl.constexpr):
+        # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
+        KV_SPLIT: gl.constexpr = NUM_WG == 3
+        WG_N_: gl.constexpr = 64
+        BLOCK_N_: gl.constexpr = k_desc.block_type.shape[1] * (NUM_WG if KV_SPLIT else 1)
         if LPT:
             # Key blocks slowest: every (batch, kv head)'s first key block (under causal the
             # heaviest) is launched before any second one.
@@ -348,12 +434,23 @@ if _IMPORT_ERROR is None:
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+        if KV_SPLIT:
+            k_smem = gl.allocate_shared_memory(dtype, [NUM_WG] + k_desc.block_type.shape, k_desc.layout)
+            v_smem = gl.allocate_shared_memory(dtype, [NUM_WG] + v_desc.block_type.shape, v_desc.layout)
+        else:
+            k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+            v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
         st_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + st_desc.block_type.shape, st_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N_, BLOCK_M], dtype)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N_, BLOCK_M], ds_layout)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * DQ_BUFS] + dq_desc.block_type.shape, dq_desc.layout)
+        if DQ_OWN:
+            # Each warpgroup reads back only its own dS^T rows, after its own barrier: one buffer each.
+            ds_own_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_N_, BLOCK_M], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_N_, BLOCK_M], ds_own_layout)
+        else:
+            ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N_, BLOCK_M], ds_layout)
+        DQ_PARTS: gl.constexpr = HEAD_DIM // dq_desc.block_type.shape[2] if DQ_OWN else 1
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG * DQ_PARTS * DQ_BUFS] + dq_desc.block_type.shape,
+                                            dq_desc.layout)
         kv_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -363,26 +460,53 @@ if _IMPORT_ERROR is None:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
-            mbarrier.init(stage_empty.index(i), count=2)  # one arrive per consumer warpgroup
+            mbarrier.init(stage_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
         for i in gl.static_range(2):
             mbarrier.init(ds_ready.index(i), count=2)
         fence_async_shared()
 
-        gl.warp_specialize([
-            (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
-                         do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
-                         stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                         start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                         BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS)),
-            (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
-                         do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
-                         stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                         start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                         BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS)),
-            (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
-                         kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
-                         n_steps, n_total, BLOCK_M, HEAD_DIM, NUM_STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if NUM_WG == 3:
+            gl.warp_specialize([
+                (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                             do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                             stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
+                             DQ_EARLY)),
+                (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                             do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                             stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
+                             DQ_EARLY)),
+                (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                             do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                             stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
+                             DQ_EARLY)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
+                             kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
+                             n_steps, n_total, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                             do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                             stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
+                             DQ_EARLY)),
+                (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                             do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                             stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
+                             DQ_EARLY)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
+                             kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
+                             n_steps, n_total, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 if triton is not None:
@@ -451,7 +575,11 @@ class Config(NamedTuple):
     acc_init: -lse / scale and -delta enter as the initial wgmma accumulators of S^T and dP^T (fewer
     live registers, no per-element subtractions); dq_bufs: dQ staging buffers per warpgroup (2: the
     previous TMA reduce gets a whole step to finish reading its buffer); lpt (causal): grid ordered so
-    that every head's first (heaviest) key block is launched before any second one."""
+    that every head's first (heaviest) key block is launched before any second one;
+    dq_own: each consumer warpgroup computes dQ over its own 64 keys (full head_dim: dS^T never leaves
+    the warpgroup, no dS exchange between warpgroups, one TMA reduce per warpgroup and step instead of
+    one half-width reduce each); dq_early (shared dS only): the dQ GEMM before the dK GEMM, so that dK
+    runs under the dQ store; wgs: consumer warpgroups of 64 keys each (3 needs dq_own: 192 keys per CTA)."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -459,6 +587,32 @@ class Config(NamedTuple):
     acc_init: bool = False
     dq_bufs: int = 1
     lpt: bool = False
+    dq_own: bool = False
+    dq_early: bool = False
+    wgs: int = 2
+
+
+def kv_box_rows(cfg: Config) -> int:
+    """Rows of the K / V TMA boxes: the whole key block, or one box per warpgroup (wgs=3: 192 is no power of 2)."""
+    return WG_N if int(cfg.wgs) == 3 else BLOCK_N
+
+
+def dq_box_cols(cfg: Config, head_dim: int) -> int:
+    """Columns of a dQ TMA reduce: half of head_dim (shared dS), or at most 64 (dq_own: head_dim // 64 parts)."""
+    return min(head_dim, DQ_MAX) if cfg.dq_own else head_dim // 2
+
+
+def launch_shape(cfg: Config):
+    """(keys per CTA, maxnreg of the kernel, setmaxnreg of the consumer worker warpgroups) of a Config:
+    wgs consumer warpgroups of WG_N keys each plus the producer's warpgroup share 64K registers."""
+    wgs = int(cfg.wgs)
+    if wgs == 2:
+        return BLOCK_N, MAXNREG, CONSUMER_REGS
+    if wgs == 3 and cfg.dq_own:
+        # 4 warpgroups: 128 registers each at launch; the producer gives back all but 24, the consumers
+        # get 160 (setmaxnreg; the default partition gets what is left, 512 - 24 - 2 * 160 = 168).
+        return 3 * WG_N, 128, 160  # K / V boxes of WG_N rows (kv_box_rows)
+    raise ValueError(f"unsupported Config {cfg}: wgs must be 2, or 3 with dq_own")
 
 
 def default_config(head_dim: int, causal: bool) -> Config:
@@ -470,8 +624,13 @@ def default_config(head_dim: int, causal: bool) -> Config:
 def tuning_candidates(head_dim: int, causal: bool):
     """{label: Config} worth timing against default_config (scripts/gluon_backward_check.py --sweep);
     each compiles without spills within Hopper's shared memory (scripts/gluon_backward_compile.py --sweep)."""
-    cands = {"acc": Config(acc_init=True), "acc-dq2": Config(acc_init=True, dq_bufs=2)}
+    cands = {"acc": Config(acc_init=True), "acc-dq2": Config(acc_init=True, dq_bufs=2),
+             "dqe": Config(dq_early=True), "acc-dqe": Config(acc_init=True, dq_early=True)}
     if head_dim <= 64:
+        # dq_own at d=128 spills one register (the shared-memory base) at 240 registers: not listed.
+        cands.update({"own": Config(dq_own=True), "acc-own": Config(acc_init=True, dq_own=True),
+                      "own-st3": Config(num_stages=3, dq_own=True),
+                      "acc-own-st3": Config(num_stages=3, acc_init=True, dq_own=True)})
         cands.update({"st3": Config(num_stages=3), "acc-st3": Config(num_stages=3, acc_init=True),
                       "acc-st3-dq2": Config(num_stages=3, acc_init=True, dq_bufs=2)})
     if causal:
@@ -576,13 +735,16 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         dq_accum = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32, device=q.device)
     else:
         dq_accum.zero_()
+    block_n, maxnreg, consumer_regs = launch_shape(cfg)
+    dq_own = bool(cfg.dq_own)
     q_desc = _descriptor4(q, cfg.block_m, head_dim)
     do_desc = _descriptor4(dout, cfg.block_m, head_dim)
-    k_desc = _descriptor4(k, BLOCK_N, head_dim)
-    v_desc = _descriptor4(v, BLOCK_N, head_dim)
-    dq_desc = descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim), [1, cfg.block_m, head_dim // 2])
+    k_desc = _descriptor4(k, kv_box_rows(cfg), head_dim)
+    v_desc = _descriptor4(v, kv_box_rows(cfg), head_dim)
+    dq_desc = descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim),
+                         [1, cfg.block_m, dq_box_cols(cfg, head_dim)])
     st_desc = descriptor(stats, [1, 4, cfg.block_m])
-    n_blocks = triton.cdiv(seqlen_k, BLOCK_N)
+    n_blocks = triton.cdiv(seqlen_k, block_n)
     lpt = bool(cfg.lpt and causal)
     grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
     _backward_kernel[grid](
@@ -590,7 +752,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
         scale * LOG2E, scale, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
+        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
+        DQ_EARLY=bool(cfg.dq_early and not dq_own), num_warps=4, maxnreg=maxnreg)
     _dq_convert_kernel[(triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads)](
         dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=head_dim,
         BLOCK=ROW_BLOCK, num_warps=4)
@@ -601,7 +764,7 @@ def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *,
     """Convenience entry (scripts, tests): dout, q, out (b, sq, h, d), k, v (b, sk, hk, d) bf16/fp16 on
     an sm_90 GPU, lse (b, h, sq) fp32 natural log. Returns (dq, dk, dv) (filled in place when given).
     config (a Config) or keyword overrides of default_config's fields (block_m=, num_stages=,
-    split_mask=, acc_init=, dq_bufs=, lpt=) pick the variant."""
+    split_mask=, acc_init=, dq_bufs=, lpt=, dq_own=, dq_early=, wgs=) pick the variant."""
     from pyflash.params import AttentionParams, Seqlens
 
     if not AVAILABLE:
@@ -636,11 +799,12 @@ def _desc_type(dtype: str, block):
     return f"tensordesc<{dtype}{list(block)},{smem_layout(block, _SIG_DTYPES[dtype])!r}>"
 
 
-def kernel_signature(head_dim: int, block_m: int, dtype: str = "bf16"):
+def kernel_signature(head_dim: int, block_m: int, dtype: str = "bf16", block_n: int = BLOCK_N, dq_cols: int = None):
     """Triton signature of _backward_kernel: Gluon TMA descriptors are typed with their shared layout."""
     qd = _desc_type(dtype, [1, block_m, head_dim])
-    kvd = _desc_type(dtype, [1, BLOCK_N, head_dim])
-    sig = dict(q_desc=qd, do_desc=qd, k_desc=kvd, v_desc=kvd, dq_desc=_desc_type("fp32", [1, block_m, head_dim // 2]),
+    kvd = _desc_type(dtype, [1, block_n, head_dim])
+    dq_cols = head_dim // 2 if dq_cols is None else dq_cols
+    sig = dict(q_desc=qd, do_desc=qd, k_desc=kvd, v_desc=kvd, dq_desc=_desc_type("fp32", [1, block_m, dq_cols]),
                st_desc=_desc_type("fp32", [1, 4, block_m]), dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}",
                qk_scale="fp32", softmax_scale="fp32")
     return {name: sig.get(name, "constexpr" if name.isupper() else "i32") for name in _backward_kernel.arg_names}
@@ -652,16 +816,19 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
     from triton.experimental.gluon._runtime import GluonASTSource
 
     cfg = Config(*(config or default_config(head_dim, causal)))
+    block_n, maxnreg, consumer_regs = launch_shape(cfg)
+    dq_own = bool(cfg.dq_own)
     constexprs = dict(BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=bool(causal),
                       SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init),
-                      DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=CONSUMER_REGS,
-                      PRODUCER_REGS=PRODUCER_REGS)
-    sig = kernel_signature(head_dim, cfg.block_m, dtype)
+                      DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs,
+                      PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
+                      DQ_EARLY=bool(cfg.dq_early and not dq_own))
+    sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
              for n in ("dk_ptr", "dv_ptr", "stride_dkb", "stride_dkn", "stride_dvb", "stride_dvn")}
     src = GluonASTSource(_backward_kernel, sig, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=MAXNREG))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
 
 def ptxas_stats(ptx: str):
