@@ -4,6 +4,15 @@
     PYTHONPATH=src python3 scripts/gluon_check.py --sweep               # rank the tuning candidates (s=4096)
     PYTHONPATH=src python3 scripts/gluon_check.py --only check          # every correctness case (~8-10 min)
     PYTHONPATH=src python3 scripts/gluon_check.py --only bench          # seqlens 1k / 4k / 16k
+    PYTHONPATH=src python3 scripts/gluon_check.py --sweep --seqlens 512 1024 --head-dims 64 128 --candidates '*-ps'
+                                            # default_config vs the matching candidates at short seqlens
+    PYTHONPATH=src python3 scripts/gluon_check.py --only check --candidates bn128-st2-wg2-ps --head-dims 128
+                                            # every correctness case for those candidates (no bench)
+
+--candidates PATTERN...: tuning candidates (gluon_forward.tuning_candidates) whose label
+(gluon_forward.config_label: bn128-st2-wg2[-nopp][-ps]) matches a shell pattern; with --only check every
+case (plain / causal shapes, every feature, many tiles per persistent CTA) runs for each of them instead
+of the default config. --cudagraph times CUDA-graph replays (triton.testing.do_bench_cudagraph).
 
 Every group of kernel launches (one config's correctness shapes, or one benchmark shape) runs in a
 child process under a watchdog (--timeout, 60 s): a hang in warp-specialized code (it happened with
@@ -24,6 +33,7 @@ Lines are also appended as JSON to $OUT/gluon_check.jsonl when OUT is set.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import itertools
 import json
 import os
@@ -163,7 +173,7 @@ def check_case(case, dtype_name):
                 empty_rows=int(inf_ref.sum().item()), lse_inf_ok=lse_ok_inf)
 
 
-def bench_case(seqlen, head_dim, causal, variants):
+def bench_case(seqlen, head_dim, causal, variants, cudagraph=False, with_triton=True):
     import torch
     import torch.nn.functional as F
     import triton
@@ -178,7 +188,10 @@ def bench_case(seqlen, head_dim, causal, variants):
         try:
             fn()
             torch.cuda.synchronize()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            if cudagraph:
+                ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+            else:
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             results[name] = dict(ms=ms, tflops=flops / ms * 1e-9)
         except Exception as error:  # noqa: BLE001 - one failing backend must not hide the others
             results[name] = dict(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}")
@@ -216,7 +229,8 @@ def bench_case(seqlen, head_dim, causal, variants):
 
     # The plain Triton kernel (forward() itself may dispatch to the Gluon kernel now).
     extra = {"kernel": "triton"} if "kernel" in inspect.signature(forward).parameters else {}
-    timed("pyflash-triton", lambda: forward(q, k, v, out, lse, None, params, seqlens, **extra))
+    if with_triton:
+        timed("pyflash-triton", lambda: forward(q, k, v, out, lse, None, params, seqlens, **extra))
 
     # Agreement with cuDNN at the benchmark shape (catches errors the small shapes miss).
     if "o" in cudnn_out:
@@ -257,7 +271,8 @@ def child(job):
                 log_json(dict(name=name, ok=False, error=traceback.format_exc()))
     else:
         name = f"bench d={job['head_dim']} causal={int(job['causal'])} s={job['seqlen']}"
-        r = bench_case(job["seqlen"], job["head_dim"], job["causal"], job["variants"])
+        r = bench_case(job["seqlen"], job["head_dim"], job["causal"], job["variants"], job.get("cudagraph", False),
+                       job.get("with_triton", True))
         cells = []
         for key, value in r["results"].items():
             if "error" in value:
@@ -269,8 +284,10 @@ def child(job):
         print(f"BENCH {name} b={r['batch']} h={r['heads']} TFLOP/s: " + "  ".join(cells), flush=True)
         ranked = sorted(((value["tflops"], key) for key, value in r["results"].items()
                          if "tflops" in value and key.startswith("gluon") and not value.get("suspect")), reverse=True)
-        if len(ranked) > 2:
-            print(f"RANK {name}: " + " > ".join(f"{key} {tf:.0f}" for tf, key in ranked), flush=True)
+        if len(ranked) >= 2:
+            ref = r["results"].get("cudnn", {}).get("tflops")
+            print(f"RANK {name}: " + " > ".join(f"{key} {tf:.0f}" + (f" ({tf / ref:.2f}x cudnn)" if ref else "")
+                                                  for tf, key in ranked), flush=True)
         log_json(dict(name=name, **r))
 
 
@@ -309,11 +326,38 @@ def run_job(job, timeout, label):
 
 
 def _variant_label(cfg):
-    return f"-bn{cfg.block_n}-st{cfg.num_stages}-wg{cfg.num_wg}{'' if cfg.pingpong else '-nopp'}"
+    from pyflash.kernels.gluon_forward import config_label
+
+    return "-" + config_label(cfg)
 
 
 def _variant(cfg):
-    return dict(block_n=cfg.block_n, num_stages=cfg.num_stages, num_wg=cfg.num_wg, pingpong=cfg.pingpong)
+    return dict(block_n=cfg.block_n, num_stages=cfg.num_stages, num_wg=cfg.num_wg, pingpong=cfg.pingpong,
+                persistent=getattr(cfg, "persistent", False))
+
+
+def _candidates(head_dim, patterns):
+    """tuning_candidates(head_dim) (patterns None) or those whose config_label matches a pattern."""
+    from pyflash.kernels.gluon_forward import config_label, tuning_candidates
+
+    found = tuning_candidates(head_dim)
+    if patterns:
+        found = [cfg for cfg in found if any(fnmatch.fnmatchcase(config_label(cfg), pat) for pat in patterns)]
+    return found
+
+
+def persistent_cases(head_dim):
+    """More query tiles than an H100 has SMs (132): a persistent CTA runs several tiles of unequal key
+    ranges (persistent launches: plain, causal, right windows; gluon_forward.persistent_launch), across sections of heads (K / V bytes per section: gluon_forward.L2_SECTION_BYTES) that
+    do not divide batch * heads."""
+    d = head_dim
+    return [
+        dict(shape=[3, 2048, 12, d], hk=4, causal=True),                     # 576+ tiles, partial section
+        dict(shape=[4, 1000, 16, d]),                                        # 512+ tiles, ragged end
+        dict(shape=[4, 1000, 16, d], sk=1777, hk=4, window=[-1, 30]),       # right window, GQA, sq < sk
+        dict(shape=[8, 1000, 8, d], sk=300, causal=True),                    # empty rows in many tiles
+        dict(shape=[8, 500, 8, d], sk=1500, window=[-1, 100], strided_out=True),
+    ]
 
 
 def feature_cases(head_dim, quick):
@@ -347,12 +391,29 @@ def feature_cases(head_dim, quick):
     return cases
 
 
-def build_jobs(quick, sweep=False):
-    from pyflash.kernels.gluon_forward import default_config, tuning_candidates
+def build_jobs(quick, sweep=False, seqlens=None, patterns=None, cudagraph=False):
+    from pyflash.kernels.gluon_forward import tuning_candidates
 
     jobs = []
     head_dims = (64, 128, 256)
-    if not sweep and quick:
+    if not sweep and patterns:
+        # Every correctness case for each matching candidate (one job per candidate).
+        for head_dim in head_dims:
+            for cfg in _candidates(head_dim, patterns):
+                cases = []
+                for causal in (False, True):
+                    cases += [dict(shape=shape, causal=causal, variant=_variant(cfg)) for shape in
+                              ([2, 1000, 3, head_dim], [1, 128, 2, head_dim], [3, 77, 2, head_dim],
+                               [1, 1, 1, head_dim], [1, 2048, 2, head_dim])]
+                cases += [dict(case, variant=_variant(cfg)) for case in
+                          feature_cases(head_dim, False) + persistent_cases(head_dim)]
+                cases.append(dict(shape=[2, 1000, 3, head_dim], causal=True, variant=_variant(cfg), seed=1))
+                jobs.append((f"check d={head_dim} bf16 {_variant_label(cfg)[1:]}",
+                             dict(kind="check", dtype="bf16", cases=cases, timeout=30 + 12 * len(cases))))
+                fp16 = [dict(shape=[2, 1000, 3, head_dim], causal=causal, variant=_variant(cfg)) for causal in (0, 1)]
+                jobs.append((f"check d={head_dim} fp16 {_variant_label(cfg)[1:]}",
+                             dict(kind="check", dtype="fp16", cases=fp16, timeout=30 + 12 * len(fp16))))
+    elif not sweep and quick:
         for head_dim in head_dims:
             cases = [dict(shape=[2, 1000, 3, head_dim], causal=causal) for causal in (False, True)]
             cases += feature_cases(head_dim, True)
@@ -376,22 +437,19 @@ def build_jobs(quick, sweep=False):
                 cases += feature_cases(head_dim, True)[:3]
             jobs.append((f"check d={head_dim} {dtype}", dict(kind="check", dtype=dtype, cases=cases,
                                                             timeout=30 + 12 * len(cases))))
-    for head_dim, causal, seqlen in itertools.product((64, 128), (False, True),
-                                                      (4096, ) if quick or sweep else (1024, 4096, 16384)):
+    bench_seqlens = seqlens or ((4096, ) if quick or sweep else (1024, 4096, 16384))
+    for head_dim, causal, seqlen in itertools.product(head_dims, (False, True), bench_seqlens):
+        if head_dim == 256 and not sweep:
+            continue
         variants = [("", {})]
         if sweep:
-            variants += [(_variant_label(cfg), _variant(cfg)) for cfg in tuning_candidates(head_dim)]
+            variants += [(_variant_label(cfg), _variant(cfg)) for cfg in _candidates(head_dim, patterns)]
         elif not quick:
             variants.append(("-nopp", {"pingpong": False}))
+            variants += [(_variant_label(cfg), _variant(cfg)) for cfg in _candidates(head_dim, patterns)] if patterns else []
         jobs.append((f"bench d={head_dim} causal={int(causal)} s={seqlen}",
                      dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=variants,
-                          timeout=40 + 12 * len(variants))))
-    if sweep:
-        for causal in (False, True):
-            variants = [("", {})] + [(_variant_label(cfg), _variant(cfg)) for cfg in tuning_candidates(256)]
-            jobs.append((f"bench d=256 causal={int(causal)} s=4096",
-                         dict(kind="bench", head_dim=256, causal=causal, seqlen=4096, variants=variants,
-                              timeout=40 + 12 * len(variants))))
+                          cudagraph=cudagraph, with_triton=not sweep, timeout=40 + 12 * len(variants))))
     return jobs
 
 
@@ -404,6 +462,11 @@ def main():
     parser.add_argument("--head-dims", type=int, nargs="+", help="only the jobs of these head dims")
     parser.add_argument("--sweep", action="store_true",
                         help="benchmark only: every tuning candidate (gluon_forward.tuning_candidates) at s=4096")
+    parser.add_argument("--seqlens", type=int, nargs="+", help="benchmark these seqlens (b * s = 16384)")
+    parser.add_argument("--candidates", nargs="+", metavar="PATTERN",
+                        help="only the tuning candidates whose config_label matches a shell pattern (sweep), or "
+                             "every correctness case for them (--only check)")
+    parser.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (do_bench_cudagraph)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -421,7 +484,7 @@ def main():
     start = time.time()
     statuses = {}
     sys.path.insert(0, SRC)
-    for label, job in build_jobs(args.quick, args.sweep):
+    for label, job in build_jobs(args.quick, args.sweep, args.seqlens, args.candidates, args.cudagraph):
         head_dims = {case["shape"][3] for case in job.get("cases", [])} | {job.get("head_dim")}
         if args.head_dims and not head_dims & set(args.head_dims):
             continue

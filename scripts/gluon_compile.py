@@ -8,11 +8,13 @@ shared memory. Exit status 1 when any configuration fails, spills or outgrows sh
     PYTHONPATH=src .venv/bin/python scripts/gluon_compile.py                  # defaults x feature switches
     PYTHONPATH=src .venv/bin/python scripts/gluon_compile.py --features none  # defaults, plain and causal
     PYTHONPATH=src .venv/bin/python scripts/gluon_compile.py --sweep          # + the tuning candidates
+    PYTHONPATH=src .venv/bin/python scripts/gluon_compile.py --candidates '*-ps'  # those candidates x every feature
     PYTHONPATH=src .venv/bin/python scripts/gluon_compile.py --dump /tmp/gl   # keep ttgir / ptx
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import re
 import sys
@@ -52,7 +54,7 @@ def check(head_dim, cfg, features, dtype="bf16", dump=None, verbose=True):
     """Compile one config; returns (ok, line)."""
     flags = FEATURES[features]
     name = (f"d={head_dim} {features:<20} {dtype} BN={cfg.block_n} stages={cfg.num_stages} wg={cfg.num_wg} "
-            f"pp={int(cfg.pingpong)}")
+            f"pp={int(cfg.pingpong)} ps={int(gf.persistent_launch(cfg, flags.get('has_left', False), flags.get('softcap', False), flags.get('alibi', False)))}")
     start = time.time()
     try:
         compiled = gf.compile_sm90(head_dim, cfg, dtype, **flags)
@@ -76,7 +78,7 @@ def check(head_dim, cfg, features, dtype="bf16", dump=None, verbose=True):
     if dump:
         os.makedirs(dump, exist_ok=True)
         stem = os.path.join(dump, f"gluon_fwd_d{head_dim}_{features.replace('+', '_')}_{dtype}_bn{cfg.block_n}"
-                                  f"_s{cfg.num_stages}_wg{cfg.num_wg}_pp{int(cfg.pingpong)}")
+                                  f"_s{cfg.num_stages}_wg{cfg.num_wg}_pp{int(cfg.pingpong)}_ps{int(cfg.persistent)}")
         for ext in ("ttgir", "ptx"):
             with open(f"{stem}.{ext}", "w") as f:
                 f.write(compiled.asm[ext])
@@ -90,6 +92,10 @@ def main():
     parser.add_argument("--features", nargs="+", default=list(FEATURES),
                         help=f"feature sets ({', '.join(FEATURES)}) or 'none' for plain + causal only")
     parser.add_argument("--sweep", action="store_true", help="also the tuning candidates (plain and causal)")
+    parser.add_argument("--candidates", nargs="+", metavar="PATTERN",
+                        help="only the tuning candidates whose label (gluon_forward.config_label, e.g. "
+                             "bn128-st2-wg2-ps) matches one of these shell patterns ('default': default_config), "
+                             "each with every --features set")
     parser.add_argument("--dump", help="directory to write the ttgir and ptx of each config")
     args = parser.parse_args()
     features = ["plain", "causal"] if args.features == ["none"] else args.features
@@ -97,6 +103,14 @@ def main():
     jobs = []
     for head_dim in args.head_dims:
         for dtype in args.dtypes:
+            if args.candidates:
+                configs = [gf.default_config(head_dim, False), gf.default_config(head_dim, True)]
+                labelled = [("default", cfg) for cfg in dict.fromkeys(configs)]
+                labelled += [(gf.config_label(cfg), cfg) for cfg in gf.tuning_candidates(head_dim)]
+                for label, cfg in labelled:
+                    if any(fnmatch.fnmatchcase(label, pattern) for pattern in args.candidates):
+                        jobs += [(head_dim, cfg, feature, dtype) for feature in features]
+                continue
             for feature in features:
                 cfg = gf.default_config(head_dim, feature == "causal")
                 jobs.append((head_dim, cfg, feature, dtype))

@@ -27,6 +27,10 @@ CASES = [
     ("d128-all", 128, "bf16", None, dict(has_left=True, has_right=True, softcap=True, alibi=True)),
     ("d256-plain", 256, "bf16", None, {}),
     ("d256-all", 256, "bf16", None, dict(has_left=True, has_right=True, softcap=True, alibi=True)),
+    # Persistent variants (tuning candidates for short sequences): plain / causal / right windows.
+    ("d64-persistent-3wg", 64, "bf16", (64, 4, 3, True, True), {}),
+    ("d128-persistent-causal", 128, "bf16", (128, 2, 2, True, True), dict(has_right=True)),
+    ("d256-persistent-causal", 256, "bf16", (32, 3, 2, True, True), dict(has_right=True)),
 ]
 CHILDREN = 2  # compiles are single-threaded: two children halve the wall time on CI's two cores
 

@@ -40,6 +40,14 @@ head_dim) view with boxes [1, rows, head_dim], so loads past a sequence's end re
 store is clipped at the sequence end (never writes the next batch's rows or padding around out).
 The O tile is staged through the (then dead) Q buffer of its warpgroup; lse goes through its strides.
 
+Persistent variant (Config.persistent; tuning candidates for short sequences, plain / causal /
+right-window calls only: persistent_launch): a grid of one CTA per SM, each looping over query tiles
+(_tile_coords: heaviest first inside L2-sized sections of heads). The K / V ring and the ping-pong
+turns run on across tiles (ring index = blocks loaded so far); ``q_empty[w]`` (consumer w ->
+producer) releases Q half w, after the tile's last S GEMM when O has a buffer of its own
+(separate_o: d <= 128), so the next tile's K_0, Q and V_0 load under the last PV GEMM and the
+epilogue, whose TMA store stays in flight until the next epilogue.
+
 Entry points: supported() / forward() (the backend contract of kernels/forward.py), forward_gluon()
 (scripts), compile_sm90() / offline_report() (offline compilation: scripts/gluon_compile.py,
 tests/test_gluon_compile.py).
@@ -74,32 +82,125 @@ PRODUCER_REGS = 24
 if _IMPORT_ERROR is None:
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
-                  batch, q_col, kv_col, start_m, lo_blk, n_blocks,
-                  BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WG_ROWS: gl.constexpr, NUM_WG: gl.constexpr):
-        # Q: one load per consumer warpgroup so that each can start as soon as its rows are in.
-        for w in gl.static_range(NUM_WG):
-            mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [batch, start_m + w * WG_ROWS, q_col], q_ready.index(w),
-                                            q_smem.index(w))
-        for t in range(n_blocks):
-            stage = t % NUM_STAGES
-            # Fresh mbarriers count as having completed the phase before phase 0: the first pass
-            # through the ring waits on parity 1 and goes straight through.
-            phase = ((t // NUM_STAGES) & 1) ^ 1
-            row = (lo_blk + t) * BLOCK_N
-            mbarrier.wait(k_empty.index(stage), phase)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [batch, row, kv_col], k_ready.index(stage), k_smem.index(stage))
-            mbarrier.wait(v_empty.index(stage), phase)
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [batch, row, kv_col], v_ready.index(stage), v_smem.index(stage))
+    def _load_kv(desc, smem, ready, empty, batch, row, kv_col, i, NUM_STAGES: gl.constexpr):
+        """The i-th K (or V) tile of the ring (i counts every block this CTA has loaded) into stage
+        i % NUM_STAGES once the consumers have released that stage."""
+        stage = i % NUM_STAGES
+        # Fresh mbarriers count as having completed the phase before phase 0: the first pass
+        # through the ring waits on parity 1 and goes straight through.
+        phase = ((i // NUM_STAGES) & 1) ^ 1
+        mbarrier.wait(empty.index(stage), phase)
+        mbarrier.expect(ready.index(stage), desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [batch, row, kv_col], ready.index(stage), smem.index(stage))
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, cols, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                 MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """Online-softmax step on the raw scores s (WG_M, BLOCK_N) of the keys cols: returns p (fp32),
-        alpha, m, l. Scores stay in units where score_scale * s is log2(e) times the true score."""
+    def _tile_coords(tile, num_m_blocks, section_heads, batch_heads, num_heads, head_group,
+                     TILE_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Persistent schedule: tile -> (batch, head, start_m, q_col, kv_col). Tiles run in sections of
+        section_heads (batch, head) pairs (their K / V stay in L2 while the section runs); inside a
+        section the heaviest query tiles (the last ones: causal) come first, all heads of one query
+        tile next to each other (longest-processing-time first)."""
+        per_section = section_heads * num_m_blocks
+        section = tile // per_section
+        rem = tile - section * per_section
+        heads_here = gl.minimum(section_heads, batch_heads - section * section_heads)
+        m_rev = rem // heads_here
+        bh = section * section_heads + rem - m_rev * heads_here
+        start_m = (num_m_blocks - 1 - m_rev) * TILE_M
+        batch = bh // num_heads
+        head = bh - batch * num_heads
+        return batch, head, start_m, head * HEAD_DIM, (head // head_group) * HEAD_DIM
+
+    @gluon.jit
+    def _tile_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N: gl.constexpr,
+                    TILE_M: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """The key blocks of the query tile at start_m (common.visible_block_ranges): (lo_blk, n_left,
+        n_mid, n_blocks): blocks [0, n_left) of the range are at the left window edge (masked),
+        [n_left, n_mid) every row sees whole, [n_mid, n_blocks) right edge / diagonal / ragged end."""
+        # The keys the tile's rows [first, last] can see: [lo, hi), of which [full_lo, full_hi) every
+        # row sees whole. All non-negative before any division.
+        diag = seqlen_k - seqlen_q
+        first = start_m
+        last = gl.minimum(start_m + TILE_M, seqlen_q) - 1
+        lo = 0
+        full_lo = 0
+        hi = seqlen_k
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        if HAS_LEFT:
+            lo = gl.maximum(first + diag - window_left, 0) // BLOCK_N * BLOCK_N
+            full_lo = gl.cdiv(gl.maximum(last + diag - window_left, 0), BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = gl.minimum(last + diag + window_right + 1, seqlen_k)
+            full_hi = gl.maximum(gl.minimum(first + diag + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
+        hi = gl.maximum(hi, lo)
+        full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+        full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+        lo_blk = lo // BLOCK_N
+        n_left = full_lo // BLOCK_N - lo_blk
+        n_mid = full_hi // BLOCK_N - lo_blk
+        # At least one block: a tile whose rows see no key runs one all-masked block (l = 0: O = 0, lse = +inf).
+        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N) - lo_blk, 1)
+        return lo_blk, n_left, n_mid, n_blocks
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                  v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
+                  seqlen_q, seqlen_k, window_left, window_right, num_heads, head_group,
+                  num_tiles, num_m_blocks, section_heads, batch_heads,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG_ROWS: gl.constexpr,
+                  NUM_WG: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                  PERSISTENT: gl.constexpr):
+        if PERSISTENT:
+            TILE_M: gl.constexpr = NUM_WG * WG_ROWS
+            ring = 0
+            tile_iter = 0
+            for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+                batch, head, start_m, q_col, kv_col = _tile_coords(tile, num_m_blocks, section_heads, batch_heads,
+                                                                    num_heads, head_group, TILE_M, HEAD_DIM)
+                lo_blk, n_left, n_mid, n_blocks = _tile_range(start_m, seqlen_q, seqlen_k, window_left,
+                                                              window_right, BLOCK_N, TILE_M, HAS_LEFT, HAS_RIGHT)
+                # K_0 first (its stage frees earliest), then the Q halves as their consumers release
+                # them (after the previous tile's last S GEMM), then V_0 and the rest.
+                _load_kv(k_desc, k_smem, k_ready, k_empty, batch, lo_blk * BLOCK_N, kv_col, ring, NUM_STAGES)
+                for w in gl.static_range(NUM_WG):
+                    mbarrier.wait(q_empty.index(w), (tile_iter & 1) ^ 1)
+                    mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [batch, start_m + w * WG_ROWS, q_col], q_ready.index(w),
+                                                    q_smem.index(w))
+                _load_kv(v_desc, v_smem, v_ready, v_empty, batch, lo_blk * BLOCK_N, kv_col, ring, NUM_STAGES)
+                for t in range(1, n_blocks):
+                    row = (lo_blk + t) * BLOCK_N
+                    _load_kv(k_desc, k_smem, k_ready, k_empty, batch, row, kv_col, ring + t, NUM_STAGES)
+                    _load_kv(v_desc, v_smem, v_ready, v_empty, batch, row, kv_col, ring + t, NUM_STAGES)
+                ring += n_blocks
+                tile_iter += 1
+        else:
+            # Q: one load per consumer warpgroup so that each can start as soon as its rows are in.
+            for w in gl.static_range(NUM_WG):
+                mbarrier.expect(q_ready.index(w), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [batch, start_m + w * WG_ROWS, q_col], q_ready.index(w),
+                                                q_smem.index(w))
+            for t in range(n_blocks):
+                row = (lo_blk + t) * BLOCK_N
+                _load_kv(k_desc, k_smem, k_ready, k_empty, batch, row, kv_col, t, NUM_STAGES)
+                _load_kv(v_desc, v_smem, v_ready, v_empty, batch, row, kv_col, t, NUM_STAGES)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, col_offs, col_base, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out,
+                 alibi_coef, MASKED: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                 HAS_ALIBI: gl.constexpr, REL_COLS: gl.constexpr = False):
+        """Online-softmax step on the raw scores s (WG_M, BLOCK_N) of the keys col_base + col_offs: returns
+        p (fp32), alpha, m, l. Scores stay in units where score_scale * s is log2(e) times the true score.
+        REL_COLS: the mask and the ALiBi distance compare the per-thread column offsets with per-row
+        limits shifted by col_base (two subtractions per row instead of an add per element: fewer
+        live registers)."""
+        if REL_COLS:
+            row_hi = row_hi - col_base
+            row_lo = row_lo - col_base
+            row_pos = row_pos - col_base
+            cols = col_offs
+        else:
+            cols = col_base + col_offs
         if HAS_SOFTCAP:
             # softcap * tanh(scale * qk / softcap) in log2 units (score_scale is 1 then); tanh as
             # 1 - 2 / (e^{2x} + 1), exact to fp32 rounding and saturating cleanly to +-1.
@@ -137,32 +238,33 @@ if _IMPORT_ERROR is None:
             mbarrier.arrive(turn.index((WG + 1) % NUM_WG))
 
     @gluon.jit
-    def _attend(t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+    def _attend(t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
                 lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                 WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
-                HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """The t-th key block (t >= 1) of this CTA: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight
-        together, softmax of S_t under the PV GEMM, then O rescaled by alpha_t."""
+                HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, REL_COLS: gl.constexpr):
+        """The t-th key block (t >= 1) of this tile (ring + t of the CTA's K / V ring): S_t = Q K_t^T and
+        O += P_{t-1} V_{t-1} in flight together, softmax of S_t under the PV GEMM, then O rescaled by alpha_t."""
         WG_ROWS: gl.constexpr = q.shape[0]
-        stage = t % NUM_STAGES
-        prev = (t - 1) % NUM_STAGES
-        mbarrier.wait(k_ready.index(stage), (t // NUM_STAGES) & 1)
+        i = ring + t
+        stage = i % NUM_STAGES
+        prev = (i - 1) % NUM_STAGES
+        mbarrier.wait(k_ready.index(stage), (i // NUM_STAGES) & 1)
         k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         s_tok = warpgroup_mma(q, k_t, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
                               is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((t - 1) // NUM_STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((i - 1) // NUM_STAGES) & 1)
         o_tok = warpgroup_mma(p, v_prev, o, is_async=True)
         _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         # wgmma groups retire in order: one outstanding means S_t is done, PV may still run.
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage))
-        cols = (lo_blk + t) * BLOCK_N + col_offs
-        p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, cols, row_lo, row_hi, row_pos, score_scale, softcap_in,
-                                          softcap_out, alibi_coef, MASKED, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+        p_new, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, (lo_blk + t) * BLOCK_N, row_lo, row_hi, row_pos,
+                                          score_scale, softcap_in, softcap_out, alibi_coef, MASKED, HAS_LEFT,
+                                          HAS_SOFTCAP, HAS_ALIBI, REL_COLS)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(prev))
         o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -170,13 +272,20 @@ if _IMPORT_ERROR is None:
         return o, p, m_i, l_i, turn_count
 
     @gluon.jit
-    def _consumer(q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-                  lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
-                  batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                  lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
-                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-                  NUM_WG: gl.constexpr, WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
-                  HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+    def _consumer_tile(q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                       turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                       batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                       lo_blk, n_left, n_mid, n_blocks, ring, turn_count, q_phase,
+                       score_scale, softcap_in, softcap_out, alibi_scale,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
+                       NUM_WG: gl.constexpr, WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
+                       HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                       PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr):
+        """One query tile's 64 rows of warpgroup WG; blocks ring .. ring + n_blocks - 1 of the K / V ring.
+        Returns the ping-pong turn count. PERSISTENT: Q's buffer is released to the producer (q_empty)
+        once free, and the O store of this tile is left in flight (SEPARATE_O: its own buffer, waited
+        for before the next tile's epilogue writes it)."""
+        FIRST_UNMASKED: gl.constexpr = PERSISTENT
         dtype: gl.constexpr = o_desc.dtype
         # wgmma accumulators: warps stacked along M (4 warps x 16 rows), instruction N = tile N.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -203,23 +312,34 @@ if _IMPORT_ERROR is None:
             alibi_coef = -gl.load(alibi_ptr + batch * stride_ab + head * stride_ah) * alibi_scale
 
         q = q_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
-        mbarrier.wait(q_ready.index(WG), 0)
+        mbarrier.wait(q_ready.index(WG), q_phase)
 
-        # Block 0 of the range on its own, always through the mask (a window edge, the diagonal, the
-        # ragged end, or a CTA whose rows see no key at all: then this block is all masked).
+        # Block 0 of the range on its own, through the mask (a window edge, the diagonal, the ragged
+        # end, or a tile whose rows see no key at all: then this block is all masked). PERSISTENT:
+        # without the mask when block 0 is one every row sees whole.
         m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([WG_ROWS], gl.float32, row_layout)
-        turn_count = 0
-        mbarrier.wait(k_ready.index(0), 0)
+        stage0 = ring % NUM_STAGES
+        mbarrier.wait(k_ready.index(stage0), (ring // NUM_STAGES) & 1)
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
-        s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+        s_tok = warpgroup_mma(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                               gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(0))
-        p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo_blk * BLOCK_N + col_offs, row_lo, row_hi, row_pos,
-                                        score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
-                                        HAS_SOFTCAP, HAS_ALIBI)
+        mbarrier.arrive(k_empty.index(stage0))
+        if FIRST_UNMASKED:
+            if (n_left == 0) & (n_mid >= 1):
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
+                                                score_scale, softcap_in, softcap_out, alibi_coef, False, HAS_LEFT,
+                                                HAS_SOFTCAP, HAS_ALIBI, True)
+            else:
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
+                                                score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
+                                                HAS_SOFTCAP, HAS_ALIBI, True)
+        else:
+            p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
+                                            score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
+                                            HAS_SOFTCAP, HAS_ALIBI)
         p = gl.convert_layout(p32.to(dtype), p_layout)
         o = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
 
@@ -228,91 +348,148 @@ if _IMPORT_ERROR is None:
         if HAS_LEFT:
             for t in range(1, n_left):
                 o, p, m_i, l_i, turn_count = _attend(
-                    t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                    t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
                     lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
                     s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
-                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
         for t in range(gl.maximum(n_left, 1), n_mid):
             o, p, m_i, l_i, turn_count = _attend(
-                t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
                 lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
                 s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False,
-                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
         for t in range(gl.maximum(n_mid, 1), n_blocks):
             o, p, m_i, l_i, turn_count = _attend(
-                t, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
                 lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
                 s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
-                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
+        if PERSISTENT:
+            if SEPARATE_O:
+                # Every S GEMM of the tile has retired: the producer may load the next tile's Q now,
+                # under the last PV GEMM and the epilogue.
+                mbarrier.arrive(q_empty.index(WG))
 
         # Last PV GEMM.
-        last = (n_blocks - 1) % NUM_STAGES
-        mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // NUM_STAGES) & 1)
+        last_i = ring + n_blocks - 1
+        last = last_i % NUM_STAGES
+        mbarrier.wait(v_ready.index(last), (last_i // NUM_STAGES) & 1)
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         o_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
         _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(last))
 
-        # Epilogue: O / l through this warpgroup's (now dead) Q buffer and a TMA store (clipped at the
-        # sequence end); lse (natural log, +inf for a row that saw no key) through its strides.
+        # Epilogue: O / l through a shared buffer (this warpgroup's then dead Q buffer, or SEPARATE_O
+        # its own) and a TMA store (clipped at the sequence end); lse (natural log, +inf for a row
+        # that saw no key) through its strides.
         l_safe = gl.where(l_i > 0.0, l_i, 1.0)
         o = o * gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))[:, None]
         lse = gl.where(l_i > 0.0, (m_i * score_scale + gl.log2(l_safe)) * 0.6931471805599453, float("inf"))
         lse_rows = (lse_ptr + batch.to(gl.int64) * stride_lb + head.to(gl.int64) * stride_lh
                     + rows.to(gl.int64) * stride_lm)
         gl.store(lse_rows, lse, mask=rows < seqlen_q)
-        q_smem.index(WG).reshape([WG_ROWS, HEAD_DIM]).store(o.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [batch, start_m + WG * WG_ROWS, q_col], q_smem.index(WG))
-        tma.store_wait(0)
+        if SEPARATE_O:
+            tma.store_wait(0)  # the previous tile's O store has read the buffer
+            o_smem.index(WG).reshape([WG_ROWS, HEAD_DIM]).store(o.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [batch, start_m + WG * WG_ROWS, q_col], o_smem.index(WG))
+        else:
+            q_smem.index(WG).reshape([WG_ROWS, HEAD_DIM]).store(o.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [batch, start_m + WG * WG_ROWS, q_col], q_smem.index(WG))
+            tma.store_wait(0)
+            if PERSISTENT:
+                mbarrier.arrive(q_empty.index(WG))
+        return turn_count
+
+    @gluon.jit
+    def _consumer(q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                  lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                  batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                  lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                  num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
+                  NUM_WG: gl.constexpr, WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
+                  HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                  PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr):
+        if PERSISTENT:
+            TILE_M: gl.constexpr = NUM_WG * WG_ROWS
+            ring = 0
+            pid = gl.program_id(0)
+            ctas = gl.num_programs(0)
+            for tile_iter in range(0, gl.cdiv(num_tiles - pid, ctas)):
+                batch, head, start_m, q_col, kv_col = _tile_coords(pid + tile_iter * ctas, num_m_blocks, section_heads,
+                                                                   batch_heads, num_heads, head_group, TILE_M, HEAD_DIM)
+                lo_blk, n_left, n_mid, n_blocks = _tile_range(start_m, seqlen_q, seqlen_k, window_left,
+                                                              window_right, BLOCK_N, TILE_M, HAS_LEFT, HAS_RIGHT)
+                # Each tile takes n_blocks + 1 ping-pong turns: the count's parity is all that matters.
+                _consumer_tile(
+                    q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                    turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                    batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                    lo_blk, n_left, n_mid, n_blocks, ring, (ring + tile_iter) & 1, tile_iter & 1,
+                    score_scale, softcap_in, softcap_out, alibi_scale,
+                    BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                    HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)
+                ring += n_blocks
+            if SEPARATE_O:
+                tma.store_wait(0)
+        else:
+            _consumer_tile(
+                q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                lo_blk, n_left, n_mid, n_blocks, 0, 0, 0,
+                score_scale, softcap_in, softcap_out, alibi_scale,
+                BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)
 
     @gluon.jit
     def _forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, alibi_ptr,
                         stride_lb, stride_lh, stride_lm, stride_ab, stride_ah,
                         seqlen_q, seqlen_k, num_heads, head_group, window_left, window_right,
+                        num_tiles, num_m_blocks, section_heads, batch_heads,
                         score_scale, softcap_in, softcap_out, alibi_scale,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                         HAS_ALIBI: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
+                        PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """Grid (query tiles, batch * heads), one tile per CTA; PERSISTENT: grid (CTAs,), each CTA runs
+        tiles program_id, program_id + CTAs, ... of num_tiles (_tile_coords' order; the per-tile
+        arguments batch .. n_blocks are then computed inside the partitions)."""
         WG_ROWS: gl.constexpr = q_desc.block_type.shape[1]
         TILE_M: gl.constexpr = NUM_WG * WG_ROWS
-        # Reverse order: under causal masking the last query tiles see the most keys; start them first.
-        start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * TILE_M
-        batch = gl.program_id(1) // num_heads
-        head = gl.program_id(1) % num_heads
-        q_col = head * HEAD_DIM
-        kv_col = (head // head_group) * HEAD_DIM
-
-        # The keys the tile's rows [first, last] can see (common.visible_block_ranges): [lo, hi), of
-        # which [full_lo, full_hi) every row sees whole. All non-negative before any division.
-        diag = seqlen_k - seqlen_q
-        first = start_m
-        last = gl.minimum(start_m + TILE_M, seqlen_q) - 1
-        lo = 0
-        full_lo = 0
-        hi = seqlen_k
-        full_hi = seqlen_k // BLOCK_N * BLOCK_N
-        if HAS_LEFT:
-            lo = gl.maximum(first + diag - window_left, 0) // BLOCK_N * BLOCK_N
-            full_lo = gl.cdiv(gl.maximum(last + diag - window_left, 0), BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi = gl.minimum(last + diag + window_right + 1, seqlen_k)
-            full_hi = gl.maximum(gl.minimum(first + diag + window_right + 1, seqlen_k), 0) // BLOCK_N * BLOCK_N
-        hi = gl.maximum(hi, lo)
-        full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
-        full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
-        lo_blk = lo // BLOCK_N
-        n_left = full_lo // BLOCK_N - lo_blk
-        n_mid = full_hi // BLOCK_N - lo_blk
-        # At least one block: a tile whose rows see no key runs one all-masked block (l = 0: O = 0, lse = +inf).
-        n_blocks = gl.maximum(gl.cdiv(hi, BLOCK_N) - lo_blk, 1)
+        if PERSISTENT:
+            start_m = 0
+            batch = 0
+            head = 0
+            q_col = 0
+            kv_col = 0
+            lo_blk = 0
+            n_left = 0
+            n_mid = 0
+            n_blocks = 0
+        else:
+            # Reverse order: under causal masking the last query tiles see the most keys; start them first.
+            start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * TILE_M
+            batch = gl.program_id(1) // num_heads
+            head = gl.program_id(1) % num_heads
+            q_col = head * HEAD_DIM
+            kv_col = (head // head_group) * HEAD_DIM
+            lo_blk, n_left, n_mid, n_blocks = _tile_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                          BLOCK_N, TILE_M, HAS_LEFT, HAS_RIGHT)
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_WG] + q_desc.block_type.shape, q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+        if SEPARATE_O:
+            o_smem = gl.allocate_shared_memory(o_desc.dtype, [NUM_WG] + o_desc.block_type.shape, o_desc.layout)
+        else:
+            o_smem = q_smem
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -320,6 +497,7 @@ if _IMPORT_ERROR is None:
         v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(NUM_WG):
             mbarrier.init(q_ready.index(w), count=1)
+            mbarrier.init(q_empty.index(w), count=1)
             mbarrier.init(turn.index(w), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
@@ -333,45 +511,54 @@ if _IMPORT_ERROR is None:
         # (Gluon wants the partitions' argument tuples spelled out.)
         if NUM_WG == 2:
             gl.warp_specialize([
-                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
-                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                         HAS_SOFTCAP, HAS_ALIBI)),
-                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
-                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                         HAS_SOFTCAP, HAS_ALIBI)),
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready,
-                         v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks, BLOCK_N, NUM_STAGES,
-                         WG_ROWS, NUM_WG)),
+                (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                             batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                             lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                             num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                             batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                             lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                             num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
+                             seqlen_q, seqlen_k, window_left, window_right, num_heads, head_group,
+                             num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, WG_ROWS, NUM_WG, HAS_LEFT, HAS_RIGHT, PERSISTENT)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
-                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                         HAS_SOFTCAP, HAS_ALIBI)),
-                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
-                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                         HAS_SOFTCAP, HAS_ALIBI)),
-                (_consumer, (q_smem, k_smem, v_smem, o_desc, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
-                         lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
-                         batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
-                         lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, 2, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                         HAS_SOFTCAP, HAS_ALIBI)),
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready,
-                         v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks, BLOCK_N, NUM_STAGES,
-                         WG_ROWS, NUM_WG)),
+                (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                             batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                             lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                             num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                             batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                             lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                             num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
+                             v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
+                             batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
+                             lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
+                             num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, 2, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
+                             seqlen_q, seqlen_k, window_left, window_right, num_heads, head_group,
+                             num_tiles, num_m_blocks, section_heads, batch_heads,
+                             BLOCK_N, HEAD_DIM, NUM_STAGES, WG_ROWS, NUM_WG, HAS_LEFT, HAS_RIGHT, PERSISTENT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -382,12 +569,42 @@ MAX_GRID_Y = 65535
 
 class Config(NamedTuple):
     """A launch configuration: key block size, K/V ring depth, consumer warpgroups (64 query rows
-    each: the CTA's tile is 64 * num_wg rows) and the ping-pong GEMM schedule between them."""
+    each: the CTA's tile is 64 * num_wg rows), the ping-pong GEMM schedule between them, and
+    persistent: one CTA per SM looping over the query tiles (_tile_coords' order: heaviest first
+    within L2-sized sections of heads), the next tile's K / V (and, where shared memory allows an O
+    buffer of its own, Q) loading under the current tile's last GEMM and epilogue; block 0 of a
+    tile skips the mask when every row sees it whole."""
 
     block_n: int
     num_stages: int
     num_wg: int = 2
     pingpong: bool = True
+    persistent: bool = False
+
+
+def config_label(cfg: Config) -> str:
+    """Short name of a config (scripts/gluon_check.py --candidates filters on it): bn128-st2-wg2[-nopp][-ps]."""
+    return (f"bn{cfg.block_n}-st{cfg.num_stages}-wg{cfg.num_wg}{'' if cfg.pingpong else '-nopp'}"
+            f"{'-ps' if cfg.persistent else ''}")
+
+
+def shared_bytes(head_dim: int, cfg: Config, element_size: int = 2, separate_o: bool = False) -> int:
+    """Shared memory of a launch (tiles and barriers; the compiler's own scratch may add a little)."""
+    tiles = cfg.num_wg * WG_M * head_dim * (2 if separate_o else 1) + 2 * cfg.num_stages * cfg.block_n * head_dim
+    return tiles * element_size + 8 * (3 * cfg.num_wg + 4 * cfg.num_stages)
+
+
+def persistent_launch(cfg: Config, has_left: bool, softcap: bool, alibi: bool) -> bool:
+    """Whether a launch of cfg runs persistent: cfg.persistent, for plain, causal and right-window calls.
+    With a left window, softcap or ALiBi the persistent loop's extra live scalars make some configs
+    spill (scripts/gluon_compile.py --candidates '*-ps'), so those calls take the one-tile-per-CTA grid."""
+    return bool(cfg.persistent) and not (has_left or softcap or alibi)
+
+
+def separate_o(head_dim: int, cfg: Config, element_size: int = 2) -> bool:
+    """Whether a persistent launch stages O through a buffer of its own (so the next tile's Q can load
+    under this tile's epilogue): when it fits, with 2 KiB to spare for the compiler's scratch."""
+    return bool(cfg.persistent) and shared_bytes(head_dim, cfg, element_size, True) + 2048 <= SM90_MAX_SHARED
 
 
 def register_budget(num_wg: int):
@@ -399,8 +616,10 @@ def register_budget(num_wg: int):
     return maxnreg, min(consumer, 240), PRODUCER_REGS
 
 
-def default_config(head_dim: int, causal: bool) -> Config:
-    """Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
+def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None) -> Config:
+    """seqlen_q / seqlen_k (None: unknown / long) may pick variants for short sequences (not yet:
+    the same config for every length until scripts/gluon_check.py --sweep --seqlens 512 1024 ranks
+    the persistent candidates). Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
     memory, ranked on an H100 by scripts/gluon_check.py --sweep (benchmarks/RESULTS.md). d=64: three
     consumer warpgroups (192-row tiles) win without a mask (481 vs 424 TFLOP/s at s=4096) but lose
     under causal masking (365 vs 385), where the diagonal wastes more of a taller tile."""
@@ -411,17 +630,24 @@ def default_config(head_dim: int, causal: bool) -> Config:
     return Config(64, 2, 2, True)
 
 
-def tuning_candidates(head_dim: int):
+def tuning_candidates(head_dim: int, short: bool = None):
     """Configs besides default_config worth timing (scripts/gluon_check.py --sweep ranks them; each
-    compiles without spills: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box)."""
+    compiles without spills: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box).
+    short: None every candidate, False those for long sequences, True the persistent ones (aimed at
+    short sequences, where a CTA's prologue and epilogue are a large part of its time)."""
     if head_dim <= 64:
         rows = ((128, 2, 2, True), (128, 4, 2, True), (128, 3, 2, False), (64, 3, 2, True),
                 (128, 2, 3, True), (128, 3, 3, True), (128, 2, 3, False), (64, 4, 3, True))
+        persistent = ((128, 2, 2, True), (128, 3, 2, True), (64, 3, 2, True), (64, 4, 3, True))
     elif head_dim <= 128:
         rows = ((128, 3, 2, True), (128, 2, 2, False), (64, 3, 2, True), (64, 2, 3, True))
+        persistent = ((128, 2, 2, True), (64, 3, 2, True), (64, 2, 3, True))
     else:
         rows = ((64, 2, 2, False), (64, 1, 2, True), (32, 3, 2, True))
-    return [Config(*row) for row in rows]
+        persistent = ((32, 3, 2, True), )
+    long_rows = [Config(*row) for row in rows] if short is not True else []
+    short_rows = [Config(*row, True) for row in persistent] if short is not False else []
+    return long_rows + short_rows
 
 
 _LAYOUTS = {}
@@ -469,6 +695,17 @@ def descriptor(t, rows: int, head_dim: int):
 
 
 _CAPABILITIES = {}
+_SM_COUNTS = {}
+L2_SECTION_BYTES = 16 << 20  # persistent schedule: K + V bytes of the heads whose tiles run together
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of device, remembered (a persistent launch starts one CTA per SM)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _SM_COUNTS.get(index)
+    if found is None:
+        found = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return found
 
 
 def _capability(device):
@@ -536,7 +773,7 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -
         softmax_lse.fill_(float("inf"))
         return
     causal = params.window_left < 0 and params.window_right == 0
-    cfg = config or default_config(head_dim, causal)
+    cfg = config or default_config(head_dim, causal, seqlen_q, seqlen_k)
     maxnreg, consumer_regs, producer_regs = register_budget(cfg.num_wg)
 
     scale = float(params.softmax_scale)
@@ -567,23 +804,38 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -
     k_desc = descriptor(k, cfg.block_n, head_dim)
     v_desc = descriptor(v, cfg.block_n, head_dim)
     tile_m = WG_M * cfg.num_wg
-    grid = (triton.cdiv(seqlen_q, tile_m), batch * num_heads)
+    num_m_blocks = triton.cdiv(seqlen_q, tile_m)
+    batch_heads = batch * num_heads
+    num_tiles = num_m_blocks * batch_heads
+    if not persistent_launch(cfg, left >= 0, softcap > 0, alibi is not None):
+        cfg = cfg._replace(persistent=False)
+    if cfg.persistent:
+        grid = (min(num_tiles, _sm_count(q.device)), )
+        # Sections of heads whose K and V (~L2_SECTION_BYTES) stay in L2 while their tiles run.
+        kv_bytes = 2 * seqlen_k * head_dim * q.element_size()
+        section_heads = max(1, min(batch_heads, L2_SECTION_BYTES // max(kv_bytes, 1)))
+    else:
+        grid = (num_m_blocks, batch_heads)
+        section_heads = 1
     _forward_kernel[grid](
         q_desc, k_desc, v_desc, o_desc, softmax_lse, alibi_arg,
         *softmax_lse.stride(), stride_ab, stride_ah,
         seqlen_q, seqlen_k, num_heads, num_heads // num_heads_k, left, right,
+        num_tiles, num_m_blocks, section_heads, batch_heads,
         score_scale, softcap_in, softcap_out, alibi_scale,
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-        PINGPONG=bool(cfg.pingpong), NUM_WG=cfg.num_wg, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        num_warps=4, maxnreg=maxnreg)
+        PINGPONG=bool(cfg.pingpong), NUM_WG=cfg.num_wg, PERSISTENT=bool(cfg.persistent),
+        SEPARATE_O=separate_o(head_dim, cfg, q.element_size()),
+        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg)
 
 
 def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, block_n=None, num_stages=None, pingpong=None, num_wg=None, out=None, lse=None):
+                  alibi_slopes=None, block_n=None, num_stages=None, pingpong=None, num_wg=None, persistent=None,
+                  out=None, lse=None):
     """Convenience entry (scripts, tests): q (b, sq, h, d), k, v (b, sk, hk, d) bf16/fp16 on an sm_90
     GPU. Returns (out (b, sq, h, d), lse (b, h, sq) fp32, natural log). block_n / num_stages /
-    pingpong / num_wg override default_config; out / lse: preallocated outputs (any TMA-able strides)."""
+    pingpong / num_wg / persistent override default_config; out / lse: preallocated outputs (any TMA-able strides)."""
     from pyflash.params import AttentionParams, Seqlens
 
     if not AVAILABLE:
@@ -603,9 +855,10 @@ def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1,
         lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if not supported(q, k, v, out, lse, params, seqlens, False):
         raise ValueError("this call is not supported by the Gluon forward (see supported())")
-    base = default_config(head_dim, params.is_causal)
+    base = default_config(head_dim, params.is_causal, seqlen_q, k.shape[1])
     cfg = Config(block_n or base.block_n, num_stages or base.num_stages, num_wg or base.num_wg,
-                 base.pingpong if pingpong is None else bool(pingpong))
+                 base.pingpong if pingpong is None else bool(pingpong),
+                 base.persistent if persistent is None else bool(persistent))
     forward(q, k, v, out, lse, params, seqlens, cfg)
     return out, lse
 
@@ -637,9 +890,13 @@ def compile_sm90(head_dim: int, config: Config, dtype: str = "bf16", has_left: b
     from triton.experimental.gluon._runtime import GluonASTSource
 
     maxnreg, consumer_regs, producer_regs = register_budget(config.num_wg)
+    if not persistent_launch(config, has_left, softcap, alibi):
+        config = config._replace(persistent=False)  # what forward() launches for these switches
     constexprs = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, NUM_STAGES=config.num_stages, HAS_LEFT=has_left,
                       HAS_RIGHT=has_right, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, PINGPONG=bool(config.pingpong),
-                      NUM_WG=config.num_wg, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
+                      NUM_WG=config.num_wg, PERSISTENT=bool(config.persistent),
+                      SEPARATE_O=separate_o(head_dim, config, _SIG_DTYPES[dtype].itemsize),
+                      CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
     sig = kernel_signature(head_dim, config.block_n, dtype)
     names = list(sig)
     # As a typical launch specialises them: torch's pointers 16-byte aligned, lse's last stride 1.
