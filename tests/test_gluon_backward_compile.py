@@ -3,20 +3,16 @@
 the default configs and representative tuning candidates.
 
 Gluon cannot compile in a process where TRITON_INTERPRET=1 (how the CPU tests run, tests/conftest.py),
-so the compiles run in child processes without it, each printing one JSON line per config. Skipped
-only when Gluon itself cannot be imported.
+so the compiles run in child processes without it (tests/gluon_offline.py). Skipped only when Gluon
+itself cannot be imported.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from gluon_offline import assert_clean, run_reports
 
 pytest.importorskip("triton.experimental.gluon")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
-SM90_MAX_SHARED = 232448
 
 # (id, head_dim, causal, dtype, Config fields (block_m, num_stages, split_mask, acc_init, dq_bufs, lpt[, dq_own,
 # dq_early, wgs]) or None)
@@ -33,7 +29,6 @@ CASES = [
     ("d128-causal-dqe", 128, True, "bf16", (64, 2, False, False, 1, False, False, True, 2)),
     ("d128-acc-dqe-fp16", 128, False, "fp16", (64, 2, False, True, 1, False, False, True, 2)),
 ]
-CHILDREN = 2
 
 _CHILD = r"""
 import json, sys, traceback
@@ -50,24 +45,7 @@ for case_id, head_dim, causal, dtype, config in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def reports():
-    import pyflash
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    src = os.path.dirname(os.path.dirname(os.path.abspath(pyflash.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
-    chunks = [CASES[i::CHILDREN] for i in range(CHILDREN)]
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(chunk)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for chunk in chunks if chunk]
-    found, errors = {}, []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        for line in stdout.splitlines():
-            if line.startswith("REPORT "):
-                report = json.loads(line[len("REPORT "):])
-                found[report["id"]] = report
-        if proc.returncode:
-            errors.append(stderr[-2000:])
-    return found, errors
+    return run_reports(_CHILD, CASES)
 
 
 @pytest.mark.parametrize("case_id", [case[0] for case in CASES])
@@ -75,11 +53,7 @@ def test_gluon_backward_compiles_clean(reports, case_id):
     found, errors = reports
     assert case_id in found, f"no report for {case_id}: {errors}"
     report = found[case_id]
-    assert "error" not in report, report.get("error")
-    assert report["ptxas_ok"], report
-    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
-    assert report["shared"] <= SM90_MAX_SHARED, report
-    assert not report["warnings"], report["warnings"]
+    assert_clean(report, case_id)
 
 
 def test_supported_refuses_off_gpu():

@@ -3,25 +3,23 @@
 for a representative set of head dims, feature switches and launch configs.
 
 Gluon cannot compile in a process where TRITON_INTERPRET=1 (how the CPU tests run, tests/conftest.py),
-so the compiles run in one child process without it (like aot.Sm90Compiler), which prints one JSON
-line per config. Skipped only when Gluon itself cannot be imported.
+so the compiles run in child processes without it (tests/gluon_offline.py). Skipped only when Gluon
+itself cannot be imported.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from gluon_offline import assert_clean, run_reports
 
 pytest.importorskip("triton.experimental.gluon")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
-SM90_MAX_SHARED = 232448
 
 # (id, head_dim, dtype, config (block_n, num_stages, num_wg, pingpong) or None for the default, flags)
 CASES = [
     ("d64-plain", 64, "bf16", None, {}),
     ("d64-all", 64, "bf16", None, dict(has_left=True, has_right=True, softcap=True, alibi=True)),
+    # The default's three warpgroups (no causal mask) with a one-sided window, softcap and ALiBi.
+    ("d64-left-softcap-alibi", 64, "bf16", None, dict(has_left=True, softcap=True, alibi=True)),
     ("d64-causal-3wg", 64, "bf16", (128, 2, 3, True), dict(has_right=True)),
     ("d128-causal-fp16", 128, "fp16", None, dict(has_right=True)),
     ("d128-all", 128, "bf16", None, dict(has_left=True, has_right=True, softcap=True, alibi=True)),
@@ -32,7 +30,6 @@ CASES = [
     ("d128-persistent-causal", 128, "bf16", (128, 2, 2, True, True), dict(has_right=True)),
     ("d256-persistent-causal", 256, "bf16", (32, 3, 2, True, True), dict(has_right=True)),
 ]
-CHILDREN = 2  # compiles are single-threaded: two children halve the wall time on CI's two cores
 
 _CHILD = r"""
 import json, sys, traceback
@@ -48,23 +45,7 @@ for case_id, head_dim, dtype, config, flags in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def reports():
-    import pyflash
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    src = os.path.dirname(os.path.dirname(os.path.abspath(pyflash.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (src, env.get("PYTHONPATH"))))
-    chunks = [CASES[i::CHILDREN] for i in range(CHILDREN)]
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(chunk)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for chunk in chunks if chunk]
-    found, errors = {}, []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        for line in stdout.splitlines():
-            if line.startswith("REPORT "):
-                report = json.loads(line[len("REPORT "):])
-                found[report.pop("id")] = report
-        if proc.returncode:
-            errors.append(f"exit code {proc.returncode}:\n{stderr[-4000:]}")
+    found, errors = run_reports(_CHILD, CASES)
     assert found, f"the compiling children printed nothing: {errors}"
     return found
 
@@ -73,8 +54,4 @@ def reports():
 def test_gluon_forward_compiles_for_sm90(reports, case_id):
     report = reports.get(case_id)
     assert report is not None, f"no report for {case_id}"
-    assert "error" not in report, report.get("error")
-    assert report["ptxas_ok"], report
-    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{case_id} spills: {report}"
-    assert not report["warnings"], report["warnings"]
-    assert report["shared"] <= SM90_MAX_SHARED, f"{case_id} needs {report['shared']} B of shared memory"
+    assert_clean(report, case_id)

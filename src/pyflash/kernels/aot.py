@@ -197,3 +197,29 @@ class Sm90Compiler:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def ptxas_stats(ptx: str):
+    """ptxas -v (the one in Triton's wheel) on ptx for sm_90a: dict(regs, spill_stores, spill_loads, stack,
+    warnings (lines naming a warning or an error), returncode, text)."""
+    import re
+    import tempfile
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(regs=int(regs.group(1)) if regs else None,
+                spill_stores=int(spill.group(2)) if spill else None,
+                spill_loads=int(spill.group(3)) if spill else None,
+                stack=int(spill.group(1)) if spill else None,
+                warnings=[line for line in text.splitlines() if "warning" in line.lower() or "error" in line.lower()],
+                returncode=run.returncode, text=text)

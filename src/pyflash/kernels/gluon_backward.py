@@ -84,7 +84,8 @@ from typing import NamedTuple
 
 import torch
 
-from pyflash.kernels.gluon_forward import tma_view3, smem_layout
+from pyflash.kernels.aot import ptxas_stats
+from pyflash.kernels.gluon_forward import smem_layout, tma_view3
 
 try:
     import triton
@@ -832,30 +833,6 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
              for n in ("dk_ptr", "dv_ptr", "stride_dkb", "stride_dkn", "stride_dvb", "stride_dvn")}
     src = GluonASTSource(_backward_kernel, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
-
-
-def ptxas_stats(ptx: str):
-    """ptxas -v on ptx for sm_90a: dict(regs, spill_stores, spill_loads, stack, warnings, returncode)."""
-    import re
-    import subprocess
-    import tempfile
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    text = run.stdout + run.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return dict(regs=int(regs.group(1)) if regs else None,
-                spill_stores=int(spill.group(2)) if spill else None,
-                spill_loads=int(spill.group(3)) if spill else None,
-                stack=int(spill.group(1)) if spill else None,
-                warnings=[line for line in text.splitlines() if "warning" in line.lower() or "error" in line.lower()],
-                returncode=run.returncode)
 
 
 def offline_report(head_dim: int, causal: bool, config=None, dtype: str = "bf16"):

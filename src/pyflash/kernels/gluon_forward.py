@@ -60,6 +60,8 @@ from typing import NamedTuple
 
 import torch
 
+from pyflash.kernels.aot import ptxas_stats
+
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
     import triton
     from triton.experimental import gluon
@@ -616,15 +618,18 @@ def register_budget(num_wg: int):
     return maxnreg, min(consumer, 240), PRODUCER_REGS
 
 
-def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None) -> Config:
-    """seqlen_q / seqlen_k (None: unknown / long) may pick variants for short sequences (not yet:
-    the same config for every length until scripts/gluon_check.py --sweep --seqlens 512 1024 ranks
-    the persistent candidates). Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
+def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None,
+                   two_sided_window: bool = False, softcap_or_alibi: bool = False) -> Config:
+    """Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
     memory, ranked on an H100 by scripts/gluon_check.py --sweep (benchmarks/RESULTS.md). d=64: three
     consumer warpgroups (192-row tiles) win without a mask (481 vs 424 TFLOP/s at s=4096) but lose
-    under causal masking (365 vs 385), where the diagonal wastes more of a taller tile."""
+    under causal masking (365 vs 385), where the diagonal wastes more of a taller tile; with a
+    two-sided window and softcap or ALiBi their 128 registers a thread spill (216-380 B), so two.
+    seqlen_q / seqlen_k (None: unknown / long) are for short-sequence variants: the persistent grid
+    measured 3-30% faster at s <= 1024 (RESULTS.md) but has not passed its GPU check yet."""
     if head_dim <= 64:
-        return Config(128, 2, 2, True) if causal else Config(128, 3, 3, True)
+        three = not causal and not (two_sided_window and softcap_or_alibi)
+        return Config(128, 3, 3, True) if three else Config(128, 2, 2, True)
     if head_dim <= 128:
         return Config(128, 2, 2, True)
     return Config(64, 2, 2, True)
@@ -773,7 +778,9 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -
         softmax_lse.fill_(float("inf"))
         return
     causal = params.window_left < 0 and params.window_right == 0
-    cfg = config or default_config(head_dim, causal, seqlen_q, seqlen_k)
+    cfg = config or default_config(head_dim, causal, seqlen_q, seqlen_k,
+                                   params.window_left >= 0 and params.window_right >= 0,
+                                   bool(params.softcap) or params.alibi_slopes is not None)
     maxnreg, consumer_regs, producer_regs = register_budget(cfg.num_wg)
 
     scale = float(params.softmax_scale)
@@ -855,7 +862,9 @@ def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1,
         lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if not supported(q, k, v, out, lse, params, seqlens, False):
         raise ValueError("this call is not supported by the Gluon forward (see supported())")
-    base = default_config(head_dim, params.is_causal, seqlen_q, k.shape[1])
+    base = default_config(head_dim, params.is_causal, seqlen_q, k.shape[1],
+                          params.window_left >= 0 and params.window_right >= 0,
+                          bool(params.softcap) or params.alibi_slopes is not None)
     cfg = Config(block_n or base.block_n, num_stages or base.num_stages, num_wg or base.num_wg,
                  base.pingpong if pingpong is None else bool(pingpong),
                  base.persistent if persistent is None else bool(persistent))
@@ -906,34 +915,14 @@ def compile_sm90(head_dim: int, config: Config, dtype: str = "bf16", has_left: b
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
 
-def ptxas_stats(ptx: str):
-    """ptxas -v on ptx for sm_90a: dict(regs, spill_stores, spill_loads, stack, warnings, text)."""
-    import re
-    import subprocess
-    import tempfile
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    text = run.stdout + run.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return dict(regs=int(regs.group(1)) if regs else None,
-                spill_stores=int(spill.group(2)) if spill else None,
-                spill_loads=int(spill.group(3)) if spill else None,
-                stack=int(spill.group(1)) if spill else None,
-                warnings=[line for line in text.splitlines() if "warning" in line.lower()],
-                returncode=run.returncode, text=text)
-
-
 def offline_report(head_dim: int, config=None, dtype: str = "bf16", **flags):
     """compile_sm90 + ptxas_stats as a plain dict (what tests/test_gluon_compile.py checks):
     shared (bytes), regs, spill_stores, spill_loads, warnings."""
-    config = Config(*config) if config is not None else default_config(head_dim, flags.get("has_right", False))
+    if config is None:
+        config = default_config(head_dim, flags.get("has_right", False) and not flags.get("has_left", False),
+                                two_sided_window=flags.get("has_left", False) and flags.get("has_right", False),
+                                softcap_or_alibi=flags.get("softcap", False) or flags.get("alibi", False))
+    config = Config(*config)
     compiled = compile_sm90(head_dim, config, dtype, **flags)
     stats = ptxas_stats(compiled.asm["ptx"])
     return dict(shared=compiled.metadata.shared, regs=stats["regs"], spill_stores=stats["spill_stores"],
