@@ -34,10 +34,11 @@ import itertools
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import traceback
+
+from child_jobs import run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -283,23 +284,7 @@ def child(job):
 # ----------------------------------------------------------------------------------------------
 
 def run_job(job, timeout, label):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, env.get("PYTHONPATH", "")]))
-    start = time.time()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        status = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        output, _ = proc.communicate()
-        status = f"HANG (killed after {timeout} s)"
-    output = output.decode() if isinstance(output, bytes) else (output or "")
+    status, output, elapsed = run_child(__file__, job, timeout)
     for line in output.splitlines():
         if not line.startswith("[child]"):
             print(f"  {line}")
@@ -317,7 +302,7 @@ def run_job(job, timeout, label):
                     n += 1
                     entry = f"{key}#{n}"
                 speeds[entry] = float(value)
-    print(f"== {label}: {status} [{time.time() - start:.0f}s]", flush=True)
+    print(f"== {label}: {status} [{elapsed:.0f}s]", flush=True)
     if status != "ok":
         log_json(dict(name=label, ok=False, status=status))
     return status
