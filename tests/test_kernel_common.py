@@ -3,6 +3,7 @@ the fallback to smaller tiles on parts with less shared memory."""
 import math
 
 import pytest
+import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
@@ -62,3 +63,56 @@ def test_launch_fitting_falls_back_and_remembers():
     with pytest.raises(OutOfResources):
         launch_fitting(("test", "tiny"), (64, 128), 8, 3, tiny.launch)
     assert tiny.launched == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch to the Gluon kernels (Hopper): which calls go there. The kernels themselves are checked
+# by tests/test_gluon*_compile.py (sm_90 compiles) and on the GPU (tests/gpu, scripts/gluon_*check.py).
+# ----------------------------------------------------------------------------------------------
+
+def _dispatch_inputs(head_dim=128):
+    from pyflash.params import AttentionParams, Seqlens
+
+    q = torch.randn(1, 17, 2, head_dim)
+    return q, AttentionParams(head_dim ** -0.5, -1, 0), Seqlens(1, 17, 17)
+
+
+def test_forward_dispatches_to_gluon_when_supported(monkeypatch):
+    from pyflash.kernels import forward as module
+    from pyflash.kernels import gluon_forward
+
+    calls = []
+    monkeypatch.setattr(gluon_forward, "supported", lambda *args: True)
+    monkeypatch.setattr(gluon_forward, "forward", lambda *args: calls.append(args))
+    q, params, seqlens = _dispatch_inputs()
+    out, lse = torch.full_like(q, math.nan), torch.full((1, 2, 17), math.nan)
+    module.forward(q, q, q, out, lse, None, params, seqlens)
+    assert len(calls) == 1 and out.isnan().all()  # the (stubbed) Gluon kernel ran, not the Triton one
+    for kwargs in (dict(kernel="triton"), dict(use_tma=False), dict(config=(64, 32, 4, 1))):
+        module.forward(q, q, q, out, lse, None, params, seqlens, **kwargs)
+        assert len(calls) == 1 and not out.isnan().any(), kwargs
+        out.fill_(math.nan)
+    with pytest.raises(ValueError, match="kernel"):
+        module.forward(q, q, q, out, lse, None, params, seqlens, kernel="gluon")
+
+
+@pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 0), (64, False, 0)])
+def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, deterministic, expected):
+    """The Gluon backward takes d=128 (backward.GLUON_HEAD_DIMS) when its supported() accepts the call,
+    which the real one never does when deterministic (here a stub that checks the flag)."""
+    from pyflash.kernels import backward as module
+    from pyflash.kernels import gluon_backward
+
+    calls = []
+    monkeypatch.setattr(gluon_backward, "supported", lambda *args: not args[-1])
+    monkeypatch.setattr(gluon_backward, "backward", lambda *args: calls.append(args))
+    q, params, seqlens = _dispatch_inputs(head_dim)
+    out, lse = torch.randn_like(q), torch.randn(1, 2, 17)
+    grads = [torch.full_like(q, math.nan) for _ in range(3)]
+    softmax_d = torch.full_like(lse, math.nan)
+    module.backward(torch.randn_like(q), q, q, q, out, lse, *grads, softmax_d, params, seqlens, deterministic)
+    assert len(calls) == expected
+    assert all(g.isnan().all() for g in grads) == bool(expected)
+    with pytest.raises(ValueError, match="kernel"):
+        module.backward(torch.randn_like(q), q, q, q, out, lse, *grads, softmax_d, params, seqlens, False,
+                        kernel="gluon")
