@@ -116,3 +116,68 @@ def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, de
     with pytest.raises(ValueError, match="kernel"):
         module.backward(torch.randn_like(q), q, q, q, out, lse, *grads, softmax_d, params, seqlens, False,
                         kernel="gluon")
+
+
+def test_fast_launch_keys_are_never_coarser_than_triton_specialization():
+    """kernels/launch.FastLaunch reuses a compiled kernel for equal arg_key()s: equal keys must mean
+    equal specializations under Triton's own specializer (type, alignment, the value 1, int width)."""
+    import itertools
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from pyflash.kernels.launch import arg_key
+
+    base = torch.zeros(4096, dtype=torch.bfloat16)
+    values = [0, 1, 2, 15, 16, 17, 32, -1, -16, (1 << 31) - 16, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40, -(1 << 31),
+              -(1 << 31) - 16, 0.0, 1.0, 2.5, True, False,
+              base, base[8:], base[16:], base[1:], base.float(), base.float()[4:], base.to(torch.int32)]
+    values += [TensorDescriptor(base[:4096].view(64, 64), [64, 64], [64, 1], block) for block in ([16, 64], [32, 64])]
+    values += [TensorDescriptor(base[:2048].view(32, 64), [32, 64], [64, 1], [16, 64])]
+    for a, b in itertools.product(values, repeat=2):
+        if arg_key(a, False) == arg_key(b, False):
+            spec_a = native_specialize_impl(CUDABackend, a, False, True, True)
+            spec_b = native_specialize_impl(CUDABackend, b, False, True, True)
+            assert spec_a == spec_b, (a, b, spec_a, spec_b)
+
+
+def test_fast_launch_calls_the_compiled_launcher_with_every_parameter(monkeypatch):
+    """The first call of a key goes through Triton; later ones reach kernel.run directly, with the
+    arguments in parameter order (defaults filled in, constexprs included) as JITFunction.run passes them."""
+    from types import SimpleNamespace
+
+    from pyflash.kernels import launch
+
+    runs, first = [], []
+
+    class Kernel:
+        function, packed_metadata = "function", "packed"
+
+        def launch_metadata(self, grid, stream, *values):
+            return None
+
+        def run(self, *args):
+            runs.append(args)
+
+    class Fn:
+        arg_names = ["x", "n", "BLOCK", "FLAG"]
+        params = [SimpleNamespace(is_constexpr=c, default=d)
+                  for c, d in ((False, None), (False, None), (True, None), (True, False))]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: first.append((grid, args, kwargs)) or Kernel()
+
+    monkeypatch.setattr(launch, "current_stream", lambda: 7)
+    fast = launch.FastLaunch(Fn())
+    x = torch.zeros(16)
+    fast[(3, 2)](x, 32, BLOCK=64, num_warps=4)
+    assert len(first) == 1 and not runs
+    fast[(5,)](x, 48, BLOCK=64, num_warps=4)  # same key: 48 and 32 are both multiples of 16
+    # (grid, stream, function, packed metadata, launch metadata, Triton's enter / exit hooks, the arguments)
+    assert len(first) == 1 and len(runs) == 1
+    assert runs[0][:7] == (5, 1, 1, 7, "function", "packed", None) and runs[0][9:] == (x, 48, 64, False)
+    for changed in (dict(n=1), dict(n=33), dict(BLOCK=32), dict(num_warps=8), dict(FLAG=True)):
+        kwargs = {**dict(BLOCK=64, num_warps=4), **{k: v for k, v in changed.items() if k != "n"}}
+        fast[(1,)](x, changed.get("n", 32), **kwargs)
+    assert len(first) == 6 and len(runs) == 1  # every change of key compiled / launched through Triton

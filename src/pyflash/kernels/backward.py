@@ -28,6 +28,7 @@ from pyflash.kernels import configs, gluon_backward
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
+from pyflash.kernels.launch import launcher
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -484,9 +485,9 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     if max_seqlen_q > 0:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        _delta_kernel[grid](out, dout, delta, cu_q, *_row_strides(out, varlen), *_row_strides(dout, varlen),
-                            *stat_strides, dense_seqlen_q, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK,
-                            BLOCK_D=block_d, IS_VARLEN=varlen)
+        launcher(_delta_kernel)[grid](out, dout, delta, cu_q, *_row_strides(out, varlen),
+                                      *_row_strides(dout, varlen), *stat_strides, dense_seqlen_q, HEAD_DIM=head_dim,
+                                      BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
 
     softcap, scale = params.softcap, params.softmax_scale
     qk_scale, softcap_scale = (scale / softcap, softcap * LOG2E) if softcap > 0 else (scale * LOG2E, 0.0)
@@ -534,7 +535,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             q_arg, dout_arg = q, dout
             if tma_q:
                 q_arg, dout_arg = (tma_descriptor(t, q_rows, block_m, block_d) for t in (q, dout))
-            _dkdv_kernel[(cdiv(max_seqlen_k, block_n), num_heads_k, batch)](
+            launcher(_dkdv_kernel)[(cdiv(max_seqlen_k, block_n), num_heads_k, batch)](
                 q_arg, k, v, dout_arg, softmax_lse, delta, dq_target, dk, dv, *tensors,
                 *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen),
                 *_row_strides(dv, varlen), *stat_strides, *alibi_strides, *common_args,
@@ -544,7 +545,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        _dq_from_accumulator_kernel[grid](
+        launcher(_dq_from_accumulator_kernel)[grid](
             dq_target, dq, cu_q, *_row_strides(dq_target, varlen), *_row_strides(dq, varlen), dense_seqlen_q,
             scale, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
     elif max_seqlen_q > 0:
@@ -553,7 +554,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             k_arg, v_arg = k, v
             if tma_kv:
                 k_arg, v_arg = (tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
-            _dq_kernel[(cdiv(max_seqlen_q, block_m), num_heads, batch)](
+            launcher(_dq_kernel)[(cdiv(max_seqlen_q, block_m), num_heads, batch)](
                 q, k_arg, v_arg, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
                 *stat_strides, *alibi_strides, *common_args,
                 BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_kv, **switches,

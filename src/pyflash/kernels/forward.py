@@ -20,11 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from pyflash.kernels import gluon_forward
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
-from pyflash.kernels import gluon_forward
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
+from pyflash.kernels.launch import launcher
 
 LOG2E = math.log2(math.e)
 
@@ -352,7 +353,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
         # keys that end inside a block (TMA reads the next sequence's rows there).
         one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
                            or dense_seqlen_k % block_n != 0)
-        _forward_kernel[(cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)](
+        launcher(_forward_kernel)[(cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)](
             q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
             alibi if alibi is not None else dummy,
             seqlens.cu_seqlens_q if varlen else dummy, seqlens.cu_seqlens_k if varlen else dummy,

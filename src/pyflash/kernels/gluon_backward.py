@@ -85,6 +85,7 @@ from typing import NamedTuple
 import torch
 
 from pyflash.kernels.aot import ptxas_stats
+from pyflash.kernels.launch import launcher
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
 
 try:
@@ -724,7 +725,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         stats_len = triton.cdiv(seqlen_q, cfg.block_m) * cfg.block_m
         stats = torch.empty((batch * num_heads, 4, stats_len), dtype=torch.float32, device=q.device)
         lse_mul, delta_mul = (-1.0 / scale, -1.0) if cfg.acc_init else (LOG2E, 1.0)
-        _preprocess_kernel[(stats_len // ROW_BLOCK, batch * num_heads)](
+        launcher(_preprocess_kernel)[(stats_len // ROW_BLOCK, batch * num_heads)](
             out, dout, softmax_lse, softmax_d, stats, seqlen_q, num_heads, stats_len, seqlen_k - seqlen_q,
             lse_mul, delta_mul, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), *softmax_lse.stride(), *softmax_d.stride(), HEAD_DIM=head_dim, BLOCK=ROW_BLOCK,
@@ -751,14 +752,14 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     n_blocks = triton.cdiv(seqlen_k, block_n)
     lpt = bool(cfg.lpt and causal)
     grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
-    _backward_kernel[grid](
+    launcher(_backward_kernel)[grid](
         q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
         scale * LOG2E, scale, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), num_warps=4, maxnreg=maxnreg)
-    _dq_convert_kernel[(triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads)](
+    launcher(_dq_convert_kernel)[(triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads)](
         dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=head_dim,
         BLOCK=ROW_BLOCK, num_warps=4)
 

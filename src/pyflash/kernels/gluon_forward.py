@@ -61,6 +61,7 @@ from typing import NamedTuple
 import torch
 
 from pyflash.kernels.aot import ptxas_stats
+from pyflash.kernels.launch import launcher
 
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
     import triton
@@ -824,7 +825,7 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -
     else:
         grid = (num_m_blocks, batch_heads)
         section_heads = 1
-    _forward_kernel[grid](
+    launcher(_forward_kernel)[grid](
         q_desc, k_desc, v_desc, o_desc, softmax_lse, alibi_arg,
         *softmax_lse.stride(), stride_ab, stride_ah,
         seqlen_q, seqlen_k, num_heads, num_heads // num_heads_k, left, right,
