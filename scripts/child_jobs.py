@@ -31,3 +31,12 @@ def run_child(script: str, job, timeout: float):
         status = f"HANG (killed after {timeout} s)"
     output = output.decode() if isinstance(output, bytes) else (output or "")
     return status, output, time.time() - start
+
+
+def log_json(filename: str, record) -> None:
+    """Append record as one JSON line to $OUT/filename (the device tool brings $OUT back); no $OUT: nothing."""
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, filename), "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -41,6 +41,7 @@ import sys
 import time
 import traceback
 
+import child_jobs
 from child_jobs import run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,11 +51,7 @@ COUNTS = {"PASS": 0, "FAIL": 0}
 
 
 def log_json(record):
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "gluon_check.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+    child_jobs.log_json("gluon_check.jsonl", record)
 
 
 # ----------------------------------------------------------------------------------------------
