@@ -26,8 +26,8 @@ import triton.language as tl
 
 from pyflash.kernels import configs, gluon_backward
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
-                                     launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
-                                     tuned_generation, visible_block_ranges, visible_mask)
+                                     launch_fitting, load_block, load_tile, next_power_of_2, tanh, tma_descriptor,
+                                     tma_view_ok, tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.launch import launcher
 
 LOG2E = math.log2(math.e)
@@ -64,23 +64,6 @@ def _load_rows(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr,
                CHECK_ROWS: tl.constexpr, MMA_DTYPE: tl.constexpr):
     """A (rows, BLOCK_D) tile from ``ptr`` (offset to the sequence and head), 0 where out of bounds."""
     return load_tile(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS).to(MMA_DTYPE)
-
-
-@triton.jit
-def _load_block(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, MMA_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
-                ZERO_TAIL: tl.constexpr):
-    """The (rows, BLOCK_D) tile that the loops step over: through a TMA descriptor over the
-    (rows, heads * d) view, read at [tma_row, tma_col], or by pointer as _load_rows. Past the sequence
-    TMA reads the next sequence's rows (finite: their P is 0) or zeros past the tensor; ZERO_TAIL
-    (varlen, masked blocks) zeroes them, as padding or unused cache slots there may hold NaN."""
-    if USE_TMA:
-        tile = src.load([tma_row, tma_col])
-        if ZERO_TAIL:
-            tile = tl.where((rows < row_limit)[:, None], tile, 0.0)
-        return tile.to(MMA_DTYPE)
-    else:
-        return _load_rows(src, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS, MMA_DTYPE)
 
 
 @triton.jit
@@ -160,10 +143,11 @@ def _dkdv_loop(dk, dv, k, v, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr
     do_src (TMA descriptors read at row tma_row + start_m, column tma_col, or pointers)."""
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_block(q_src, tma_row + start_m, tma_col, rows, stride_qm, seqlen_q, offs_d, HEAD_DIM, BLOCK_D,
-                        MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
-        do = _load_block(do_src, tma_row + start_m, tma_col, rows, stride_dom, seqlen_q, offs_d, HEAD_DIM,
-                         BLOCK_D, MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
+        # Through TMA, varlen rows past the sequence may be NaN (padding): zeroed in masked blocks.
+        q = load_block(q_src, tma_row + start_m, tma_col, rows, stride_qm, seqlen_q, offs_d, HEAD_DIM, BLOCK_D,
+                       MASKED, USE_TMA, MASKED and IS_VARLEN).to(MMA_DTYPE)
+        do = load_block(do_src, tma_row + start_m, tma_col, rows, stride_dom, seqlen_q, offs_d, HEAD_DIM,
+                        BLOCK_D, MASKED, USE_TMA, MASKED and IS_VARLEN).to(MMA_DTYPE)
         lse_log2, delta = _row_stats(lse_ptr, delta_ptr, rows, stride_lse_m, seqlen_q, MASKED)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -275,10 +259,11 @@ def _dq_loop(dq, q, do, lse_log2, delta, k_src, v_src, tma_row, tma_col, stride_
     k_src and v_src (TMA descriptors read at row tma_row + start_n, column tma_col, or pointers)."""
     for start_n in range(col_lo, col_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_block(k_src, tma_row + start_n, tma_col, cols, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D,
-                        MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
-        v = _load_block(v_src, tma_row + start_n, tma_col, cols, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D,
-                        MASKED, MMA_DTYPE, USE_TMA, MASKED and IS_VARLEN)
+        # Through TMA, varlen keys past the sequence may be NaN (unused cache slots): zeroed in masked blocks.
+        k = load_block(k_src, tma_row + start_n, tma_col, cols, stride_kn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D,
+                       MASKED, USE_TMA, MASKED and IS_VARLEN).to(MMA_DTYPE)
+        v = load_block(v_src, tma_row + start_n, tma_col, cols, stride_vn, seqlen_k, offs_d, HEAD_DIM, BLOCK_D,
+                       MASKED, USE_TMA, MASKED and IS_VARLEN).to(MMA_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         _, ds = _score_grads(qk, dp, rows[:, None], cols[None, :], lse_log2[:, None], delta[:, None],

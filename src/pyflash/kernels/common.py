@@ -132,6 +132,23 @@ def load_tile(ptr, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr, 
 
 
 @triton.jit
+def load_block(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, ZERO_TAIL: tl.constexpr):
+    """A (rows, BLOCK_D) tile that a kernel loop steps over: through a TMA descriptor over the
+    (rows, heads * d) view, read at [tma_row, tma_col], or by pointer as load_tile (``src`` then
+    offset to the sequence and head). Past the sequence TMA reads the next sequence's rows or zeros
+    past the tensor; ZERO_TAIL zeroes the rows at or past row_limit, where padding or unused cache
+    slots may hold NaN that a zero probability does not cancel."""
+    if USE_TMA:
+        tile = src.load([tma_row, tma_col])
+        if ZERO_TAIL:
+            tile = tl.where((rows < row_limit)[:, None], tile, 0.0)
+    else:
+        tile = load_tile(src, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+    return tile
+
+
+@triton.jit
 def alibi_bias(slope, rows, cols, seqlen_q, seqlen_k):
     dist = rows + seqlen_k - seqlen_q - cols
     return -slope * tl.abs(dist).to(tl.float32)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from pyflash.kernels import gluon_forward
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
-                                     launch_fitting, load_tile, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
+                                     launch_fitting, load_block, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 from pyflash.kernels.launch import launcher
@@ -33,14 +33,11 @@ LOG2E = math.log2(math.e)
 @triton.jit
 def _load_rows(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
-               CHECK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
-    """A (rows, BLOCK_D) tile of K or V. ``src`` is a TMA descriptor over the (rows, heads * d)
-    view (read at [tma_row, tma_col]) or a pointer already offset to this sequence and head."""
-    if USE_TMA:
-        # Rows past the sequence read whatever follows it: masked scores for K, zeroed V rows (_attend).
-        tile = src.load([tma_row, tma_col])
-    else:
-        tile = load_tile(src, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+               CHECK_ROWS: tl.constexpr, UPCAST: tl.constexpr, ZERO_TAIL: tl.constexpr = False):
+    """A (rows, BLOCK_D) tile of K or V (common.load_block). Through TMA, rows past the sequence read
+    whatever follows it: K's scores there are masked, V's rows are zeroed where that may be NaN."""
+    tile = load_block(src, tma_row, tma_col, rows, stride_row, row_limit, offs_d, HEAD_DIM, BLOCK_D, CHECK_ROWS,
+                      USE_TMA, ZERO_TAIL)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
@@ -98,13 +95,10 @@ def _attend(acc, l_i, m_i, q, k_src, v_src, kv_row, kv_col, stride_kn, stride_vn
         if HAS_DROPOUT:
             keep = dropout_keep_tile(philox_seed, philox_offset, dropout_p, bh, rows[:, None], start_n, BLOCK_N)
             p = tl.where(keep, p, 0.0)
+        # Past a varlen sequence's keys TMA reads anything (an unused KV-cache slot, padding: NaN).
+        # Dense rows past the keys are the next batch's (the caller's data) or TMA's zero fill.
         v = _load_rows(v_src, kv_row + start_n, kv_col, cols, stride_vn, seqlen_k, offs_d,
-                       HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST)
-        if USE_TMA and MASKED and IS_VARLEN:
-            # Past a varlen sequence's keys TMA reads anything (an unused KV-cache slot, padding:
-            # NaN), and p = 0 does not cancel NaN in the product. Dense rows past the keys are the
-            # next batch's (the caller's data) or TMA's zero fill.
-            v = tl.where(cols[:, None] < seqlen_k, v, 0.0)
+                       HEAD_DIM, BLOCK_D, USE_TMA, MASKED, UPCAST, MASKED and IS_VARLEN)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
