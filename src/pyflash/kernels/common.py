@@ -23,6 +23,18 @@ def device_capability(device: torch.device):
     return found
 
 
+_MULTIPROCESSORS = {}
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors, remembered per device like device_capability."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _MULTIPROCESSORS.get(index)
+    if found is None:
+        found = _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return found
+
+
 def cdiv(a: int, b: int) -> int:
     """triton.cdiv for the host code: Triton's own is a constexpr function, ~2 us a call."""
     return -(-a // b)

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, launch_fitting, next_power_of_2,
-                                     tanh, tma_descriptor, tma_view_ok, visible_mask)
+from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, launch_fitting,
+                                     multiprocessor_count, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
+                                     visible_mask)
 from pyflash.kernels.launch import launcher
 
 MAX_SPLITS = 128
@@ -46,7 +47,7 @@ def _config(head_dim: int, element_size: int = 2):
 
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return multiprocessor_count(device)
     return 8  # interpreter: small, so the heuristic still splits the tests' short caches
 
 

@@ -85,6 +85,7 @@ from typing import NamedTuple
 import torch
 
 from pyflash.kernels.aot import ptxas_stats
+from pyflash.kernels.common import device_capability
 from pyflash.kernels.launch import launcher
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
 
@@ -678,7 +679,7 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
             return False
         if not (isinstance(q, torch.Tensor) and q.is_cuda and q.dim() == 4):
             return False
-        if torch.cuda.get_device_capability(q.device)[0] != 9:
+        if device_capability(q.device)[0] != 9:
             return False
         tensors = (dout, q, k, v, out, dq, dk, dv)
         if q.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != q.dtype for t in tensors):

@@ -61,6 +61,7 @@ from typing import NamedTuple
 import torch
 
 from pyflash.kernels.aot import ptxas_stats
+from pyflash.kernels.common import device_capability, multiprocessor_count
 from pyflash.kernels.launch import launcher
 
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
@@ -700,27 +701,7 @@ def descriptor(t, rows: int, head_dim: int):
     return TensorDescriptor(t, shape, strides, block, smem_layout(block, t.dtype))
 
 
-_CAPABILITIES = {}
-_SM_COUNTS = {}
 L2_SECTION_BYTES = 16 << 20  # persistent schedule: K + V bytes of the heads whose tiles run together
-
-
-def _sm_count(device):
-    """Streaming multiprocessors of device, remembered (a persistent launch starts one CTA per SM)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    found = _SM_COUNTS.get(index)
-    if found is None:
-        found = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return found
-
-
-def _capability(device):
-    """torch.cuda.get_device_capability, remembered per device (it costs microseconds a call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    found = _CAPABILITIES.get(index)
-    if found is None:
-        found = _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
-    return found
 
 
 def supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) -> bool:
@@ -735,7 +716,7 @@ def supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) 
             return False
         if not (isinstance(q, torch.Tensor) and q.is_cuda and q.dim() == 4):
             return False
-        if _capability(q.device)[0] != 9:
+        if device_capability(q.device)[0] != 9:
             return False
         if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype == out.dtype):
             return False
@@ -818,7 +799,7 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -
     if not persistent_launch(cfg, left >= 0, softcap > 0, alibi is not None):
         cfg = cfg._replace(persistent=False)
     if cfg.persistent:
-        grid = (min(num_tiles, _sm_count(q.device)), )
+        grid = (min(num_tiles, multiprocessor_count(q.device)), )
         # Sections of heads whose K and V (~L2_SECTION_BYTES) stay in L2 while their tiles run.
         kv_bytes = 2 * seqlen_k * head_dim * q.element_size()
         section_heads = max(1, min(batch_heads, L2_SECTION_BYTES // max(kv_bytes, 1)))
