@@ -94,17 +94,6 @@ def cuda_main(calls: int, profile: bool) -> None:
             with sdpa_kernel(getattr(SDPBackend, name)):
                 sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)  # noqa: E731
                 rows.append((f"SDPA {name} causal={causal}", per_call_us(sdpa, calls, sync)))
-    from pyflash.kernels import launch
-
-    launch.ENABLED = True  # kernels/launch.FastLaunch: the same calls through the lighter launch path
-    for causal in (False, True):
-        fwd = lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None)  # noqa: E731
-        rows.append((f"pyflash.mha_fwd causal={causal}, PYFLASH_FAST_LAUNCH=1", per_call_us(fwd, calls, sync)))
-        res = fwd()
-        bwd = lambda: pyflash.mha_bwd(dout, q, k, v, res[0], res[4], None, None, None, None, 0.0, None,  # noqa: E731
-                                      causal, -1, -1, False, res[5], res[6])
-        rows.append((f"pyflash.mha_bwd causal={causal}, PYFLASH_FAST_LAUNCH=1", per_call_us(bwd, calls, sync)))
-    launch.ENABLED = False
     print("| call (b=1, s=128, h=2, d=128, bf16) | host us per call |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")
@@ -121,7 +110,8 @@ def cuda_main(calls: int, profile: bool) -> None:
                 call()
             profiler.disable()
             stats = pstats.Stats(profiler)
-            stats.sort_stats("tottime").print_stats(22)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(45)
 
 
 def main() -> None:

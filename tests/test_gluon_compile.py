@@ -12,6 +12,7 @@ from gluon_offline import assert_clean, run_reports
 
 pytest.importorskip("triton.experimental.gluon")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+from pyflash.kernels import gluon_forward as gf  # noqa: E402
 
 
 # (id, head_dim, dtype, config (block_n, num_stages, num_wg, pingpong) or None for the default, flags)
@@ -29,6 +30,9 @@ CASES = [
     ("d64-persistent-3wg", 64, "bf16", (64, 4, 3, True, True), {}),
     ("d128-persistent-causal", 128, "bf16", (128, 2, 2, True, True), dict(has_right=True)),
     ("d256-persistent-causal", 256, "bf16", (32, 3, 2, True, True), dict(has_right=True)),
+    # What default_config picks for short keys (persistent, d=64 plain and causal).
+    ("d64-short-default", 64, "bf16", tuple(gf.default_config(64, False, 512, 512)), {}),
+    ("d64-short-default-causal", 64, "fp16", tuple(gf.default_config(64, True, 2048, 2048)), dict(has_right=True)),
 ]
 
 _CHILD = r"""

@@ -82,8 +82,7 @@ def test_forward_dispatches_to_gluon_when_supported(monkeypatch):
     from pyflash.kernels import gluon_forward
 
     calls = []
-    monkeypatch.setattr(gluon_forward, "supported", lambda *args: True)
-    monkeypatch.setattr(gluon_forward, "forward", lambda *args: calls.append(args))
+    monkeypatch.setattr(gluon_forward, "try_forward", lambda *args: calls.append(args) or True)
     q, params, seqlens = _dispatch_inputs()
     out, lse = torch.full_like(q, math.nan), torch.full((1, 2, 17), math.nan)
     module.forward(q, q, q, out, lse, None, params, seqlens)
@@ -104,8 +103,7 @@ def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, de
     from pyflash.kernels import gluon_backward
 
     calls = []
-    monkeypatch.setattr(gluon_backward, "supported", lambda *args: not args[-1])
-    monkeypatch.setattr(gluon_backward, "backward", lambda *args: calls.append(args))
+    monkeypatch.setattr(gluon_backward, "try_backward", lambda *args: not args[-1] and (calls.append(args) or True))
     q, params, seqlens = _dispatch_inputs(head_dim)
     out, lse = torch.randn_like(q), torch.randn(1, 2, 17)
     grads = [torch.full_like(q, math.nan) for _ in range(3)]
@@ -118,66 +116,159 @@ def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, de
                         kernel="gluon")
 
 
-def test_fast_launch_keys_are_never_coarser_than_triton_specialization():
-    """kernels/launch.FastLaunch reuses a compiled kernel for equal arg_key()s: equal keys must mean
-    equal specializations under Triton's own specializer (type, alignment, the value 1, int width)."""
-    import itertools
+class _FakeKernel:
+    """A CompiledKernel's launch surface: records kernel.run's arguments."""
 
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    function, packed_metadata = "function", "packed"
 
-    from pyflash.kernels.launch import arg_key
+    def __init__(self):
+        self.runs = []
 
-    base = torch.zeros(4096, dtype=torch.bfloat16)
-    values = [0, 1, 2, 15, 16, 17, 32, -1, -16, (1 << 31) - 16, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40, -(1 << 31),
-              -(1 << 31) - 16, 0.0, 1.0, 2.5, True, False,
-              base, base[8:], base[16:], base[1:], base.float(), base.float()[4:], base.to(torch.int32)]
-    values += [TensorDescriptor(base[:4096].view(64, 64), [64, 64], [64, 1], block) for block in ([16, 64], [32, 64])]
-    values += [TensorDescriptor(base[:2048].view(32, 64), [32, 64], [64, 1], [16, 64])]
-    for a, b in itertools.product(values, repeat=2):
-        if arg_key(a, False) == arg_key(b, False):
-            spec_a = native_specialize_impl(CUDABackend, a, False, True, True)
-            spec_b = native_specialize_impl(CUDABackend, b, False, True, True)
-            assert spec_a == spec_b, (a, b, spec_a, spec_b)
+    def launch_metadata(self, grid, stream, *values):
+        return None
+
+    def run(self, *args):
+        self.runs.append(args)
 
 
-def test_fast_launch_calls_the_compiled_launcher_with_every_parameter(monkeypatch):
-    """The first call of a key goes through Triton; later ones reach kernel.run directly, with the
-    arguments in parameter order (defaults filled in, constexprs included) as JITFunction.run passes them."""
+def test_recorded_launch_replays_every_parameter_with_new_tensors(monkeypatch):
+    """record() launches through Triton once; the Recorded replay reaches kernel.run with the arguments
+    in parameter order (defaults filled in, constexprs included) as JITFunction.run passes them, this
+    call's tensors in the slots, and keeps no tensor of the first call."""
+    import gc
+    import weakref
     from types import SimpleNamespace
 
     from pyflash.kernels import launch
 
-    runs, first = [], []
-
-    class Kernel:
-        function, packed_metadata = "function", "packed"
-
-        def launch_metadata(self, grid, stream, *values):
-            return None
-
-        def run(self, *args):
-            runs.append(args)
+    kernel, first = _FakeKernel(), []
 
     class Fn:
-        arg_names = ["x", "n", "BLOCK", "FLAG"]
-        params = [SimpleNamespace(is_constexpr=c, default=d)
-                  for c, d in ((False, None), (False, None), (True, None), (True, False))]
+        arg_names = ["x", "y", "n", "BLOCK", "FLAG"]
+        params = [SimpleNamespace(default=d) for d in (None, None, None, None, False)]
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: first.append((grid, args, kwargs)) or Kernel()
+            return lambda *args, **kwargs: first.append((grid, args, kwargs)) or kernel
 
     monkeypatch.setattr(launch, "current_stream", lambda: 7)
-    fast = launch.FastLaunch(Fn())
-    x = torch.zeros(16)
-    fast[(3, 2)](x, 32, BLOCK=64, num_warps=4)
-    assert len(first) == 1 and not runs
-    fast[(5,)](x, 48, BLOCK=64, num_warps=4)  # same key: 48 and 32 are both multiples of 16
+    x, y = torch.zeros(16), torch.ones(16)
+    recorded = launch.record(Fn(), (3, 2), (x, y, 32), dict(BLOCK=64, num_warps=4), slots=(0, 1))
+    assert len(first) == 1 and first[0][1] == (x, y, 32) and not kernel.runs
+    x_ref = weakref.ref(x)
+    del x, first[:]
+    gc.collect()
+    assert x_ref() is None, "the recorded launch keeps the first call's tensor alive"
+    a, b = torch.zeros(8), torch.ones(8)
+    recorded(a, b)
     # (grid, stream, function, packed metadata, launch metadata, Triton's enter / exit hooks, the arguments)
-    assert len(first) == 1 and len(runs) == 1
-    assert runs[0][:7] == (5, 1, 1, 7, "function", "packed", None) and runs[0][9:] == (x, 48, 64, False)
-    for changed in (dict(n=1), dict(n=33), dict(BLOCK=32), dict(num_warps=8), dict(FLAG=True)):
-        kwargs = {**dict(BLOCK=64, num_warps=4), **{k: v for k, v in changed.items() if k != "n"}}
-        fast[(1,)](x, changed.get("n", 32), **kwargs)
-    assert len(first) == 6 and len(runs) == 1  # every change of key compiled / launched through Triton
+    (run,) = kernel.runs
+    assert run[:7] == (3, 2, 1, 7, "function", "packed", None)
+    assert run[9] is a and run[10] is b and run[11:] == (32, 64, False)
+
+
+def test_record_returns_none_without_a_compiled_kernel():
+    """Under the interpreter a launch returns no CompiledKernel: nothing to replay."""
+    from types import SimpleNamespace
+
+    from pyflash.kernels import launch
+
+    class Fn:
+        arg_names, params = ["x"], [SimpleNamespace(default=None)]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    assert launch.record(Fn(), (1,), (torch.zeros(1),), {}, slots=(0,)) is None
+
+
+def test_gluon_forward_plan_replays_calls_like_an_earlier_one(monkeypatch):
+    """gluon_forward.try_forward: the first call of a key goes through supported() and forward();
+    a call that differs only in its tensors' (aligned) addresses replays the recorded launch with TMA
+    descriptors over its own tensors; any other difference (shape, window, alignment) is a new key;
+    a rejected key is remembered as rejected."""
+    from pyflash.kernels import gluon_forward as gf
+    from pyflash.kernels.launch import Descriptor
+    from pyflash.params import AttentionParams, Seqlens
+
+    supported_calls, forward_calls, replays = [], [], []
+
+    def fake_supported(q, *args):
+        supported_calls.append(q.shape)
+        return q.shape[-1] != 64
+
+    monkeypatch.setattr(gf, "AVAILABLE", True)
+    monkeypatch.setattr(gf, "_PLANS", {})
+    monkeypatch.setattr(gf, "supported", fake_supported)
+    monkeypatch.setattr(gf, "forward", lambda *args: forward_calls.append(args) or
+                        (lambda *tensors: replays.append(tensors)))
+
+    def call(q, lse, window_right=0, head_dim=128):
+        params = AttentionParams(head_dim ** -0.5, -1, window_right)
+        return gf.try_forward(q, q, q, q, lse, params, Seqlens(*q.shape[:2], q.shape[1]), False)
+
+    storage = torch.randn(4 * 100 * 2 * 128 + 8)
+    q1, q2 = storage[:25600].view(1, 100, 2, 128), storage[64:25664].view(1, 100, 2, 128)
+    lse = torch.randn(1, 2, 100)
+    assert call(q1, lse) and len(forward_calls) == 1 and not replays
+    assert call(q2, lse) and len(forward_calls) == 1 and len(replays) == 1
+    descs, lse_arg, alibi_arg = replays[0][:4], replays[0][4], replays[0][5]
+    assert all(isinstance(d, Descriptor) and d.base is q2 for d in descs) and lse_arg is lse and alibi_arg is lse
+    assert descs[0].shape == [1, 100, 256] and descs[0].strides == [25600, 256, 1]
+    misaligned = storage[2:25602].view(1, 100, 2, 128)
+    for args in ((q1.reshape(2, 50, 2, 128), torch.randn(2, 2, 50)), (q1, lse, -1), (misaligned, lse)):
+        assert call(*args)
+    assert len(forward_calls) == 4 and len(replays) == 1
+    q64 = torch.randn(1, 100, 2, 64)
+    assert not call(q64, lse, head_dim=64) and not call(q64, lse, head_dim=64)
+    assert supported_calls.count(q64.shape) == 1 and len(forward_calls) == 4
+
+
+def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
+    """gluon_backward.try_backward: the first call of a key runs backward(); a call differing only in
+    its tensors' addresses replays the plan: fresh stats / zeroed dQ accumulator buffers of the recorded
+    shapes, the three launches with this call's tensors (TMA descriptors over q, dout, k, v and the
+    buffers); deterministic calls never reach it; a rejected key is remembered as rejected."""
+    from pyflash.kernels import gluon_backward as gb
+    from pyflash.kernels.launch import Descriptor
+    from pyflash.params import AttentionParams, Seqlens
+
+    launches, supported_calls = {"preprocess": [], "main": [], "convert": []}, []
+
+    def recorder(name):
+        return lambda *tensors: launches[name].append(tensors)
+
+    views = tuple(([1, 17, 256], [4352, 256, 1]) for _ in range(6))
+    plan = gb._Plan(recorder("preprocess"), recorder("main"), recorder("convert"), (2, 4, 64), (1, 17, 2, 128), views)
+    backward_calls = []
+
+    def fake_supported(*args):
+        supported_calls.append(args[1].shape)
+        return args[1].shape[-1] == 128
+
+    monkeypatch.setattr(gb, "AVAILABLE", True)
+    monkeypatch.setattr(gb, "_PLANS", {})
+    monkeypatch.setattr(gb, "supported", fake_supported)
+    monkeypatch.setattr(gb, "backward", lambda *args: backward_calls.append(args) or plan)
+
+    def call(head_dim=128, deterministic=False):
+        q = torch.randn(1, 17, 2, head_dim)
+        lse = torch.randn(1, 2, 17)
+        tensors = (torch.randn_like(q), q, torch.randn_like(q), torch.randn_like(q), torch.randn_like(q), lse,
+                   torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(lse))
+        params = AttentionParams(head_dim ** -0.5, -1, 0)
+        return tensors, gb.try_backward(*tensors, params, Seqlens(1, 17, 17), deterministic)
+
+    _, ran = call()
+    assert ran and len(backward_calls) == 1 and not launches["main"]
+    tensors, ran = call()
+    assert ran and len(backward_calls) == 1
+    dout, q, k, v, out, lse, dq, dk, dv, softmax_d = tensors
+    (pre,), (main,), (convert,) = launches["preprocess"], launches["main"], launches["convert"]
+    stats, accum = pre[4], convert[0]
+    assert pre[:4] == (out, dout, lse, softmax_d) and stats.shape == (2, 4, 64) and stats.dtype == torch.float32
+    assert accum.shape == (1, 17, 2, 128) and not accum.any() and convert[1] is dq
+    assert all(isinstance(d, Descriptor) for d in main[:6]) and main[6:] == (dk, dv)
+    assert all(d.base is t for d, t in zip(main[:4], (q, dout, k, v))) and main[4].base is accum and main[5].base is stats
+    assert not call(deterministic=True)[1] and len(supported_calls) == 1
+    assert not call(head_dim=64)[1] and not call(head_dim=64)[1]
+    assert supported_calls.count(torch.Size([1, 17, 2, 64])) == 1 and len(backward_calls) == 1

@@ -28,7 +28,6 @@ from pyflash.kernels import configs, gluon_backward
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_block, load_tile, next_power_of_2, tanh, tma_descriptor,
                                      tma_view_ok, tuned_generation, visible_block_ranges, visible_mask)
-from pyflash.kernels.launch import launcher
 
 LOG2E = math.log2(math.e)
 # Query rows per program of the two row-wise kernels (delta, dQ from the fp32 accumulator).
@@ -451,9 +450,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if kernel not in (None, "triton"):
         raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
     if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS
-            and gluon_backward.supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens,
-                                         deterministic)):
-        gluon_backward.backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens)
+            and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
+                                            seqlens, deterministic)):
         return
     block_d = _block_d(head_dim)
     cfg = BackwardConfig(*(config or backward_config(q, head_dim, params.is_causal)))
@@ -470,7 +468,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     if max_seqlen_q > 0:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        launcher(_delta_kernel)[grid](out, dout, delta, cu_q, *_row_strides(out, varlen),
+        _delta_kernel[grid](out, dout, delta, cu_q, *_row_strides(out, varlen),
                                       *_row_strides(dout, varlen), *stat_strides, dense_seqlen_q, HEAD_DIM=head_dim,
                                       BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
 
@@ -520,7 +518,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             q_arg, dout_arg = q, dout
             if tma_q:
                 q_arg, dout_arg = (tma_descriptor(t, q_rows, block_m, block_d) for t in (q, dout))
-            launcher(_dkdv_kernel)[(cdiv(max_seqlen_k, block_n), num_heads_k, batch)](
+            _dkdv_kernel[(cdiv(max_seqlen_k, block_n), num_heads_k, batch)](
                 q_arg, k, v, dout_arg, softmax_lse, delta, dq_target, dk, dv, *tensors,
                 *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen),
                 *_row_strides(dv, varlen), *stat_strides, *alibi_strides, *common_args,
@@ -530,7 +528,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        launcher(_dq_from_accumulator_kernel)[grid](
+        _dq_from_accumulator_kernel[grid](
             dq_target, dq, cu_q, *_row_strides(dq_target, varlen), *_row_strides(dq, varlen), dense_seqlen_q,
             scale, HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen)
     elif max_seqlen_q > 0:
@@ -539,7 +537,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             k_arg, v_arg = k, v
             if tma_kv:
                 k_arg, v_arg = (tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
-            launcher(_dq_kernel)[(cdiv(max_seqlen_q, block_m), num_heads, batch)](
+            _dq_kernel[(cdiv(max_seqlen_q, block_m), num_heads, batch)](
                 q, k_arg, v_arg, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
                 *stat_strides, *alibi_strides, *common_args,
                 BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_kv, **switches,

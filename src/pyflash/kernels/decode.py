@@ -21,7 +21,6 @@ import triton.language as tl
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, launch_fitting,
                                      multiprocessor_count, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      visible_mask)
-from pyflash.kernels.launch import launcher
 
 MAX_SPLITS = 128
 
@@ -394,7 +393,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         k_arg, v_arg = k_cache, v_cache
         if use_tma:
             k_arg, v_arg = (tma_descriptor(t, rows, blocks[0], block_d) for t in (k_cache, v_cache))
-        launcher(_decode_kernel)[(m_blocks, batch * num_heads_k, num_splits)](
+        _decode_kernel[(m_blocks, batch * num_heads_k, num_splits)](
             q, k_arg, v_arg, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
             leftpad if leftpad is not None else dummy, batch_rows if batch_rows is not None else dummy,
             block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,

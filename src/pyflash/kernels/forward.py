@@ -25,7 +25,6 @@ from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capabili
                                      launch_fitting, load_block, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
-from pyflash.kernels.launch import launcher
 
 LOG2E = math.log2(math.e)
 
@@ -287,8 +286,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
     if kernel not in (None, "triton"):
         raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
     if (kernel is None and config is None and use_tma is not False
-            and gluon_forward.supported(q, k, v, out, softmax_lse, params, seqlens, p is not None)):
-        gluon_forward.forward(q, k, v, out, softmax_lse, params, seqlens)
+            and gluon_forward.try_forward(q, k, v, out, softmax_lse, params, seqlens, p is not None)):
         return
     block_d = _block_d(head_dim)
     block_m, block_n, num_warps, num_stages, *rest = config or forward_config(q, head_dim, params.is_causal,
@@ -347,7 +345,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
         # keys that end inside a block (TMA reads the next sequence's rows there).
         one_pass_masked = (params.window_left >= 0 or params.window_right >= 0 or varlen
                            or dense_seqlen_k % block_n != 0)
-        launcher(_forward_kernel)[(cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)](
+        _forward_kernel[(cdiv(seqlens.max_seqlen_q, block_m), batch * num_heads)](
             q_arg, k_arg, v_arg, out, softmax_lse, p if return_softmax else dummy,
             alibi if alibi is not None else dummy,
             seqlens.cu_seqlens_q if varlen else dummy, seqlens.cu_seqlens_k if varlen else dummy,

@@ -86,8 +86,8 @@ import torch
 
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability
-from pyflash.kernels.launch import launcher
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
+from pyflash.kernels.launch import Descriptor, Recorded, current_device, record
 
 try:
     import triton
@@ -710,15 +710,16 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config: Config = None,
-             dq_accum=None) -> None:
+             dq_accum=None):
     """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
 
     config: a Config instead of default_config (tuning, tests); dq_accum: a preallocated fp32
-    (b, sq, h, d) contiguous buffer (zeroed here)."""
+    (b, sq, h, d) contiguous buffer (zeroed here). Returns the three launches as a _Plan (None where
+    the main kernel did not run)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or num_heads == 0:
-        return
+        return None
     causal = _is_causal(params)
     cfg = Config(*(config or default_config(head_dim, causal)))
     scale = float(params.softmax_scale)
@@ -726,17 +727,17 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         stats_len = triton.cdiv(seqlen_q, cfg.block_m) * cfg.block_m
         stats = torch.empty((batch * num_heads, 4, stats_len), dtype=torch.float32, device=q.device)
         lse_mul, delta_mul = (-1.0 / scale, -1.0) if cfg.acc_init else (LOG2E, 1.0)
-        launcher(_preprocess_kernel)[(stats_len // ROW_BLOCK, batch * num_heads)](
+        preprocess = record(_preprocess_kernel, (stats_len // ROW_BLOCK, batch * num_heads), (
             out, dout, softmax_lse, softmax_d, stats, seqlen_q, num_heads, stats_len, seqlen_k - seqlen_q,
             lse_mul, delta_mul, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-            dout.stride(2), *softmax_lse.stride(), *softmax_d.stride(), HEAD_DIM=head_dim, BLOCK=ROW_BLOCK,
-            num_warps=4)
+            dout.stride(2), *softmax_lse.stride(), *softmax_d.stride()), dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK,
+            num_warps=4), slots=range(5))
     if seqlen_q == 0 or seqlen_k == 0:
         # No query or no key: dK = dV = 0, and dQ = 0 (every row sees no key).
         dq.zero_()
         dk.zero_()
         dv.zero_()
-        return
+        return None
     if dq_accum is None:
         dq_accum = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32, device=q.device)
     else:
@@ -753,16 +754,76 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     n_blocks = triton.cdiv(seqlen_k, block_n)
     lpt = bool(cfg.lpt and causal)
     grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
-    launcher(_backward_kernel)[grid](
+    main = record(_backward_kernel, grid, (
         q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
-        scale * LOG2E, scale, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
+        scale * LOG2E, scale), dict(
+        BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-        DQ_EARLY=bool(cfg.dq_early and not dq_own), num_warps=4, maxnreg=maxnreg)
-    launcher(_dq_convert_kernel)[(triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads)](
-        dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2), HEAD_DIM=head_dim,
-        BLOCK=ROW_BLOCK, num_warps=4)
+        DQ_EARLY=bool(cfg.dq_early and not dq_own), num_warps=4, maxnreg=maxnreg), slots=range(8))
+    convert = record(_dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
+        dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
+        dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), slots=range(2))
+    if None in (preprocess, main, convert):
+        return None
+    views = tuple((d.shape, d.strides) for d in (q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc))
+    return _Plan(preprocess, main, convert, tuple(stats.shape), tuple(dq_accum.shape), views)
+
+
+class _Plan(NamedTuple):
+    """The recorded launches of one backward() call, the shapes of its two fp32 buffers and the
+    (shape, strides) of its six TMA descriptors (q, dout, k, v, dq accumulator, stats)."""
+
+    preprocess: Recorded
+    main: Recorded
+    convert: Recorded
+    stats_shape: tuple
+    accum_shape: tuple
+    views: tuple
+
+    def __call__(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d) -> None:
+        stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
+        dq_accum = torch.zeros(self.accum_shape, dtype=torch.float32, device=q.device)
+        self.preprocess(out, dout, softmax_lse, softmax_d, stats)
+        self.main(*(Descriptor(t, *view) for t, view in zip((q, dout, k, v, dq_accum, stats), self.views)), dk, dv)
+        self.convert(dq_accum, dq)
+
+
+_PLANS = {}  # _plan_key -> _Plan, or None for calls supported() rejects
+_MISSING = object()
+
+
+def _plan_key(tensors, params, seqlens, deterministic, device):
+    """Everything supported() and backward() read of a call but the tensors' addresses, of which only
+    the 16-byte alignment (TMA, Triton's specialization) counts."""
+    described = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors)
+    return (described, params.softmax_scale, params.window_left, params.window_right, params.softcap,
+            params.dropout_p, params.alibi_slopes is None, seqlens.batch_size, seqlens.max_seqlen_q,
+            seqlens.max_seqlen_k, seqlens.is_varlen, seqlens.seqused_k is None, deterministic, device)
+
+
+def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
+    """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
+    entry. A call like an earlier one (_plan_key) skips supported() and Triton's launch path: its
+    recorded launches are replayed with this call's tensors (launch.Recorded)."""
+    if not AVAILABLE or deterministic or seqlens.is_varlen or params.dropout_p != 0:
+        return False
+    tensors = (dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d)
+    key = _plan_key(tensors, params, seqlens, deterministic, current_device() if q.is_cuda else None)
+    plan = _PLANS.get(key, _MISSING)
+    if plan is None:
+        return False
+    if plan is not _MISSING:
+        plan(*tensors)
+        return True
+    if not supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic):
+        _PLANS[key] = None
+        return False
+    plan = backward(*tensors, params, seqlens)
+    if plan is not None:
+        _PLANS[key] = plan
+    return True
 
 
 def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, dq=None, dk=None, dv=None,

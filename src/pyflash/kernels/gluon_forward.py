@@ -62,7 +62,7 @@ import torch
 
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
-from pyflash.kernels.launch import launcher
+from pyflash.kernels.launch import Descriptor, Recorded, current_device, record
 
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
     import triton
@@ -620,6 +620,12 @@ def register_budget(num_wg: int):
     return maxnreg, min(consumer, 240), PRODUCER_REGS
 
 
+# Longest key sequence that takes the persistent grid (default_config), per (head_dim, causal); measured
+# with CUDA-graph replays on an H100 (benchmarks/RESULTS.md, fourth session): where it is missing or
+# the keys are longer, the one-tile-per-CTA grid measured faster.
+PERSISTENT_MAX_SEQLEN_K = {(64, False): 1024, (64, True): 2048, (128, False): 1024}
+
+
 def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None,
                    two_sided_window: bool = False, softcap_or_alibi: bool = False) -> Config:
     """Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
@@ -627,8 +633,12 @@ def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: 
     consumer warpgroups (192-row tiles) win without a mask (481 vs 424 TFLOP/s at s=4096) but lose
     under causal masking (365 vs 385), where the diagonal wastes more of a taller tile; with a
     two-sided window and softcap or ALiBi their 128 registers a thread spill (216-380 B), so two.
-    seqlen_q / seqlen_k (None: unknown / long) are for short-sequence variants: the persistent grid
-    measured 3-30% faster at s <= 1024 (RESULTS.md) but has not passed its GPU check yet."""
+    Short keys (seqlen_k <= PERSISTENT_MAX_SEQLEN_K; None: unknown / long) take the persistent grid
+    (bn128-st2-wg2-ps), where a CTA's prologue and epilogue are a large part of its time: d=64
+    s=512 294 -> 354 TFLOP/s, causal 162 -> 210, d=128 s=512 419 -> 446 (CUDA-graph time)."""
+    limit = PERSISTENT_MAX_SEQLEN_K.get((head_dim, bool(causal)))
+    if limit is not None and seqlen_k is not None and seqlen_k <= limit:
+        return Config(128, 2, 2, True, True)
     if head_dim <= 64:
         three = not causal and not (two_sided_window and softcap_or_alibi)
         return Config(128, 3, 3, True) if three else Config(128, 2, 2, True)
@@ -747,18 +757,19 @@ def supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) 
         return False
 
 
-def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -> None:
+def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None):
     """Fill out (b, sq, h, d) and softmax_lse (b, h, sq) for a call supported() accepts.
 
-    config: a Config instead of default_config (tuning, tests)."""
+    config: a Config instead of default_config (tuning, tests). Returns the launch as a
+    launch.Recorded replayable by _Plan (None where nothing was launched)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or seqlen_q == 0 or num_heads == 0:
-        return
+        return None
     if seqlen_k == 0:
         out.zero_()
         softmax_lse.fill_(float("inf"))
-        return
+        return None
     causal = params.window_left < 0 and params.window_right == 0
     cfg = config or default_config(head_dim, causal, seqlen_q, seqlen_k,
                                    params.window_left >= 0 and params.window_right >= 0,
@@ -806,17 +817,68 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None) -
     else:
         grid = (num_m_blocks, batch_heads)
         section_heads = 1
-    launcher(_forward_kernel)[grid](
-        q_desc, k_desc, v_desc, o_desc, softmax_lse, alibi_arg,
-        *softmax_lse.stride(), stride_ab, stride_ah,
-        seqlen_q, seqlen_k, num_heads, num_heads // num_heads_k, left, right,
-        num_tiles, num_m_blocks, section_heads, batch_heads,
-        score_scale, softcap_in, softcap_out, alibi_scale,
+    args = (q_desc, k_desc, v_desc, o_desc, softmax_lse, alibi_arg,
+            *softmax_lse.stride(), stride_ab, stride_ah,
+            seqlen_q, seqlen_k, num_heads, num_heads // num_heads_k, left, right,
+            num_tiles, num_m_blocks, section_heads, batch_heads,
+            score_scale, softcap_in, softcap_out, alibi_scale)
+    constexprs = dict(
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         PINGPONG=bool(cfg.pingpong), NUM_WG=cfg.num_wg, PERSISTENT=bool(cfg.persistent),
         SEPARATE_O=separate_o(head_dim, cfg, q.element_size()),
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg)
+    return record(_forward_kernel, grid, args, constexprs, slots=range(6))
+
+
+class _Plan(NamedTuple):
+    """A recorded launch of forward() and the TMA views (shape, strides) of q, k, v, out it used."""
+
+    launch: Recorded
+    views: tuple
+
+
+_PLANS = {}  # _plan_key -> _Plan, or None for calls supported() rejects
+_MISSING = object()
+
+
+def _plan_key(q, k, v, out, softmax_lse, params, seqlens, device):
+    """Everything supported() and forward() read of a call but the tensors' addresses, of which only
+    the 16-byte alignment (TMA, Triton's specialization) counts."""
+    alibi = params.alibi_slopes
+    return (q.shape, k.shape, v.shape, out.shape, softmax_lse.shape, q.stride(), k.stride(), v.stride(),
+            out.stride(), softmax_lse.stride(), q.dtype, k.dtype, v.dtype, out.dtype, softmax_lse.dtype,
+            q.device, k.device, v.device, out.device, softmax_lse.device, device,
+            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16,
+            softmax_lse.data_ptr() % 16,
+            None if alibi is None else (alibi.shape, alibi.stride(), alibi.dtype, alibi.device, alibi.data_ptr() % 16),
+            params.softmax_scale, params.window_left, params.window_right, params.softcap,
+            seqlens.batch_size, seqlens.max_seqlen_q, seqlens.max_seqlen_k)
+
+
+def try_forward(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) -> bool:
+    """forward() where supported() accepts the call (True), else nothing (False); the kernels/forward.py
+    entry. A call like an earlier one (_plan_key) skips supported() and Triton's launch path: its
+    recorded launch is replayed with this call's tensors (launch.Recorded)."""
+    if not AVAILABLE or return_softmax or seqlens.is_varlen or params.dropout_p != 0:
+        return False
+    key = _plan_key(q, k, v, out, softmax_lse, params, seqlens, current_device() if q.is_cuda else None)
+    plan = _PLANS.get(key, _MISSING)
+    if plan is None:
+        return False
+    if plan is not _MISSING:
+        alibi = params.alibi_slopes
+        (q_view, k_view, v_view, o_view) = plan.views
+        plan.launch(Descriptor(q, *q_view), Descriptor(k, *k_view), Descriptor(v, *v_view),
+                    Descriptor(out, *o_view), softmax_lse, softmax_lse if alibi is None else alibi)
+        return True
+    if not supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax):
+        _PLANS[key] = None
+        return False
+    launch = forward(q, k, v, out, softmax_lse, params, seqlens)
+    if launch is not None:
+        _PLANS[key] = _Plan(launch, tuple(tma_view3(t) for t in (q, k, v, out)))
+    return True
 
 
 def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,

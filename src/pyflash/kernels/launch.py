@@ -1,94 +1,81 @@
-"""A lighter launch path for Triton and Gluon kernels (opt-in: PYFLASH_FAST_LAUNCH=1).
+"""Recorded launches: a kernel launched once through Triton, then replayed without Triton's launch path.
 
-``kernel[grid](*args, **kwargs)`` spends most of pyflash's host time per call (benchmarks/RESULTS.md:
-~170 us for the Gluon forward on the H100's host, SDPA's whole call ~30 us): Triton binds the
-arguments, specializes each one (type, 16-byte alignment, the value 1), builds a cache key and only
-then reaches the compiled kernel's launcher. ``FastLaunch`` keeps the compiled kernel per key of its
-own, cheaper to compute and never coarser than Triton's (``arg_key``: equal keys mean equal
-specializations; tests/test_kernel_common.py checks this against Triton's own specializer), and calls
-the launcher directly with the arguments in parameter order, as ``JITFunction.run`` does. The first
-call of each key goes through Triton (compiling if needed).
+``kernel[grid](*args, **kwargs)`` costs ~100-170 us of host time on the H100's host for the Gluon
+kernels (benchmarks/RESULTS.md; SDPA's whole call costs ~20-30 us): Triton binds the ~45 arguments,
+specializes each one (type, 16-byte alignment, the value 1), builds a cache key, and the Gluon host
+TMA descriptors validate themselves. A caller that knows a key of its own which fixes every argument
+but the tensors (``Recorded``'s contract) launches once through Triton (``record``) and then calls
+the compiled kernel's launcher directly with the new tensors in the same places (``Recorded.__call__``),
+as ``JITFunction.run`` itself does after its cache lookup.
 
-Not yet timed on a GPU, hence off by default.
+The caller's key must hold every non-tensor argument's value and, for each tensor in a slot, what
+Triton specializes on: its dtype and whether its address is 16-byte aligned (host TMA descriptors:
+dtype, box, layout, and the shape and strides they carry, which the caller passes again).
 """
 from __future__ import annotations
 
-import os
-
-import torch
-
-ENABLED = os.environ.get("PYFLASH_FAST_LAUNCH", "0") == "1"
+from typing import NamedTuple, Sequence
 
 
-def arg_key(value, constexpr: bool):
-    """What Triton's specialization of ``value`` depends on (or more). A constexpr is keyed by value."""
-    if constexpr or value is None:
-        return value
-    kind = type(value)
-    if kind is bool:
-        return (bool, value)
-    if kind is int:
-        return (int, value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31), 0 <= value < (1 << 32))
-    if kind is float:
-        return (float,)
-    if isinstance(value, torch.Tensor):
-        return (torch.Tensor, value.dtype, value.data_ptr() % 16 == 0)
-    block_shape = getattr(value, "block_shape", None)
-    if block_shape is not None:  # a host TMA descriptor: typed by dtype, box and (Gluon) shared layout
-        return (kind, value.base.dtype, tuple(block_shape), getattr(value, "layout", None),
-                getattr(value, "padding", None))
-    return (kind, value)  # anything else keys by value (must be hashable)
+class Descriptor(NamedTuple):
+    """What a compiled launcher reads of a host TMA descriptor (Triton's make_tensordesc_arg): built
+    without the validation the Gluon / Triton TensorDescriptor classes run on construction, for a
+    replay of a launch whose first call passed the validated descriptor of the same shape and strides."""
+
+    base: object
+    shape: Sequence[int]
+    strides: Sequence[int]
+    padding: str = "zero"
 
 
-class FastLaunch:
-    """``FastLaunch(jit_fn)[grid](*args, **kwargs)``: the same launch as ``jit_fn[grid](...)``."""
+class Recorded:
+    """One launch of a compiled kernel (``record``), replayed with other tensors in ``slots``."""
 
-    def __init__(self, fn):
-        self.fn = fn
-        self.names = list(fn.arg_names)
-        self.constexpr = [param.is_constexpr for param in fn.params]
-        self.defaults = [param.default for param in fn.params]
-        self.kernels = {}
+    __slots__ = ("kernel", "grid", "values", "slots")
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+    def __init__(self, kernel, grid, values, slots):
+        self.kernel, self.grid, self.slots = kernel, grid, tuple(slots)
+        self.values = list(values)
+        for slot in self.slots:
+            self.values[slot] = None  # a recorded launch keeps no tensor alive
 
-    def run(self, grid, args, kwargs):
-        values = list(args)
-        for index in range(len(args), len(self.names)):
-            name = self.names[index]
-            values.append(kwargs[name] if name in kwargs else self.defaults[index])
-        options = tuple(sorted((name, value) for name, value in kwargs.items() if name not in self.names))
-        key = (tuple(arg_key(value, constexpr) for value, constexpr in zip(values, self.constexpr)), options)
-        kernel = self.kernels.get(key)
-        if kernel is None:
-            self.kernels[key] = self.fn[grid](*args, **kwargs)
-            return
+    def __call__(self, *tensors) -> None:
         from triton import knobs
 
+        values = self.values.copy()
+        for slot, tensor in zip(self.slots, tensors):
+            values[slot] = tensor
         stream = current_stream()
-        grid = tuple(grid) + (1, 1)
-        metadata = kernel.launch_metadata(grid[:3], stream, *values)
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata,
-                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+        kernel, grid = self.kernel, self.grid
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                   kernel.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
+                   knobs.runtime.launch_exit_hook, *values)
+
+
+def record(fn, grid, args, kwargs, slots):
+    """Launch ``fn[grid](*args, **kwargs)`` through Triton and return the launch as a ``Recorded``
+    (None where Triton returned no compiled kernel, as under the interpreter). kwargs: constexpr
+    parameters and launch options (num_warps, maxnreg, ...)."""
+    kernel = fn[grid](*args, **kwargs)
+    if kernel is None or not hasattr(kernel, "packed_metadata"):
+        return None
+    values = list(args)
+    for index in range(len(args), len(fn.arg_names)):
+        name = fn.arg_names[index]
+        values.append(kwargs[name] if name in kwargs else fn.params[index].default)
+    return Recorded(kernel, tuple(grid) + (1,) * (3 - len(grid)), values, slots)
+
+
+def current_device():
+    """Triton's current device (the one its compiled kernels are loaded on)."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_device()
 
 
 def current_stream():
-    """The stream Triton would launch on (its driver's current device and stream)."""
+    """The stream Triton launches on: its current device's current stream."""
     from triton.runtime.driver import driver
 
-    return driver.active.get_current_stream(driver.active.get_current_device())
-
-
-_FAST = {}
-
-
-def launcher(fn):
-    """``fn`` itself, or (PYFLASH_FAST_LAUNCH=1) the one FastLaunch over it: ``launcher(fn)[grid](...)``.
-    Under the interpreter (kernels are InterpretedFunctions, no compiled launcher) always ``fn``."""
-    if not ENABLED or not hasattr(fn, "params"):
-        return fn
-    fast = _FAST.get(fn)
-    if fast is None:
-        fast = _FAST[fn] = FastLaunch(fn)
-    return fast
+    active = driver.active
+    return active.get_current_stream(active.get_current_device())
