@@ -1,0 +1,66 @@
+"""Recorded launches (kernels/launch.py) on the GPU: the Gluon forward and backward replay a call like
+an earlier one without Triton's launch path (gluon_forward.try_forward, gluon_backward.try_backward).
+A replay must give what a launch through Triton gives on the same inputs, bit for bit (dQ of the
+backward within rounding: its TMA reduce-add order varies)."""
+import pytest
+import torch
+
+import pyflash
+from pyflash.kernels import gluon_backward, gluon_forward, launch
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _calls(q, k, v, dout, causal, **options):
+    out, _, _, _, lse, seed, offset, _ = pyflash.mha_fwd(q, k, v, None, options.get("alibi"), 0.0, None, causal,
+                                                         *options.get("window", (-1, -1)), False, None,
+                                                         softcap=options.get("softcap", 0.0))
+    if options:
+        return out, lse
+    dq, dk, dv, _ = pyflash.mha_bwd(dout, q, k, v, out, lse, None, None, None, None, 0.0, None, causal, -1, -1,
+                                    False, seed, offset)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on sm_90")
+@pytest.mark.parametrize("head_dim, causal, heads_k, seqlen, options", [
+    (128, False, 4, 300, {}), (128, True, 2, 517, {}), (64, True, 4, 1000, {}), (64, False, 1, 200, {}),
+    (256, True, 2, 333, {}),
+    (128, False, 4, 300, dict(window=(100, 20), softcap=10.0)), (64, True, 2, 300, dict(alibi=True)),
+])
+def test_replayed_launches_match_triton_launches(monkeypatch, head_dim, causal, heads_k, seqlen, options):
+    replays = []
+    replay = launch.Recorded.__call__
+    monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
+    gen = torch.Generator(device="cuda").manual_seed(seqlen + head_dim)
+    if options.get("alibi"):
+        options = dict(options, alibi=torch.rand(4, device="cuda", generator=gen))
+
+    def inputs():
+        q = torch.randn(2, seqlen, 4, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(2, seqlen, heads_k, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))
+        return q, k, v, torch.randn_like(q)
+
+    runs = [inputs() for _ in range(3)]
+    gluon_forward._PLANS.clear()
+    gluon_backward._PLANS.clear()
+    recorded = []
+    for run in runs:  # every call through Triton: the plans are dropped before each
+        gluon_forward._PLANS.clear()
+        gluon_backward._PLANS.clear()
+        recorded.append(_calls(*run, causal, **options))
+    assert any(gluon_forward._PLANS.values()), "the Gluon forward recorded no launch"
+    replays.clear()
+    replayed = [_calls(*run, causal, **options) for run in runs]  # the first records, the rest replay
+    assert replays, "no recorded launch was replayed"
+    for want, got in zip(recorded, replayed):
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            if name == "dq":  # added by atomics / TMA reduce-add in arrival order
+                torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+            else:
+                assert torch.equal(a, b), name
