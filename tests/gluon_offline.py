@@ -36,10 +36,12 @@ def run_reports(child_src: str, cases):
     return found, errors
 
 
-def assert_clean(report, case_id):
-    """Compiled, no spills, no ptxas warnings, shared memory within Hopper's 227 KB."""
+def assert_clean(report, case_id, max_spill_bytes=0):
+    """Compiled, no spills (or at most max_spill_bytes each way), no ptxas warnings, shared memory
+    within Hopper's 227 KB."""
     assert "error" not in report, report.get("error")
     assert report["ptxas_ok"], report
-    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{case_id} spills: {report}"
+    assert report["spill_stores"] <= max_spill_bytes and report["spill_loads"] <= max_spill_bytes, \
+        f"{case_id} spills: {report}"
     assert not report["warnings"], report["warnings"]
     assert report["shared"] <= SM90_MAX_SHARED, f"{case_id} needs {report['shared']} B of shared memory"

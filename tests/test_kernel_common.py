@@ -95,15 +95,16 @@ def test_forward_dispatches_to_gluon_when_supported(monkeypatch):
         module.forward(q, q, q, out, lse, None, params, seqlens, kernel="gluon")
 
 
-@pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 0), (64, False, 0)])
+@pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 1), (64, False, 0),
+                                                               (64, True, 0)])
 def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, deterministic, expected):
-    """The Gluon backward takes d=128 (backward.GLUON_HEAD_DIMS) when its supported() accepts the call,
-    which the real one never does when deterministic (here a stub that checks the flag)."""
+    """The Gluon backward takes d=128 (backward.GLUON_HEAD_DIMS), deterministic or not, when its
+    try_backward accepts the call (here a stub that does)."""
     from pyflash.kernels import backward as module
     from pyflash.kernels import gluon_backward
 
     calls = []
-    monkeypatch.setattr(gluon_backward, "try_backward", lambda *args: not args[-1] and (calls.append(args) or True))
+    monkeypatch.setattr(gluon_backward, "try_backward", lambda *args: calls.append(args) or True)
     q, params, seqlens = _dispatch_inputs(head_dim)
     out, lse = torch.randn_like(q), torch.randn(1, 2, 17)
     grads = [torch.full_like(q, math.nan) for _ in range(3)]
@@ -227,7 +228,7 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     """gluon_backward.try_backward: the first call of a key runs backward(); a call differing only in
     its tensors' addresses replays the plan: fresh stats / zeroed dQ accumulator buffers of the recorded
     shapes, the three launches with this call's tensors (TMA descriptors over q, dout, k, v and the
-    buffers); deterministic calls never reach it; a rejected key is remembered as rejected."""
+    buffers); a deterministic call is a key of its own; a rejected key is remembered as rejected."""
     from pyflash.kernels import gluon_backward as gb
     from pyflash.kernels.launch import Descriptor
     from pyflash.params import AttentionParams, Seqlens
@@ -238,7 +239,8 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
         return lambda *tensors: launches[name].append(tensors)
 
     views = tuple(([1, 17, 256], [4352, 256, 1]) for _ in range(6))
-    plan = gb._Plan(recorder("preprocess"), recorder("main"), recorder("convert"), (2, 4, 64), (1, 17, 2, 128), views)
+    plan = gb._Plan(recorder("preprocess"), recorder("main"), recorder("convert"), (2, 4, 64), (1, 17, 2, 128),
+                    (2, 1, 2), views)
     backward_calls = []
 
     def fake_supported(*args):
@@ -248,7 +250,7 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     monkeypatch.setattr(gb, "AVAILABLE", True)
     monkeypatch.setattr(gb, "_PLANS", {})
     monkeypatch.setattr(gb, "supported", fake_supported)
-    monkeypatch.setattr(gb, "backward", lambda *args: backward_calls.append(args) or plan)
+    monkeypatch.setattr(gb, "backward", lambda *args, **kwargs: backward_calls.append(kwargs) or plan)
 
     def call(head_dim=128, deterministic=False):
         q = torch.randn(1, 17, 2, head_dim)
@@ -267,8 +269,11 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     stats, accum = pre[4], convert[0]
     assert pre[:4] == (out, dout, lse, softmax_d) and stats.shape == (2, 4, 64) and stats.dtype == torch.float32
     assert accum.shape == (1, 17, 2, 128) and not accum.any() and convert[1] is dq
-    assert all(isinstance(d, Descriptor) for d in main[:6]) and main[6:] == (dk, dv)
+    counters = main[8]
+    assert all(isinstance(d, Descriptor) for d in main[:6]) and main[6:8] == (dk, dv)
+    assert counters.shape == (2, 1, 2) and counters.dtype == torch.int32 and not counters.any()
     assert all(d.base is t for d, t in zip(main[:4], (q, dout, k, v))) and main[4].base is accum and main[5].base is stats
-    assert not call(deterministic=True)[1] and len(supported_calls) == 1
+    assert call(deterministic=True)[1] and len(supported_calls) == 2 and len(backward_calls) == 2
+    assert backward_calls[-1]["deterministic"] is True and backward_calls[0]["deterministic"] is False
     assert not call(head_dim=64)[1] and not call(head_dim=64)[1]
-    assert supported_calls.count(torch.Size([1, 17, 2, 64])) == 1 and len(backward_calls) == 1
+    assert supported_calls.count(torch.Size([1, 17, 2, 64])) == 1 and len(backward_calls) == 2

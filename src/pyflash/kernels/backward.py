@@ -433,7 +433,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
     kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, and what
-    gluon_backward.supported accepts: not deterministic among others) and these Triton kernels
+    gluon_backward.supported accepts) and these Triton kernels
     elsewhere; "triton" always runs the latter (so does an explicit config or use_tma).
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no

@@ -72,8 +72,17 @@ spills at the 160 registers four warpgroups leave: not a tuning candidate).
 Tensors: q, k, v, dout TMA-readable (batch, seqlen, heads, head_dim) (3-D descriptors over the
 (batch, seqlen, heads * head_dim) view); out, lse, dq, dk, dv, softmax_d through their strides.
 
-Entry points: supported() / backward() (the backend contract of kernels/backward.py; never for
-deterministic calls: the TMA reduce-add order varies), backward_gluon() (scripts), compile_sm90() /
+Deterministic mode (DETERMINISTIC, backward(deterministic=True)): the TMA reduce-adds into a dQ tile
+(query block, half) happen in a fixed order of key blocks, kept by one int32 counter per tile in global
+memory: a warpgroup spins until the counter equals its rank (_turn_rank), adds, waits for its writes to
+complete and increments the counter (release). The order is the one in which the key blocks reach the
+tile when they all run at once (causal: descending key block; non-causal: each CTA starts at its own
+query block, rot(j) = j * n_m // n_kblk, and wraps around), so in the steady state nobody waits; with
+more key blocks than SMs (not all resident: that order could wait for a CTA not yet launched) the order
+is ascending key block, which waits only for CTAs launched earlier (deterministic_mode).
+
+Entry points: supported() / backward() (the backend contract of kernels/backward.py), try_backward()
+(recorded launches), backward_gluon() (scripts), compile_sm90() /
 offline_report() (scripts/gluon_backward_compile.py, tests/test_gluon_backward_compile.py).
 """
 from __future__ import annotations
@@ -85,7 +94,7 @@ from typing import NamedTuple
 import torch
 
 from pyflash.kernels.aot import ptxas_stats
-from pyflash.kernels.common import device_capability
+from pyflash.kernels.common import device_capability, multiprocessor_count
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
 from pyflash.kernels.launch import Descriptor, Recorded, current_device, record
 
@@ -134,8 +143,9 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
-                  q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps, n_total,
-                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, KV_BOXES: gl.constexpr):
+                  q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps, n_total, rot,
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, KV_BOXES: gl.constexpr,
+                  ROTATE: gl.constexpr):
         if KV_BOXES == 1:
             mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
@@ -155,7 +165,7 @@ if _IMPORT_ERROR is None:
             # Fresh mbarriers count as having completed the phase before phase 0.
             phase = ((t // NUM_STAGES) & 1) ^ 1
             head = head0 + t // n_steps
-            m0 = (m_lo + t % n_steps) * BLOCK_M
+            m0 = (m_lo + _step_block(t, n_steps, rot, ROTATE)) * BLOCK_M
             col = head * HEAD_DIM
             mbarrier.wait(stage_empty.index(stage), phase)
             # Q_i with the stats rows of its queries: both are needed to form P.
@@ -167,24 +177,103 @@ if _IMPORT_ERROR is None:
             tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage), do_smem.index(stage))
 
     @gluon.jit
-    def _dq_reduce(dq, dq_smem, index, dq_desc, batch, m0, col, PENDING: gl.constexpr):
+    def _step_block(t, n_steps, rot, ROTATE: gl.constexpr):
+        """Which of the CTA's query blocks (from m_lo) step t of a head runs: in order, or (ROTATE) starting
+        at block rot and wrapping around."""
+        step = t % n_steps
+        if ROTATE:
+            step = (step + rot) % n_steps
+        return step
+
+    @gluon.jit
+    def _turn_rank(m_idx, rank_a, rank_b, n_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                   DETERMINISTIC: gl.constexpr):
+        """Deterministic dQ: how many key blocks add their dQ into query block m_idx before this CTA's (key
+        block j; rank_a, rank_b from _turn_params). DETERMINISTIC 1 (every key block of a head resident at
+        once): in the order they reach the block, by descending key block from the last one that sees it
+        (causal: key block j starts at query block m_lo(j), nondecreasing in j; non-causal: at block
+        rot(j) = j * n_m // n_kblk, wrapping around), so nobody waits in the steady state.
+        DETERMINISTIC 2 (more key blocks than SMs): ascending key block, so a CTA only ever waits for
+        one launched before it."""
+        if DETERMINISTIC == 2:
+            rank = rank_b
+        elif CAUSAL:
+            # min(n_kblk - 1, last key block whose m_lo <= m_idx) - j, as min(a, (m_idx * BLOCK_M + b) // BLOCK_N).
+            rank = gl.minimum(rank_a, (m_idx * BLOCK_M + rank_b) // BLOCK_N)
+        else:
+            # rank_a = n_kblk, rank_b = j: (min(n_kblk - 1, last key block with rot <= m_idx) - j) mod n_kblk.
+            last = gl.minimum(rank_a - 1, (m_idx * rank_a + rank_a - 1) // n_m)
+            rank = last - rank_b
+            rank = gl.where(rank < 0, rank + rank_a, rank)
+        return rank
+
+    @gluon.jit
+    def _turn_params(kblk, n_kblk, diag, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                     DETERMINISTIC: gl.constexpr):
+        """The two per-CTA scalars _turn_rank needs (few live registers in the consumers' loop)."""
+        if DETERMINISTIC == 2:
+            rank_a = n_kblk
+            rank_b = kblk
+        elif CAUSAL:
+            rank_a = n_kblk - 1 - kblk
+            rank_b = BLOCK_M + diag - 1 - BLOCK_N * kblk
+        else:
+            rank_a = n_kblk
+            rank_b = kblk
+        return rank_a, rank_b
+
+    @gluon.jit
+    def _turn_wait(counter, rank):
+        """Spin until the counter (global int32) reaches rank; then read it once more with acquire semantics,
+        a proxy fence (generic -> async: the TMA reduce that follows is an async-proxy access) and a
+        warpgroup barrier, so that whichever thread issues the reduce is ordered after the ones counted."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        ptrs = counter + gl.zeros([128], gl.int32, layout)
+        seen = gl.min(gl.load(ptrs, volatile=True), axis=0)
+        while seen < rank:
+            seen = gl.min(gl.load(ptrs, volatile=True), axis=0)
+        gl.atomic_add(ptrs, gl.zeros([128], gl.int32, layout), sem="acquire", scope="gpu")
+        gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [counter], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _turn_pass(counter):
+        """Once this warpgroup's TMA reduce has completed (its writes, not only its reads of shared memory:
+        tma.store_wait waits for the latter only), counter += 1 by one thread with release semantics."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        lanes = gl.arange(0, 128, layout=layout)
+        gl.inline_asm_elementwise("cp.async.bulk.wait_group 0; fence.proxy.async.global; mov.u32 $0, 0;", "=r,l",
+                                  [counter], dtype=gl.int32, is_pure=False, pack=1)
+        gl.thread_barrier()
+        gl.atomic_add(counter + lanes * 0, gl.full([128], 1, gl.int32, layout), mask=lanes == 0, sem="release",
+                      scope="gpu")
+
+    @gluon.jit
+    def _dq_reduce(dq, dq_smem, index, dq_desc, batch, m0, col, PENDING: gl.constexpr, counter=None, rank=0,
+                   ORDERED: gl.constexpr = False):
         """dQ part: registers -> shared (after the reduce that last read that buffer: at most PENDING newer
-        bulk groups of this warpgroup may still run) -> TMA reduce-add into global memory."""
+        bulk groups of this warpgroup may still run) -> TMA reduce-add into global memory. ORDERED
+        (deterministic): the reduce waits for its turn on counter (rank) and passes it on once complete."""
         tma.store_wait(PENDING)
         gl.thread_barrier()
         dq_buf = dq_smem.index(index)
         dq_buf.reshape([dq.shape[0], dq.shape[1]]).store(dq)
         fence_async_shared()
         gl.thread_barrier()
+        if ORDERED:
+            _turn_wait(counter, rank)
         _tma_reduce_add(dq_desc, [batch, m0, col], dq_buf)
+        if ORDERED:
+            _turn_pass(counter)
 
     @gluon.jit
     def _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
-              stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale,
-              s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
+              stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale, rot, counters, rank_a,
+              rank_b, n_m, s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
               MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
-              DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr):
+              DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr):
         """One query block: dV, dK += ..., dQ partial reduced into global memory."""
         WG_ROWS: gl.constexpr = k_w.shape[0]
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -195,7 +284,8 @@ if _IMPORT_ERROR is None:
         dtype: gl.constexpr = q_smem.dtype
         stage = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
-        m0 = (m_lo + t % n_steps) * BLOCK_M
+        m_idx = m_lo + _step_block(t, n_steps, rot, (DETERMINISTIC == 1) and (not CAUSAL))
+        m0 = m_idx * BLOCK_M
         dq_col = (head0 + t // n_steps) * HEAD_DIM + (0 if DQ_OWN else WG * HALF)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
@@ -311,8 +401,15 @@ if _IMPORT_ERROR is None:
             mbarrier.arrive(stage_empty.index(stage))
 
         if not DQ_OWN:
-            # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add.
-            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1)
+            # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add;
+            # deterministic: in a fixed order of key blocks per (query block, half), counters[head, m, WG].
+            if DETERMINISTIC != 0:
+                rank = _turn_rank(m_idx, rank_a, rank_b, n_m, BLOCK_M, 2 * k_w.shape[0], CAUSAL, DETERMINISTIC)
+                counter = counters + ((t // n_steps) * n_m + m_idx) * 2 + WG
+                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1, counter,
+                           rank, True)
+            else:
+                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1)
             if DQ_EARLY:
                 dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
                 mbarrier.arrive(stage_empty.index(stage))
@@ -322,10 +419,10 @@ if _IMPORT_ERROR is None:
     def _consumer(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, do_ready,
                   stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                   stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                  start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
+                  start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, kblk, n_kblk, n_m, diag,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
-                  NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr):
+                  NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr):
         WG_ROWS: gl.constexpr = 64
         BLOCK_N_: gl.constexpr = NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -356,6 +453,7 @@ if _IMPORT_ERROR is None:
             v_w = v_smem.reshape([BLOCK_N_, HEAD_DIM]).slice(WG * WG_ROWS, WG_ROWS, dim=0)
             k_half = k_full.slice(0 if DQ_OWN else WG * HALF, HALF, dim=1)  # unused with DQ_OWN
 
+        rank_a, rank_b = _turn_params(kblk, n_kblk, diag, BLOCK_M, BLOCK_N_, CAUSAL, DETERMINISTIC)
         dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_ready.index(0), 0)
@@ -365,20 +463,23 @@ if _IMPORT_ERROR is None:
                 for t in range(g * n_steps, g * n_steps + n_masked):
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
-                                   qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True,
-                                   False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY)
+                                   qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
+                                   BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
+                                   CAUSAL, DETERMINISTIC)
                 for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
-                                   qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False,
-                                   False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY)
+                                   qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
+                                   BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
+                                   CAUSAL, DETERMINISTIC)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
                 dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
-                               qk_scale, s_layout, dq_layout, op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL,
-                               not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY)
+                               qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
+                               BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN,
+                               DQ_EARLY, CAUSAL, DETERMINISTIC)
 
         # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
         rows = start_n + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
@@ -392,14 +493,14 @@ if _IMPORT_ERROR is None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _backward_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk_ptr, dv_ptr,
+    def _backward_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk_ptr, dv_ptr, counters_ptr,
                          stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                          seqlen_q, seqlen_k, num_heads, num_heads_k, qk_scale, softmax_scale,
                          BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                          CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr,
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
-                         DQ_EARLY: gl.constexpr):
+                         DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -433,6 +534,11 @@ if _IMPORT_ERROR is None:
             n_steps = n_m
             n_masked = 0
         n_total = group * n_steps
+        # Deterministic dQ (see _turn_rank): one int32 counter per (batch * head, query block, warpgroup).
+        n_kblk = gl.cdiv(seqlen_k, BLOCK_N_)
+        rot = (n_blk * n_m) // n_kblk
+        diag_k = seqlen_k - seqlen_q
+        counters = counters_ptr + (batch * num_heads + head0).to(gl.int64) * n_m * 2
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -473,42 +579,44 @@ if _IMPORT_ERROR is None:
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
-                             DQ_EARLY)),
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
+                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
-                             DQ_EARLY)),
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
+                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
-                             DQ_EARLY)),
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
+                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
-                             n_steps, n_total, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1)),
+                             n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1,
+                             (DETERMINISTIC == 1) and (not CAUSAL))),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
-                             DQ_EARLY)),
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
+                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
-                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN,
-                             DQ_EARLY)),
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
+                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
-                             n_steps, n_total, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1)),
+                             n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1,
+                             (DETERMINISTIC == 1) and (not CAUSAL))),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -665,11 +773,11 @@ def _is_causal(params) -> bool:
 def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic) -> bool:
     """Whether backward() handles this call exactly (the backend contract of kernels/backward.py):
     dense bf16/fp16 on an sm_90 GPU, head_dim 64 / 128, MHA or GQA/MQA, any seqlen_q / seqlen_k,
-    non-causal or causal (bottom-right aligned); no dropout, softcap, ALiBi or other windows, not
-    deterministic (the dQ reduce-add order varies). q, k, v, dout TMA-readable (heads packed at
+    non-causal or causal (bottom-right aligned); no dropout, softcap, ALiBi or other windows;
+    deterministic or not (backward's DETERMINISTIC mode). q, k, v, dout TMA-readable (heads packed at
     head_dim, 16-byte aligned strides); out, lse, dq, dk, dv, softmax_d through their strides."""
     try:
-        if not AVAILABLE or deterministic or seqlens.is_varlen or seqlens.seqused_k is not None:
+        if not AVAILABLE or seqlens.is_varlen or seqlens.seqused_k is not None:
             return False
         if params.dropout_p != 0 or params.softcap or params.alibi_slopes is not None:
             return False
@@ -710,12 +818,12 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config: Config = None,
-             dq_accum=None):
+             dq_accum=None, deterministic: bool = False):
     """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
 
     config: a Config instead of default_config (tuning, tests); dq_accum: a preallocated fp32
-    (b, sq, h, d) contiguous buffer (zeroed here). Returns the three launches as a _Plan (None where
-    the main kernel did not run)."""
+    (b, sq, h, d) contiguous buffer (zeroed here); deterministic: dQ added in a fixed order of key blocks
+    (deterministic_mode). Returns the three launches as a _Plan (None where the main kernel did not run)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or num_heads == 0:
@@ -744,6 +852,12 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         dq_accum.zero_()
     block_n, maxnreg, consumer_regs = launch_shape(cfg)
     dq_own = bool(cfg.dq_own)
+    n_blocks = triton.cdiv(seqlen_k, block_n)
+    mode = deterministic_mode(n_blocks, q.device) if deterministic else 0
+    if mode and (dq_own or cfg.lpt or int(cfg.wgs) != 2):
+        raise ValueError(f"the deterministic backward needs two warpgroups sharing dS, no lpt: {cfg}")
+    n_m = triton.cdiv(seqlen_q, cfg.block_m)
+    counters = torch.zeros((batch * num_heads, n_m, 2), dtype=torch.int32, device=q.device) if mode else stats
     q_desc = _descriptor4(q, cfg.block_m, head_dim)
     do_desc = _descriptor4(dout, cfg.block_m, head_dim)
     k_desc = _descriptor4(k, kv_box_rows(cfg), head_dim)
@@ -751,24 +865,32 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     dq_desc = descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim),
                          [1, cfg.block_m, dq_box_cols(cfg, head_dim)])
     st_desc = descriptor(stats, [1, 4, cfg.block_m])
-    n_blocks = triton.cdiv(seqlen_k, block_n)
     lpt = bool(cfg.lpt and causal)
     grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
     main = record(_backward_kernel, grid, (
-        q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
+        q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, counters, dk.stride(0), dk.stride(1),
+        dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
         scale * LOG2E, scale), dict(
         BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-        DQ_EARLY=bool(cfg.dq_early and not dq_own), num_warps=4, maxnreg=maxnreg), slots=range(8))
+        DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, num_warps=4, maxnreg=maxnreg),
+        slots=range(9))
     convert = record(_dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
         dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
         dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), slots=range(2))
     if None in (preprocess, main, convert):
         return None
     views = tuple((d.shape, d.strides) for d in (q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc))
-    return _Plan(preprocess, main, convert, tuple(stats.shape), tuple(dq_accum.shape), views)
+    return _Plan(preprocess, main, convert, tuple(stats.shape), tuple(dq_accum.shape),
+                 tuple(counters.shape) if mode else None, views)
+
+
+def deterministic_mode(n_key_blocks: int, device) -> int:
+    """The deterministic dQ order (_turn_rank): 1 where every key block of a head can be resident at once
+    (no more than one per SM), so that the order in which they reach a query block costs no waiting;
+    else 2 (ascending key block: waits only for CTAs launched earlier, slower)."""
+    return 1 if n_key_blocks <= multiprocessor_count(device) else 2
 
 
 class _Plan(NamedTuple):
@@ -780,13 +902,18 @@ class _Plan(NamedTuple):
     convert: Recorded
     stats_shape: tuple
     accum_shape: tuple
+    counters_shape: tuple  # None unless deterministic
     views: tuple
 
     def __call__(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d) -> None:
         stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
         dq_accum = torch.zeros(self.accum_shape, dtype=torch.float32, device=q.device)
+        counters = stats
+        if self.counters_shape is not None:
+            counters = torch.zeros(self.counters_shape, dtype=torch.int32, device=q.device)
         self.preprocess(out, dout, softmax_lse, softmax_d, stats)
-        self.main(*(Descriptor(t, *view) for t, view in zip((q, dout, k, v, dq_accum, stats), self.views)), dk, dv)
+        self.main(*(Descriptor(t, *view) for t, view in zip((q, dout, k, v, dq_accum, stats), self.views)), dk, dv,
+                  counters)
         self.convert(dq_accum, dq)
 
 
@@ -807,7 +934,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
     """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
     entry. A call like an earlier one (_plan_key) skips supported() and Triton's launch path: its
     recorded launches are replayed with this call's tensors (launch.Recorded)."""
-    if not AVAILABLE or deterministic or seqlens.is_varlen or params.dropout_p != 0:
+    if not AVAILABLE or seqlens.is_varlen or params.dropout_p != 0:
         return False
     tensors = (dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d)
     key = _plan_key(tensors, params, seqlens, deterministic, current_device() if q.is_cuda else None)
@@ -820,18 +947,19 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
     if not supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic):
         _PLANS[key] = None
         return False
-    plan = backward(*tensors, params, seqlens)
+    plan = backward(*tensors, params, seqlens, deterministic=deterministic)
     if plan is not None:
         _PLANS[key] = plan
     return True
 
 
 def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, dq=None, dk=None, dv=None,
-                   softmax_d=None, config=None, dq_accum=None, **overrides):
+                   softmax_d=None, config=None, dq_accum=None, deterministic=False, **overrides):
     """Convenience entry (scripts, tests): dout, q, out (b, sq, h, d), k, v (b, sk, hk, d) bf16/fp16 on
     an sm_90 GPU, lse (b, h, sq) fp32 natural log. Returns (dq, dk, dv) (filled in place when given).
     config (a Config) or keyword overrides of default_config's fields (block_m=, num_stages=,
-    split_mask=, acc_init=, dq_bufs=, lpt=, dq_own=, dq_early=, wgs=) pick the variant."""
+    split_mask=, acc_init=, dq_bufs=, lpt=, dq_own=, dq_early=, wgs=) pick the variant; deterministic:
+    dQ added in a fixed order (bitwise repeatable)."""
     from pyflash.params import AttentionParams, Seqlens
 
     if not AVAILABLE:
@@ -850,7 +978,8 @@ def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *,
         raise ValueError("this call is not supported by the Gluon backward (see supported())")
     overrides = {name: value for name, value in overrides.items() if value is not None}
     cfg = Config(*(config or default_config(head_dim, causal)))._replace(**overrides)
-    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, cfg, dq_accum=dq_accum)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, cfg, dq_accum=dq_accum,
+             deterministic=deterministic)
     return dq, dk, dv
 
 
@@ -872,12 +1001,12 @@ def kernel_signature(head_dim: int, block_m: int, dtype: str = "bf16", block_n: 
     kvd = _desc_type(dtype, [1, block_n, head_dim])
     dq_cols = head_dim // 2 if dq_cols is None else dq_cols
     sig = dict(q_desc=qd, do_desc=qd, k_desc=kvd, v_desc=kvd, dq_desc=_desc_type("fp32", [1, block_m, dq_cols]),
-               st_desc=_desc_type("fp32", [1, 4, block_m]), dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}",
+               st_desc=_desc_type("fp32", [1, 4, block_m]), dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}", counters_ptr="*i32",
                qk_scale="fp32", softmax_scale="fp32")
     return {name: sig.get(name, "constexpr" if name.isupper() else "i32") for name in _backward_kernel.arg_names}
 
 
-def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str = "bf16"):
+def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str = "bf16", deterministic: int = 0):
     """_backward_kernel compiled for sm_90 (Triton's CompiledKernel), as a typical launch specialises it."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -889,7 +1018,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init),
                       DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs,
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-                      DQ_EARLY=bool(cfg.dq_early and not dq_own))
+                      DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
@@ -898,10 +1027,11 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
 
 
-def offline_report(head_dim: int, causal: bool, config=None, dtype: str = "bf16"):
-    """compile_sm90 + ptxas_stats as a plain dict: shared (bytes), regs, spill_stores, spill_loads, warnings."""
+def offline_report(head_dim: int, causal: bool, config=None, dtype: str = "bf16", deterministic: int = 0):
+    """compile_sm90 + ptxas_stats as a plain dict: shared (bytes), regs, spill_stores, spill_loads, warnings.
+    deterministic: the kernel's DETERMINISTIC mode (0 off, 1 / 2: deterministic_mode)."""
     cfg = Config(*(config or default_config(head_dim, causal)))
-    compiled = compile_sm90(head_dim, causal, cfg, dtype)
+    compiled = compile_sm90(head_dim, causal, cfg, dtype, deterministic)
     stats = ptxas_stats(compiled.asm["ptx"])
     return dict(shared=compiled.metadata.shared, regs=stats["regs"], spill_stores=stats["spill_stores"],
                 spill_loads=stats["spill_loads"], stack=stats["stack"], warnings=stats["warnings"],
