@@ -424,7 +424,9 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 
 # Head dims where the Gluon backward (kernels/gluon_backward.py) runs the calls it supports: it measured
 # faster than these kernels at d=128 (473 vs 396 TFLOP/s at s=4096, causal 420 vs 314), slower at
-# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md).
+# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md). Not deterministic calls:
+# its deterministic mode (dQ tiles in a fixed order of key blocks) measured 296 / 255 TFLOP/s against
+# these kernels' 401 / 313 (d=128 s=4096; scripts/deterministic_check.py).
 GLUON_HEAD_DIMS = frozenset({128})
 
 
@@ -432,8 +434,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
              config=None, use_tma=None, kernel=None) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
-    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, and what
-    gluon_backward.supported accepts) and these Triton kernels
+    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, not deterministic,
+    and what gluon_backward.supported accepts) and these Triton kernels
     elsewhere; "triton" always runs the latter (so does an explicit config or use_tma).
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
@@ -450,7 +452,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if kernel not in (None, "triton"):
         raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
     if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS
-            and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
+            and not deterministic and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
                                             seqlens, deterministic)):
         return
     block_d = _block_d(head_dim)
