@@ -278,3 +278,28 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     assert backward_calls[-1]["deterministic"] is True and backward_calls[0]["deterministic"] is False
     assert not call(head_dim=64)[1] and not call(head_dim=64)[1]
     assert supported_calls.count(torch.Size([1, 17, 2, 64])) == 1 and len(backward_calls) == 2
+
+
+def test_triton_backward_plan_replay_builds_buffers_and_descriptors():
+    """backward._Plan: per call a fresh delta (when softmax_d's strides differ) copied into softmax_d at
+    the end, a zeroed fp32 dQ accumulator (atomic dQ), and each recorded launch gets this call's tensors
+    or TMA descriptors over them in its slots."""
+    from pyflash.kernels import backward as kb
+    from pyflash.kernels.launch import Descriptor
+
+    seen = []
+    first = kb._Launch(lambda *args: seen.append(("delta", args)) or args[2].fill_(3.0), ("out", "dout", "delta", "cu_q"))
+    second = kb._Launch(lambda *args: seen.append(("dkdv", args)),
+                        (("desc", "q", [34, 256], [256, 1]), "k", "dq_target", "dq"))
+    plan = kb._Plan((first, second), separate_delta=True, accumulate_dq=True)
+    q, k, out, dout, dq = (torch.randn(2, 17, 2, 128) for _ in range(5))
+    softmax_lse = torch.randn(2, 2, 17)
+    softmax_d = torch.full((2, 2, 20), float("nan"))[..., :17]
+    named = dict(q=q, k=k, out=out, dout=dout, dq=dq, softmax_lse=softmax_lse, softmax_d=softmax_d, cu_q=softmax_lse)
+    plan(named)
+    (_, delta_args), (_, dkdv_args) = seen
+    assert delta_args[0] is out and delta_args[1] is dout and delta_args[2] is not softmax_d
+    assert (softmax_d == 3.0).all()  # the separate delta, copied back
+    desc, k_arg, accum, dq_arg = dkdv_args
+    assert isinstance(desc, Descriptor) and desc.base is q and desc.shape == [34, 256] and k_arg is k
+    assert accum.dtype == torch.float32 and accum.shape == dq.shape and not accum.any() and dq_arg is dq

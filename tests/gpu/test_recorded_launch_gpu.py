@@ -1,12 +1,13 @@
-"""Recorded launches (kernels/launch.py) on the GPU: the Gluon forward and backward replay a call like
-an earlier one without Triton's launch path (gluon_forward.try_forward, gluon_backward.try_backward).
+"""Recorded launches (kernels/launch.py) on the GPU: the Gluon forward and backward and the Triton
+backward replay a call like an earlier one without Triton's launch path (gluon_forward.try_forward,
+gluon_backward.try_backward, backward._PLANS).
 A replay must give what a launch through Triton gives on the same inputs, bit for bit (dQ of the
 backward within rounding: its TMA reduce-add order varies)."""
 import pytest
 import torch
 
 import pyflash
-from pyflash.kernels import gluon_backward, gluon_forward, launch
+from pyflash.kernels import backward, gluon_backward, gluon_forward, launch
 
 pytestmark = pytest.mark.gpu
 
@@ -47,12 +48,11 @@ def test_replayed_launches_match_triton_launches(monkeypatch, head_dim, causal, 
         return q, k, v, torch.randn_like(q)
 
     runs = [inputs() for _ in range(3)]
-    gluon_forward._PLANS.clear()
-    gluon_backward._PLANS.clear()
+    plan_tables = (gluon_forward._PLANS, gluon_backward._PLANS, backward._PLANS)
     recorded = []
     for run in runs:  # every call through Triton: the plans are dropped before each
-        gluon_forward._PLANS.clear()
-        gluon_backward._PLANS.clear()
+        for table in plan_tables:
+            table.clear()
         recorded.append(_calls(*run, causal, **options))
     assert any(gluon_forward._PLANS.values()), "the Gluon forward recorded no launch"
     replays.clear()

@@ -96,7 +96,7 @@ import torch
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
-from pyflash.kernels.launch import Descriptor, Recorded, current_device, record
+from pyflash.kernels.launch import Descriptor, Recorded, call_key, current_device, record
 
 try:
     import triton
@@ -932,27 +932,18 @@ class _Plan(NamedTuple):
         self.convert(dq_accum, dq)
 
 
-_PLANS = {}  # _plan_key -> _Plan, or None for calls supported() rejects
+_PLANS = {}  # launch.call_key -> _Plan, or None for calls supported() rejects
 _MISSING = object()
-
-
-def _plan_key(tensors, params, seqlens, deterministic, device):
-    """Everything supported() and backward() read of a call but the tensors' addresses, of which only
-    the 16-byte alignment (TMA, Triton's specialization) counts."""
-    described = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors)
-    return (described, params.softmax_scale, params.window_left, params.window_right, params.softcap,
-            params.dropout_p, params.alibi_slopes is None, seqlens.batch_size, seqlens.max_seqlen_q,
-            seqlens.max_seqlen_k, seqlens.is_varlen, seqlens.seqused_k is None, deterministic, device)
 
 
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
     """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
-    entry. A call like an earlier one (_plan_key) skips supported() and Triton's launch path: its
+    entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
     recorded launches are replayed with this call's tensors (launch.Recorded)."""
     if not AVAILABLE or seqlens.is_varlen or params.dropout_p != 0:
         return False
     tensors = (dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d)
-    key = _plan_key(tensors, params, seqlens, deterministic, current_device() if q.is_cuda else None)
+    key = call_key(tensors, params, seqlens, deterministic, current_device() if q.is_cuda else None)
     plan = _PLANS.get(key, _MISSING)
     if plan is None:
         return False

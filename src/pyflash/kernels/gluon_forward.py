@@ -62,7 +62,7 @@ import torch
 
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
-from pyflash.kernels.launch import Descriptor, Recorded, current_device, record
+from pyflash.kernels.launch import Descriptor, Recorded, call_key, current_device, record
 
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
     import triton
@@ -838,31 +838,19 @@ class _Plan(NamedTuple):
     views: tuple
 
 
-_PLANS = {}  # _plan_key -> _Plan, or None for calls supported() rejects
+_PLANS = {}  # launch.call_key -> _Plan, or None for calls supported() rejects
 _MISSING = object()
-
-
-def _plan_key(q, k, v, out, softmax_lse, params, seqlens, device):
-    """Everything supported() and forward() read of a call but the tensors' addresses, of which only
-    the 16-byte alignment (TMA, Triton's specialization) counts."""
-    alibi = params.alibi_slopes
-    return (q.shape, k.shape, v.shape, out.shape, softmax_lse.shape, q.stride(), k.stride(), v.stride(),
-            out.stride(), softmax_lse.stride(), q.dtype, k.dtype, v.dtype, out.dtype, softmax_lse.dtype,
-            q.device, k.device, v.device, out.device, softmax_lse.device, device,
-            q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, out.data_ptr() % 16,
-            softmax_lse.data_ptr() % 16,
-            None if alibi is None else (alibi.shape, alibi.stride(), alibi.dtype, alibi.device, alibi.data_ptr() % 16),
-            params.softmax_scale, params.window_left, params.window_right, params.softcap,
-            seqlens.batch_size, seqlens.max_seqlen_q, seqlens.max_seqlen_k)
 
 
 def try_forward(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) -> bool:
     """forward() where supported() accepts the call (True), else nothing (False); the kernels/forward.py
-    entry. A call like an earlier one (_plan_key) skips supported() and Triton's launch path: its
+    entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
     recorded launch is replayed with this call's tensors (launch.Recorded)."""
     if not AVAILABLE or return_softmax or seqlens.is_varlen or params.dropout_p != 0:
         return False
-    key = _plan_key(q, k, v, out, softmax_lse, params, seqlens, current_device() if q.is_cuda else None)
+    tensors = (q, k, v, out, softmax_lse) if params.alibi_slopes is None else (q, k, v, out, softmax_lse,
+                                                                                params.alibi_slopes)
+    key = call_key(tensors, params, seqlens, current_device() if q.is_cuda else None)
     plan = _PLANS.get(key, _MISSING)
     if plan is None:
         return False
