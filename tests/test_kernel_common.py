@@ -285,11 +285,11 @@ def test_triton_backward_plan_replay_builds_buffers_and_descriptors():
     the end, a zeroed fp32 dQ accumulator (atomic dQ), and each recorded launch gets this call's tensors
     or TMA descriptors over them in its slots."""
     from pyflash.kernels import backward as kb
-    from pyflash.kernels.launch import Descriptor
+    from pyflash.kernels.launch import Descriptor, Launch
 
     seen = []
-    first = kb._Launch(lambda *args: seen.append(("delta", args)) or args[2].fill_(3.0), ("out", "dout", "delta", "cu_q"))
-    second = kb._Launch(lambda *args: seen.append(("dkdv", args)),
+    first = Launch(lambda *args: seen.append(("delta", args)) or args[2].fill_(3.0), ("out", "dout", "delta", "cu_q"))
+    second = Launch(lambda *args: seen.append(("dkdv", args)),
                         (("desc", "q", [34, 256], [256, 1]), "k", "dq_target", "dq"))
     plan = kb._Plan((first, second), separate_delta=True, accumulate_dq=True)
     q, k, out, dout, dq = (torch.randn(2, 17, 2, 128) for _ in range(5))

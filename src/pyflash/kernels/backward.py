@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs, gluon_backward
-from pyflash.kernels.launch import Descriptor, Recorded, call_key, current_device, record
+from pyflash.kernels.launch import call_key, current_device, launch_into
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_block, load_tile, next_power_of_2, tanh, tma_descriptor,
                                      tma_view_ok, tuned_generation, visible_block_ranges, visible_mask)
@@ -429,17 +429,8 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 # its deterministic mode (dQ tiles in a fixed order of key blocks) measured 296 / 255 TFLOP/s against
 # these kernels' 401 / 313 (d=128 s=4096; scripts/deterministic_check.py).
 GLUON_HEAD_DIMS = frozenset({128})
-# Plan sources (_Launch) of the kernels' four optional tensors, in their argument order (`tensors` below).
+# Plan sources (launch.Launch) of the kernels' four optional tensors, in their argument order (`tensors` below).
 TENSOR_SOURCES = ("alibi", "cu_q", "cu_k", "seqused_k")
-
-
-class _Launch(NamedTuple):
-    """One recorded launch of a plan and, per slot, where this call's argument comes from: the name of
-    one of its tensors (_Plan.__call__'s ``named``), or ("desc", name, shape, strides): a TMA descriptor
-    over it."""
-
-    recorded: Recorded
-    sources: tuple
 
 
 class _Plan(NamedTuple):
@@ -455,8 +446,7 @@ class _Plan(NamedTuple):
         dq = named["dq"]
         named["dq_target"] = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if self.accumulate_dq else dq
         for launch in self.launches:
-            launch.recorded(*(named[source] if isinstance(source, str) else Descriptor(named[source[1]], *source[2:])
-                              for source in launch.sources))
+            launch(named)
         if self.separate_delta:
             named["softmax_d"].copy_(named["delta"])
 
@@ -465,23 +455,13 @@ _PLANS = {}  # launch.call_key -> _Plan
 
 
 def _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens):
-    """A call's tensors by the names plan sources use (absent ones: softmax_lse, never read)."""
+    """A call's tensors by the names plan sources (launch.Launch) use (absent ones: softmax_lse, never read)."""
     varlen = seqlens.is_varlen
     return dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d,
                 alibi=params.alibi_slopes if params.alibi_slopes is not None else softmax_lse,
                 cu_q=seqlens.cu_seqlens_q if varlen else softmax_lse,
                 cu_k=seqlens.cu_seqlens_k if varlen else softmax_lse,
                 seqused_k=seqlens.seqused_k if varlen and seqlens.seqused_k is not None else softmax_lse)
-
-
-def _launch(launches, fn, grid, args, kwargs, sources):
-    """fn[grid](*args, **kwargs); with a list ``launches`` (a plan being recorded), the launch is recorded
-    into it with sources {argument position: source (see _Launch)}."""
-    if launches is None:
-        fn[grid](*args, **kwargs)
-        return
-    recorded = record(fn, grid, args, kwargs, slots=tuple(sources))
-    launches.append(None if recorded is None else _Launch(recorded, tuple(sources.values())))
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
@@ -535,7 +515,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     if max_seqlen_q > 0:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        _launch(launches, _delta_kernel, grid, (out, dout, delta, cu_q, *_row_strides(out, varlen),
+        launch_into(launches, _delta_kernel, grid, (out, dout, delta, cu_q, *_row_strides(out, varlen),
                                                 *_row_strides(dout, varlen), *stat_strides, dense_seqlen_q),
                 dict(HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen),
                 {0: "out", 1: "dout", 2: "delta", 3: "cu_q"})
@@ -587,7 +567,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             if tma_q:
                 q_arg, dout_arg = (tma_descriptor(t, q_rows, block_m, block_d) for t in (q, dout))
                 q_src, dout_src = (("desc", name, d.shape, d.strides) for name, d in (("q", q_arg), ("dout", dout_arg)))
-            _launch(launches, _dkdv_kernel, (cdiv(max_seqlen_k, block_n), num_heads_k, batch), (
+            launch_into(launches, _dkdv_kernel, (cdiv(max_seqlen_k, block_n), num_heads_k, batch), (
                 q_arg, k, v, dout_arg, softmax_lse, delta, dq_target, dk, dv, *tensors,
                 *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen),
                 *_row_strides(dv, varlen), *stat_strides, *alibi_strides, *common_args), dict(
@@ -598,7 +578,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        _launch(launches, _dq_from_accumulator_kernel, grid, (
+        launch_into(launches, _dq_from_accumulator_kernel, grid, (
             dq_target, dq, cu_q, *_row_strides(dq_target, varlen), *_row_strides(dq, varlen), dense_seqlen_q,
             scale), dict(HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen),
             {0: "dq_target", 1: "dq", 2: "cu_q"})
@@ -609,7 +589,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             if tma_kv:
                 k_arg, v_arg = (tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
                 k_src, v_src = (("desc", name, d.shape, d.strides) for name, d in (("k", k_arg), ("v", v_arg)))
-            _launch(launches, _dq_kernel, (cdiv(max_seqlen_q, block_m), num_heads, batch), (
+            launch_into(launches, _dq_kernel, (cdiv(max_seqlen_q, block_m), num_heads, batch), (
                 q, k_arg, v_arg, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
                 *stat_strides, *alibi_strides, *common_args), dict(
                 BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_kv, **switches,

@@ -66,6 +66,28 @@ def record(fn, grid, args, kwargs, slots):
     return Recorded(kernel, tuple(grid) + (1,) * (3 - len(grid)), values, slots)
 
 
+class Launch(NamedTuple):
+    """A recorded launch of a plan and, per slot, where a call's argument comes from: the name of one of
+    its tensors (``named``), or ("desc", name, shape, strides): a TMA descriptor over it."""
+
+    recorded: Recorded
+    sources: tuple
+
+    def __call__(self, named) -> None:
+        self.recorded(*(named[source] if isinstance(source, str) else Descriptor(named[source[1]], *source[2:])
+                        for source in self.sources))
+
+
+def launch_into(launches, fn, grid, args, kwargs, sources) -> None:
+    """fn[grid](*args, **kwargs); with a list ``launches`` (a plan being recorded) the launch is recorded
+    into it as a Launch with sources {argument position: source} (None where nothing was recorded)."""
+    if launches is None:
+        fn[grid](*args, **kwargs)
+        return
+    recorded = record(fn, grid, args, kwargs, slots=tuple(sources))
+    launches.append(None if recorded is None else Launch(recorded, tuple(sources.values())))
+
+
 def call_key(tensors, params, seqlens, *extra):
     """A key of an attention call (AttentionParams, Seqlens) for recorded launches: everything a kernel
     entry reads of it but its tensors' addresses, of which only the 16-byte alignment counts (TMA,
