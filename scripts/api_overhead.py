@@ -94,6 +94,14 @@ def cuda_main(calls: int, profile: bool) -> None:
             with sdpa_kernel(getattr(SDPBackend, name)):
                 sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)  # noqa: E731
                 rows.append((f"SDPA {name} causal={causal}", per_call_us(sdpa, calls, sync)))
+    from pyflash.kvcache import flash_attn_with_kvcache
+
+    q1 = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(1, 4096, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cache_seqlens = torch.tensor([4000], dtype=torch.int32, device="cuda")
+    rows.append(("flash_attn_with_kvcache (decode: q (1, 1, 8, 128), cache 4000 of (1, 4096, 2, 128))",
+                 per_call_us(lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=cache_seqlens),
+                             calls, sync)))
     print("| call (b=1, s=128, h=2, d=128, bf16) | host us per call |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")

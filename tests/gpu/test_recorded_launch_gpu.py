@@ -103,3 +103,45 @@ def test_replayed_triton_launches_match_for_varlen(monkeypatch, causal):
                 torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
             else:
                 assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("num_splits", [0, 1])
+def test_replayed_decode_launches_match(monkeypatch, paged, num_splits):
+    """flash_attn_with_kvcache's decode kernel (kernels/decode.py): replays (fresh split buffers, this
+    stream's counters) must match launches through Triton bit for bit."""
+    from pyflash.kernels import decode
+    from pyflash.kvcache import flash_attn_with_kvcache
+
+    replays = []
+    replay = launch.Recorded.__call__
+    monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    batch, capacity, page = 2, 2048, 256
+    seqlens = torch.tensor([1500, 700], dtype=torch.int32, device="cuda")
+
+    def inputs():
+        q = torch.randn(batch, 1, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        if paged:
+            k, v = (torch.randn(batch * capacity // page, page, 2, 128, device="cuda", dtype=torch.bfloat16,
+                                generator=gen) for _ in range(2))
+            table = torch.randperm(batch * capacity // page, device="cuda", generator=gen).to(torch.int32)
+            return q, k, v, table.view(batch, -1)
+        k, v = (torch.randn(batch, capacity, 2, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))
+        return q, k, v, None
+
+    def call(q, k, v, table):
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, block_table=table, num_splits=num_splits,
+                                       return_softmax_lse=True)
+
+    runs = [inputs() for _ in range(3)]
+    recorded = []
+    for run in runs:
+        decode._PLANS.clear()
+        recorded.append(call(*run))
+    assert not replays
+    replayed = [call(*run) for run in runs]
+    assert replays, "no recorded launch was replayed"
+    for want, got in zip(recorded, replayed):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -88,12 +88,16 @@ def launch_into(launches, fn, grid, args, kwargs, sources) -> None:
     launches.append(None if recorded is None else Launch(recorded, tuple(sources.values())))
 
 
+def describe(t):
+    """What a recorded launch's key holds of a tensor: all but its address, of which the 16-byte alignment."""
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16
+
+
 def call_key(tensors, params, seqlens, *extra):
     """A key of an attention call (AttentionParams, Seqlens) for recorded launches: everything a kernel
     entry reads of it but its tensors' addresses, of which only the 16-byte alignment counts (TMA,
     Triton's specialization), plus ``extra`` (the current device, flags of the entry)."""
-    return (tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors),
-            params.softmax_scale, params.window_left, params.window_right, params.softcap, params.dropout_p,
+    return (tuple(describe(t) for t in tensors), params.softmax_scale, params.window_left, params.window_right, params.softcap, params.dropout_p,
             params.alibi_slopes is None, seqlens.batch_size, seqlens.max_seqlen_q, seqlens.max_seqlen_k,
             seqlens.is_varlen, seqlens.seqused_k is None, *extra)
 
