@@ -99,9 +99,21 @@ def cuda_main(calls: int, profile: bool) -> None:
     q1 = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
     k_cache, v_cache = (torch.randn(1, 4096, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     cache_seqlens = torch.tensor([4000], dtype=torch.int32, device="cuda")
-    rows.append(("flash_attn_with_kvcache (decode: q (1, 1, 8, 128), cache 4000 of (1, 4096, 2, 128))",
-                 per_call_us(lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=cache_seqlens),
-                             calls, sync)))
+    from pyflash.kernels import launch
+
+    for record_triton in (False, True):  # the Triton kernels' recorded launches (launch.RECORD_TRITON)
+        launch.RECORD_TRITON = record_triton
+        rows.append((f"flash_attn_with_kvcache (q (1, 1, 8, 128), cache 4000 of 4096, hk 2), "
+                     f"RECORD_TRITON={int(record_triton)}",
+                     per_call_us(lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=cache_seqlens),
+                                 calls, sync)))
+        q64 = q[..., :64].contiguous()
+        res64 = pyflash.mha_fwd(q64, q64, q64, None, None, 0.0, None, True, -1, -1, False, None)
+        rows.append((f"pyflash.mha_bwd d=64 (Triton kernels) causal=True, RECORD_TRITON={int(record_triton)}",
+                     per_call_us(lambda: pyflash.mha_bwd(q64, q64, q64, q64, res64[0], res64[4], None, None, None,
+                                                         None, 0.0, None, True, -1, -1, False, res64[5], res64[6]),
+                                 calls, sync)))
+    launch.RECORD_TRITON = False
     print("| call (b=1, s=128, h=2, d=128, bf16) | host us per call |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")

@@ -34,6 +34,7 @@ def _calls(q, k, v, dout, causal, **options):
     (128, False, 4, 300, dict(window=(100, 20), softcap=10.0)), (64, True, 2, 300, dict(alibi=True)),
 ])
 def test_replayed_launches_match_triton_launches(monkeypatch, head_dim, causal, heads_k, seqlen, options):
+    monkeypatch.setattr(launch, "RECORD_TRITON", True)  # the Triton backward's (d=64, d=256) too
     replays = []
     replay = launch.Recorded.__call__
     monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
@@ -69,7 +70,9 @@ def test_replayed_launches_match_triton_launches(monkeypatch, head_dim, causal, 
 @pytest.mark.parametrize("causal", [False, True])
 def test_replayed_triton_launches_match_for_varlen(monkeypatch, causal):
     """Varlen calls run the Triton forward and backward (kernels/forward.py, kernels/backward.py): their
-    replays must match launches through Triton bit for bit (dQ within rounding: atomics)."""
+    replays (launch.RECORD_TRITON) must match launches through Triton bit for bit (dQ within rounding:
+    atomics)."""
+    monkeypatch.setattr(launch, "RECORD_TRITON", True)
     replays = []
     replay = launch.Recorded.__call__
     monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
@@ -108,11 +111,12 @@ def test_replayed_triton_launches_match_for_varlen(monkeypatch, causal):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("num_splits", [0, 1])
 def test_replayed_decode_launches_match(monkeypatch, paged, num_splits):
-    """flash_attn_with_kvcache's decode kernel (kernels/decode.py): replays (fresh split buffers, this
-    stream's counters) must match launches through Triton bit for bit."""
+    """flash_attn_with_kvcache's decode kernel (kernels/decode.py): replays (launch.RECORD_TRITON; fresh
+    split buffers, this stream's counters) must match launches through Triton bit for bit."""
     from pyflash.kernels import decode
     from pyflash.kvcache import flash_attn_with_kvcache
 
+    monkeypatch.setattr(launch, "RECORD_TRITON", True)
     replays = []
     replay = launch.Recorded.__call__
     monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from pyflash.kernels import configs, gluon_backward
+from pyflash.kernels import launch as recorded_launches
 from pyflash.kernels.launch import call_key, current_device, launch_into
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_block, load_tile, next_power_of_2, tanh, tma_descriptor,
@@ -490,7 +491,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                                             seqlens, deterministic)):
         return
     launches = key = None
-    if config is None and use_tma is None and params.dropout_p == 0 and q.is_cuda and not INTERPRET:
+    if (recorded_launches.RECORD_TRITON and config is None and use_tma is None and params.dropout_p == 0
+            and q.is_cuda and not INTERPRET):
         # A call like an earlier one replays its recorded launches (kernels/launch.py).
         named = _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens)
         # Dropout calls have no plan: their seed and offset are arguments that change every call.

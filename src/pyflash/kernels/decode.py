@@ -23,6 +23,7 @@ import triton.language as tl
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, launch_fitting,
                                      multiprocessor_count, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      visible_mask)
+from pyflash.kernels import launch as recorded_launches
 from pyflash.kernels.launch import current_device, describe, launch_into
 
 MAX_SPLITS = 128
@@ -357,7 +358,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
     cache rows (None: row b; unused when paged), ``alibi_slopes`` None or fp32 (b, h).
     use_tma: K/V blocks through TMA descriptors (default USE_TMA; Hopper, where the layout allows)."""
     launches = key = None
-    if q.is_cuda and not INTERPRET:
+    if recorded_launches.RECORD_TRITON and q.is_cuda and not INTERPRET:
         # A call like an earlier one replays its recorded launch (kernels/launch.py).
         named = dict(q=q, k_cache=k_cache, v_cache=v_cache, out=out, softmax_lse=softmax_lse, seqlens_k=seqlens_k,
                      leftpad=leftpad if leftpad is not None else seqlens_k,

@@ -25,6 +25,7 @@ from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capabili
                                      launch_fitting, load_block, next_power_of_2, tanh, tma_descriptor, tma_view_ok,
                                      tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
+from pyflash.kernels import launch as recorded_launches
 from pyflash.kernels.launch import call_key, current_device, launch_into
 
 LOG2E = math.log2(math.e)
@@ -290,7 +291,8 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
             and gluon_forward.try_forward(q, k, v, out, softmax_lse, params, seqlens, p is not None)):
         return
     launches = key = None
-    if config is None and use_tma is None and params.dropout_p == 0 and q.is_cuda and not INTERPRET:
+    if (recorded_launches.RECORD_TRITON and config is None and use_tma is None and params.dropout_p == 0
+            and q.is_cuda and not INTERPRET):
         # A call like an earlier one replays its recorded launch (kernels/launch.py). Dropout calls have
         # none: their seed and offset are arguments that change every call.
         named = _named_tensors(q, k, v, out, softmax_lse, p, params, seqlens)

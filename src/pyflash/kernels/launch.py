@@ -14,7 +14,14 @@ dtype, box, layout, and the shape and strides they carry, which the caller passe
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Sequence
+
+# Recorded launches of the Triton-language kernels (kernels/forward.py, backward.py, decode.py): written
+# and CPU-tested, not yet run on a GPU (tests/gpu/test_recorded_launch_gpu.py covers them, enabling
+# this): off unless PYFLASH_RECORD_TRITON=1. The Gluon kernels' recorded launches passed on an H100
+# and are always on.
+RECORD_TRITON = os.environ.get("PYFLASH_RECORD_TRITON", "0") == "1"
 
 
 class Descriptor(NamedTuple):
