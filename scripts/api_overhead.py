@@ -25,6 +25,10 @@ class _NoBackend:
     def forward(*args):
         pass
 
+    @staticmethod
+    def backward(*args):
+        pass
+
 
 def per_call_us(fn, calls: int, sync) -> float:
     for _ in range(50):
@@ -54,6 +58,10 @@ def cpu_main(calls: int) -> None:
         us = per_call_us(lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None),
                          calls, lambda: None)
         print(f"causal={causal}: {us:.1f} us per mha_fwd outside the backend")
+        res = pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None)
+        us = per_call_us(lambda: pyflash.mha_bwd(q, q, k, v, res[0], res[4], None, None, None, None, 0.0, None, causal,
+                                                 -1, -1, False, res[5], res[6]), calls, lambda: None)
+        print(f"causal={causal}: {us:.1f} us per mha_bwd outside the backend")
     backend.get = real_get
     # kernels.forward.forward as on a Hopper card (table lookup, TMA descriptors), the launch stubbed.
     kernel_module._forward_kernel = _NoLaunch()
