@@ -252,7 +252,8 @@ def child(job):
                 r = check_case(tuple(spec), job["causal"], job["dtype"], variant, strided)
                 cells = " ".join(f"{g} {r[g]['err']:.2e}/{2 * r[g]['pt_err'] + 1e-3:.2e}" for g in ("dq", "dk", "dv"))
                 if "softmax_d" in r:
-                    cells += f" softmax_d {r['softmax_d']['err']:.1e} deterministic-supported {r['deterministic_supported']}"
+                    cells += (f" softmax_d {r['softmax_d']['err']:.1e}"
+                              f" deterministic-supported {r['deterministic_supported']}")
                 print(f"{'PASS' if r['ok'] else 'FAIL'} {name}: err/bound {cells}"
                       f"{'' if r['finite'] else ' NON-FINITE'} [{time.time() - start:.1f}s]", flush=True)
                 log_json(dict(name=name, **r))

@@ -55,7 +55,8 @@ for case_id, head_dim, causal, dtype, config, deterministic in json.loads(sys.ar
 @pytest.fixture(scope="module")
 def reports():
     cases = [(*case, 0) for case in CASES]
-    cases += [(case_id, head_dim, causal, dtype, None, mode) for case_id, head_dim, causal, dtype, mode in DETERMINISTIC_CASES]
+    cases += [(case_id, head_dim, causal, dtype, None, mode)
+              for case_id, head_dim, causal, dtype, mode in DETERMINISTIC_CASES]
     return run_reports(_CHILD, cases)
 
 

@@ -273,7 +273,8 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     counters = main[8]
     assert all(isinstance(d, Descriptor) for d in main[:6]) and main[6:8] == (dk, dv)
     assert counters.shape == (2, 1, 2) and counters.dtype == torch.int32 and not counters.any()
-    assert all(d.base is t for d, t in zip(main[:4], (q, dout, k, v))) and main[4].base is accum and main[5].base is stats
+    assert all(d.base is t for d, t in zip(main[:4], (q, dout, k, v)))
+    assert main[4].base is accum and main[5].base is stats
     assert call(deterministic=True)[1] and len(supported_calls) == 2 and len(backward_calls) == 2
     assert backward_calls[-1]["deterministic"] is True and backward_calls[0]["deterministic"] is False
     assert not call(head_dim=64)[1] and not call(head_dim=64)[1]

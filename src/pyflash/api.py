@@ -49,7 +49,8 @@ def _check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
 
 
 def _check_qkv(q, k, v, ndim: int) -> None:
-    if (isinstance(q, torch.Tensor) and q.dtype in _DTYPES and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    if (isinstance(q, torch.Tensor) and q.dtype in _DTYPES and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor)
             and q.dim() == k.dim() == v.dim() == ndim and q.device == k.device == v.device
             and q.dtype == k.dtype == v.dtype and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and 0 < q.shape[-1] <= MAX_HEAD_DIM and k.shape[-1] == q.shape[-1] and v.shape == k.shape
@@ -77,7 +78,8 @@ def _check_dropout(p_dropout: float, return_softmax: bool) -> None:
 
 
 def _check_window(window_size_left: int, window_size_right: int) -> None:
-    if type(window_size_left) is int and type(window_size_right) is int and window_size_left >= -1 and window_size_right >= -1:
+    if (type(window_size_left) is int and type(window_size_right) is int
+            and window_size_left >= -1 and window_size_right >= -1):
         return
     for name, value in (("window_size_left", window_size_left), ("window_size_right", window_size_right)):
         _require(isinstance(value, int) and value >= -1, lambda: f"{name} must be an int >= -1 (-1: unbounded), got {value!r}")
@@ -323,7 +325,8 @@ def _check_backward_common(dout, out, softmax_lse, dq_, dk_, dv_, q, k, lse_shap
     # The seed's callers hand in q/k/v/out padded to a multiple of 8 and dout at the original head dim.
     if not (dout.shape[:-1] == q.shape[:-1] and dout.shape[-1] <= q.shape[-1]
             and _round_up(dout.shape[-1], 8) == _round_up(q.shape[-1], 8)):
-        raise ValueError(f"dout must have shape {tuple(q.shape)} (or q's head dim before padding), got {tuple(dout.shape)}")
+        raise ValueError(f"dout must have shape {tuple(q.shape)} (or q's head dim before padding), "
+                         f"got {tuple(dout.shape)}")
     _check_tensor("out", out, q.dim(), q.device, q.dtype)
     if not (out.shape[:-1] == q.shape[:-1] and out.shape[-1] in (q.shape[-1], _round_up(q.shape[-1], 8))):
         raise ValueError(f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")

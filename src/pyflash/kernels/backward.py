@@ -487,8 +487,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if kernel not in (None, "triton"):
         raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
     if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS
-            and not deterministic and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
-                                            seqlens, deterministic)):
+            and not deterministic and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv,
+                                                                  softmax_d, params, seqlens, deterministic)):
         return
     launches = key = None
     if (recorded_launches.RECORD_TRITON and config is None and use_tma is None and params.dropout_p == 0

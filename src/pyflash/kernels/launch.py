@@ -104,9 +104,9 @@ def call_key(tensors, params, seqlens, *extra):
     """A key of an attention call (AttentionParams, Seqlens) for recorded launches: everything a kernel
     entry reads of it but its tensors' addresses, of which only the 16-byte alignment counts (TMA,
     Triton's specialization), plus ``extra`` (the current device, flags of the entry)."""
-    return (tuple(describe(t) for t in tensors), params.softmax_scale, params.window_left, params.window_right, params.softcap, params.dropout_p,
-            params.alibi_slopes is None, seqlens.batch_size, seqlens.max_seqlen_q, seqlens.max_seqlen_k,
-            seqlens.is_varlen, seqlens.seqused_k is None, *extra)
+    return (tuple(describe(t) for t in tensors), params.softmax_scale, params.window_left, params.window_right,
+            params.softcap, params.dropout_p, params.alibi_slopes is None, seqlens.batch_size, seqlens.max_seqlen_q,
+            seqlens.max_seqlen_k, seqlens.is_varlen, seqlens.seqused_k is None, *extra)
 
 
 def current_device():
