@@ -74,8 +74,10 @@ Tensors: q, k, v, dout TMA-readable (batch, seqlen, heads, head_dim) (3-D descri
 
 Deterministic mode (DETERMINISTIC, backward(deterministic=True)): the TMA reduce-adds into a dQ tile
 (query block, half) happen in a fixed order of key blocks, kept by one int32 counter per tile in global
-memory: a warpgroup spins until the counter equals its rank (_turn_rank), adds, waits for its writes to
-complete and increments the counter (release). The order is the one in which the key blocks reach the
+memory: a warpgroup spins until the counter equals its rank (_turn_rank) and adds; at its next step,
+the reduce having had that step's GEMMs to complete, it waits for the writes and increments the
+counter (release). Measured 0.6x of the default (benchmarks/RESULTS.md), so kernels/backward.py keeps
+deterministic calls on the Triton kernels; backward_gluon(..., deterministic=True) selects it. The order is the one in which the key blocks reach the
 tile when they all run at once (causal: descending key block; non-causal: each CTA starts at its own
 query block, rot(j) = j * n_m // n_kblk, and wraps around), so in the steady state nobody waits; with
 more key blocks than SMs (not all resident: that order could wait for a CTA not yet launched) the order
