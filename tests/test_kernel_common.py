@@ -304,3 +304,17 @@ def test_triton_backward_plan_replay_builds_buffers_and_descriptors():
     desc, k_arg, accum, dq_arg = dkdv_args
     assert isinstance(desc, Descriptor) and desc.base is q and desc.shape == [34, 256] and k_arg is k
     assert accum.dtype == torch.float32 and accum.shape == dq.shape and not accum.any() and dq_arg is dq
+
+
+def test_plans_table_starts_over_past_its_limit():
+    """launch.Plans keeps at most `limit` plans: a new key past it clears the table (an existing key is
+    just replaced), so shapes that keep changing cannot grow it without end."""
+    from pyflash.kernels.launch import Plans
+
+    plans = Plans(limit=3)
+    for key in range(3):
+        plans[key] = key
+    plans[1] = "again"
+    assert dict(plans) == {0: 0, 1: "again", 2: 2}
+    plans[3] = 3
+    assert dict(plans) == {3: 3}

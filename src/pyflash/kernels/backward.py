@@ -452,7 +452,7 @@ class _Plan(NamedTuple):
             named["softmax_d"].copy_(named["delta"])
 
 
-_PLANS = {}  # launch.call_key -> _Plan
+_PLANS = recorded_launches.Plans()  # launch.call_key -> _Plan
 
 
 def _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens):

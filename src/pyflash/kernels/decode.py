@@ -459,4 +459,4 @@ class _Plan(NamedTuple):
             launch(named)
 
 
-_PLANS = {}  # the key in decode() -> _Plan
+_PLANS = recorded_launches.Plans()  # the key in decode() -> _Plan

@@ -389,7 +389,7 @@ def forward(q, k, v, out, softmax_lse, p, params, seqlens, config=None, use_tma=
         _PLANS[key] = tuple(launches)
 
 
-_PLANS = {}  # launch.call_key -> the recorded launches of a call through the Triton kernel
+_PLANS = recorded_launches.Plans()  # launch.call_key -> the recorded launches of a call through the Triton kernel
 
 
 def _named_tensors(q, k, v, out, softmax_lse, p, params, seqlens):

@@ -98,7 +98,7 @@ import torch
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
-from pyflash.kernels.launch import Descriptor, Recorded, call_key, current_device, record
+from pyflash.kernels.launch import Descriptor, Plans, Recorded, call_key, current_device, record
 
 try:
     import triton
@@ -934,7 +934,7 @@ class _Plan(NamedTuple):
         self.convert(dq_accum, dq)
 
 
-_PLANS = {}  # launch.call_key -> _Plan, or None for calls supported() rejects
+_PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() rejects
 _MISSING = object()
 
 

@@ -62,7 +62,7 @@ import torch
 
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
-from pyflash.kernels.launch import Descriptor, Recorded, call_key, current_device, record
+from pyflash.kernels.launch import Descriptor, Plans, Recorded, call_key, current_device, record
 
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
     import triton
@@ -838,7 +838,7 @@ class _Plan(NamedTuple):
     views: tuple
 
 
-_PLANS = {}  # launch.call_key -> _Plan, or None for calls supported() rejects
+_PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() rejects
 _MISSING = object()
 
 

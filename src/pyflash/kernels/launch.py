@@ -24,6 +24,21 @@ from typing import NamedTuple, Sequence
 RECORD_TRITON = os.environ.get("PYFLASH_RECORD_TRITON", "0") == "1"
 
 
+class Plans(dict):
+    """Plans (recorded launches) by call key, at most ``limit`` of them: a workload whose shapes keep
+    changing (serving many prompt lengths) would otherwise grow the table without end. Past the limit the
+    table starts over; the calls after that record again."""
+
+    def __init__(self, limit: int = 4096):
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key, value) -> None:
+        if len(self) >= self.limit and key not in self:
+            self.clear()
+        super().__setitem__(key, value)
+
+
 class Descriptor(NamedTuple):
     """What a compiled launcher reads of a host TMA descriptor (Triton's make_tensordesc_arg): built
     without the validation the Gluon / Triton TensorDescriptor classes run on construction, for a
