@@ -26,7 +26,7 @@ import triton.language as tl
 
 from pyflash.kernels import configs, gluon_backward
 from pyflash.kernels import launch as recorded_launches
-from pyflash.kernels.launch import call_key, current_device, launch_into
+from pyflash.kernels.launch import call_key, current_device, launch_into, optional_tensors
 from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capability, dropout_keep_tile,
                                      launch_fitting, load_block, load_tile, next_power_of_2, tanh, tma_descriptor,
                                      tma_view_ok, tuned_generation, visible_block_ranges, visible_mask)
@@ -457,12 +457,8 @@ _PLANS = recorded_launches.Plans()  # launch.call_key -> _Plan
 
 def _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens):
     """A call's tensors by the names plan sources (launch.Launch) use (absent ones: softmax_lse, never read)."""
-    varlen = seqlens.is_varlen
     return dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d,
-                alibi=params.alibi_slopes if params.alibi_slopes is not None else softmax_lse,
-                cu_q=seqlens.cu_seqlens_q if varlen else softmax_lse,
-                cu_k=seqlens.cu_seqlens_k if varlen else softmax_lse,
-                seqused_k=seqlens.seqused_k if varlen and seqlens.seqused_k is not None else softmax_lse)
+                **optional_tensors(params, seqlens, softmax_lse))
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,

@@ -26,7 +26,7 @@ from pyflash.kernels.common import (INTERPRET, alibi_bias, cdiv, device_capabili
                                      tuned_generation, visible_block_ranges, visible_mask)
 from pyflash.kernels.configs import FORWARD, FORWARD_DROPOUT_MIN_WARPS
 from pyflash.kernels import launch as recorded_launches
-from pyflash.kernels.launch import call_key, current_device, launch_into
+from pyflash.kernels.launch import call_key, current_device, launch_into, optional_tensors
 
 LOG2E = math.log2(math.e)
 
@@ -394,9 +394,5 @@ _PLANS = recorded_launches.Plans()  # launch.call_key -> the recorded launches o
 
 def _named_tensors(q, k, v, out, softmax_lse, p, params, seqlens):
     """A call's tensors by the names plan sources (launch.Launch) use (absent ones: softmax_lse, never read)."""
-    varlen = seqlens.is_varlen
     return dict(q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, p=p if p is not None else softmax_lse,
-                alibi=params.alibi_slopes if params.alibi_slopes is not None else softmax_lse,
-                cu_q=seqlens.cu_seqlens_q if varlen else softmax_lse,
-                cu_k=seqlens.cu_seqlens_k if varlen else softmax_lse,
-                seqused_k=seqlens.seqused_k if seqlens.seqused_k is not None else softmax_lse)
+                **optional_tensors(params, seqlens, softmax_lse))

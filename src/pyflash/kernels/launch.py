@@ -110,6 +110,16 @@ def launch_into(launches, fn, grid, args, kwargs, sources) -> None:
     launches.append(None if recorded is None else Launch(recorded, tuple(sources.values())))
 
 
+def optional_tensors(params, seqlens, stand_in):
+    """A call's optional tensors by the names plan sources (Launch) use: ALiBi slopes, the varlen
+    offsets and seqused_k, each ``stand_in`` (never read: its kernel switch is off) where absent."""
+    varlen = seqlens.is_varlen
+    return dict(alibi=params.alibi_slopes if params.alibi_slopes is not None else stand_in,
+                cu_q=seqlens.cu_seqlens_q if varlen else stand_in,
+                cu_k=seqlens.cu_seqlens_k if varlen else stand_in,
+                seqused_k=seqlens.seqused_k if varlen and seqlens.seqused_k is not None else stand_in)
+
+
 def describe(t):
     """What a recorded launch's key holds of a tensor: all but its address, of which the 16-byte alignment."""
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16
