@@ -109,6 +109,7 @@ def cuda_main(calls: int, profile: bool) -> None:
     cache_seqlens = torch.tensor([4000], dtype=torch.int32, device="cuda")
     from pyflash.kernels import launch
 
+    default = launch.RECORD_TRITON
     for record_triton in (False, True):  # the Triton kernels' recorded launches (launch.RECORD_TRITON)
         launch.RECORD_TRITON = record_triton
         rows.append((f"flash_attn_with_kvcache (q (1, 1, 8, 128), cache 4000 of 4096, hk 2), "
@@ -121,7 +122,7 @@ def cuda_main(calls: int, profile: bool) -> None:
                      per_call_us(lambda: pyflash.mha_bwd(q64, q64, q64, q64, res64[0], res64[4], None, None, None,
                                                          None, 0.0, None, True, -1, -1, False, res64[5], res64[6]),
                                  calls, sync)))
-    launch.RECORD_TRITON = False
+    launch.RECORD_TRITON = default
     print("| call (b=1, s=128, h=2, d=128, bf16) | host us per call |\n|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")
