@@ -11,8 +11,12 @@ call finds its K/V in L2 (pyflash.bench.decode.graph_time_us). Rows:
 - ``decode, 0 keys``: the decode kernel with ``cache_seqlens`` 0 (query load, partial writes, arrival
   counter and merge: the fixed cost of a split call), with and without splits;
 - ``decode``: the row itself, by split count.
+
+``--before FILE`` (a copy of an earlier kernels/decode.py) repeats the decode rows with that module in
+place of the current one, so a change is measured against its baseline on the same card in one call.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -52,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache-len", type=int, default=8192)
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--before", default=None, help="an earlier kernels/decode.py to measure beside this one")
     args = parser.parse_args()
     cache_len = args.cache_len
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -81,14 +86,25 @@ def main() -> None:
                 [lambda kc=kc, vc=vc: _read_only[(programs,)](kc, vc, sink, keys, HEADS_K * DIM, HEADS_K, BLOCK_N=block_n,
                                                               D=DIM, num_warps=warps, num_stages=stages)
                  for kc, vc in caches], programs=programs, config=(block_n, warps, stages))
-    for splits in (1, 16):
-        row(f"decode, 0 keys, splits {splits}",
-            [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=none, num_splits=splits)
-             for kc, vc in caches], splits=splits)
-    for splits in (0, 8, 12, 16):
-        row(f"decode, splits {splits or 'auto'}",
-            [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=full, num_splits=splits)
-             for kc, vc in caches], splits=splits)
+    import pyflash.kernels
+
+    modules = [("", pyflash.kernels.decode)]
+    if args.before:
+        spec = importlib.util.spec_from_file_location("pyflash.kernels.decode_before", args.before)
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        modules.append((" (before)", before))
+    for label, module in modules:
+        pyflash.kernels.decode = module  # what flash_attn_with_kvcache imports
+        for splits in (1, 16):
+            row(f"decode, 0 keys, splits {splits}{label}",
+                [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=none, num_splits=splits)
+                 for kc, vc in caches], splits=splits)
+        for splits in (0, 8, 16, 32):
+            row(f"decode, splits {splits or 'auto'}{label}",
+                [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=full, num_splits=splits)
+                 for kc, vc in caches], splits=splits)
+    pyflash.kernels.decode = modules[0][1]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode_probe.json"), "w") as f:

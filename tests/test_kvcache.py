@@ -204,6 +204,15 @@ def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softca
 # Tests: every argument, both paths
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("num_splits", [5, 9])
+def test_merge_in_chunks(monkeypatch, num_splits):
+    """The merge loads the parts MERGE_CHUNK at a time: several chunks, the last one partial, and a
+    sequence whose keys fill only some parts (the rest merge with weight 0)."""
+    monkeypatch.setattr(decode_kernel, "MERGE_CHUNK", 2)
+    case = make_case(batch=2, capacity=257, seqlens=[257, 40], num_heads=6, num_heads_k=2)
+    run_and_check(monkeypatch, "triton", case, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decode_plain(monkeypatch, path, dtype):

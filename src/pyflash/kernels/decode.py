@@ -27,6 +27,8 @@ from pyflash.kernels import launch as recorded_launches
 from pyflash.kernels.launch import current_device, describe, launch_into
 
 MAX_SPLITS = 128
+# Parts the merge loads at once (a power of two; fewer when there are fewer splits).
+MERGE_CHUNK = 16
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
@@ -176,7 +178,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                    HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr = False):
+                   USE_TMA: tl.constexpr = False, MERGE_CHUNK: tl.constexpr = 1):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -274,7 +276,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
         if finished == num_splits - 1:
             tl.atomic_xchg(counter, 0)  # ready for the next call (and CUDA graph replays)
             out, lse = _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part,
-                                    stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D)
+                                    stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D, MERGE_CHUNK)
             tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
             tl.store(Lse + lse_offs, lse, mask=row_ok)
     else:
@@ -283,49 +285,39 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
 
 
 @triton.jit
-def _load_part(OutPartial, LsePartial, part, out_offs, lse_offs, num_splits, stride_part, stride_lse_part, io_mask,
-               row_ok):
-    """Part ``part``'s lse and output tile (lse -inf and output 0 past the last part)."""
-    present = part < num_splits
-    lse = tl.load(LsePartial + part * stride_lse_part + lse_offs, mask=row_ok & present, other=float("-inf"),
-                  cache_modifier=".cg")
-    out = tl.load(OutPartial + part * stride_part + out_offs, mask=io_mask & present, other=0.0, cache_modifier=".cg")
-    return lse, out
-
-
-@triton.jit
 def _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part, stride_lse_part, io_mask,
-                 row_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                 row_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_CHUNK: tl.constexpr):
     """``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; no key at all:
     out 0, lse +inf. Loads bypass L1 (``.cg``): other programs wrote the parts.
 
-    One pass with a running maximum, four parts per step: all four parts' loads are issued before
-    any is used, so a step costs about one L2 round trip. (Two passes one part at a time measured
-    ~0.45 us per part at batch 1 x 8k on an H100; one 3-D load of every part's lse with 4-part
-    output tiles reduced over a 3-D axis measured ~1.8 us per part: benchmarks/RESULTS.md.)"""
+    The merge runs after the last part of the tile arrives, so its latency is the call's tail: every
+    load is issued before its result is needed. First the parts' lse, ``MERGE_CHUNK`` parts per 2-D
+    load, give the maximum and the sum of weights; then the output parts, ``MERGE_CHUNK`` per
+    unrolled step whose loads depend on nothing before them (a chunk costs about one L2 round trip).
+    Earlier merges measured on an H100 at batch 1 x 8k: one part per step ~0.45 us a part; four
+    parts per step (a running maximum) 7.0 us for a 16-split call that reads no key, against 2.8 us
+    unsplit (benchmarks/RESULTS.md)."""
+    parts = tl.arange(0, MERGE_CHUNK)
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for first in range(0, num_splits, 4):
-        lse0, out0 = _load_part(OutPartial, LsePartial, first, out_offs, lse_offs, num_splits, stride_part,
-                                stride_lse_part, io_mask, row_ok)
-        lse1, out1 = _load_part(OutPartial, LsePartial, first + 1, out_offs, lse_offs, num_splits, stride_part,
-                                stride_lse_part, io_mask, row_ok)
-        lse2, out2 = _load_part(OutPartial, LsePartial, first + 2, out_offs, lse_offs, num_splits, stride_part,
-                                stride_lse_part, io_mask, row_ok)
-        lse3, out3 = _load_part(OutPartial, LsePartial, first + 3, out_offs, lse_offs, num_splits, stride_part,
-                                stride_lse_part, io_mask, row_ok)
-        m_new = tl.maximum(tl.maximum(lse_max, tl.maximum(lse0, lse1)), tl.maximum(lse2, lse3))
+    for first in range(0, num_splits, MERGE_CHUNK):
+        lse = tl.load(LsePartial + (first + parts)[:, None] * stride_lse_part + lse_offs[None, :],
+                      mask=((first + parts) < num_splits)[:, None] & row_ok[None, :], other=float("-inf"),
+                      cache_modifier=".cg")
+        m_new = tl.maximum(lse_max, tl.max(lse, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows no part has a key for yet
-        alpha = tl.exp(lse_max - m_safe)
-        w0 = tl.exp(lse0 - m_safe)
-        w1 = tl.exp(lse1 - m_safe)
-        w2 = tl.exp(lse2 - m_safe)
-        w3 = tl.exp(lse3 - m_safe)
-        acc = (acc * alpha[:, None] + w0[:, None] * out0 + w1[:, None] * out1 + w2[:, None] * out2
-               + w3[:, None] * out3)
-        total = total * alpha + w0 + w1 + w2 + w3
+        total = total * tl.exp(lse_max - m_safe) + tl.sum(tl.exp(lse - m_safe[None, :]), axis=0)
         lse_max = m_new
+    m_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for first in range(0, num_splits, MERGE_CHUNK):
+        for i in tl.static_range(MERGE_CHUNK):
+            present = first + i < num_splits
+            lse = tl.load(LsePartial + (first + i) * stride_lse_part + lse_offs, mask=row_ok & present,
+                          other=float("-inf"), cache_modifier=".cg")
+            out = tl.load(OutPartial + (first + i) * stride_part + out_offs, mask=io_mask & present, other=0.0,
+                          cache_modifier=".cg")
+            acc += tl.exp(lse - m_safe)[:, None] * out
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     return out, tl.where(empty, float("inf"), lse_max + tl.log(tl.where(empty, 1.0, total)))
@@ -404,6 +396,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
         HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
+        MERGE_CHUNK=min(MERGE_CHUNK, next_power_of_2(num_splits)) if num_splits > 1 else 1,
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma)
 
