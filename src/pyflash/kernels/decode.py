@@ -27,9 +27,9 @@ from pyflash.kernels import launch as recorded_launches
 from pyflash.kernels.launch import current_device, describe, launch_into
 
 MAX_SPLITS = 128
-# Parts the merge loads at once (a power of two; fewer when there are fewer splits). 16 spills 16 bytes
-# at d=128 (ptxas: 255 registers), 8 does not (248).
-MERGE_CHUNK = 8
+# Parts the merge loads at once (a power of two; fewer when there are fewer splits). 16 at d=128: 255
+# registers, no spill (ptxas).
+MERGE_CHUNK = 16
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
@@ -275,13 +275,14 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
         counter = Counters + pid_m * tl.num_programs(1) + pid_bkh
         finished = tl.atomic_add(counter, 1, sem="acq_rel")
         if finished == num_splits - 1:
+            # Ready for the next call (and CUDA graph replays): relaxed, so the merge's loads need not
+            # wait for it (acq_rel cost an L2 round trip before them); every part has arrived, so
+            # nothing else touches the counter in this launch.
+            tl.atomic_xchg(counter, 0, sem="relaxed")
             out, lse = _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part,
                                     stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D, MERGE_CHUNK)
             tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
             tl.store(Lse + lse_offs, lse, mask=row_ok)
-            # Ready for the next call (and CUDA graph replays), which the end of this launch orders
-            # after it: relaxed and last, so the merge never waits for it.
-            tl.atomic_xchg(counter, 0, sem="relaxed")
     else:
         tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
         tl.store(Lse + lse_offs, tl.where(empty, float("inf"), lse), mask=row_ok)
@@ -293,15 +294,25 @@ def _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_
     """``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; no key at all:
     out 0, lse +inf. Loads bypass L1 (``.cg``): other programs wrote the parts.
 
-    The merge runs after the last part of the tile arrives, so its latency is the call's tail. Each
-    chunk of ``MERGE_CHUNK`` parts is one unrolled block of straight-line code with a running maximum:
-    no load in it depends on another, so they are all in flight at once (a chunk costs about one L2
-    round trip; a call has one chunk unless it has more than MERGE_CHUNK splits). Measured on an H100
-    at batch 1 x 8k, a 16-split call that reads no key against 2.8 us unsplit: one part per step
-    ~0.45 us a part; four parts per step 7.1 us; all lse first, then the outputs 6.6 us
-    (benchmarks/RESULTS.md)."""
+    The merge runs after the last part of the tile arrives, so its latency is the call's tail: every
+    load is issued before its result is needed. First the parts' lse, ``MERGE_CHUNK`` parts per 2-D
+    load, give the maximum and the sum of weights; then the output parts, ``MERGE_CHUNK`` per
+    unrolled step whose loads depend on nothing before them (a chunk costs about one L2 round trip).
+    Earlier merges measured on an H100 at batch 1 x 8k: one part per step ~0.45 us a part; four
+    parts per step (a running maximum) 7.0 us for a 16-split call that reads no key, against 2.8 us
+    unsplit (benchmarks/RESULTS.md)."""
+    parts = tl.arange(0, MERGE_CHUNK)
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for first in range(0, num_splits, MERGE_CHUNK):
+        lse = tl.load(LsePartial + (first + parts)[:, None] * stride_lse_part + lse_offs[None, :],
+                      mask=((first + parts) < num_splits)[:, None] & row_ok[None, :], other=float("-inf"),
+                      cache_modifier=".cg")
+        m_new = tl.maximum(lse_max, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows no part has a key for yet
+        total = total * tl.exp(lse_max - m_safe) + tl.sum(tl.exp(lse - m_safe[None, :]), axis=0)
+        lse_max = m_new
+    m_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for first in range(0, num_splits, MERGE_CHUNK):
         for i in tl.static_range(MERGE_CHUNK):
@@ -310,13 +321,7 @@ def _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_
                           other=float("-inf"), cache_modifier=".cg")
             out = tl.load(OutPartial + (first + i) * stride_part + out_offs, mask=io_mask & present, other=0.0,
                           cache_modifier=".cg")
-            m_new = tl.maximum(lse_max, lse)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows no part has a key for yet
-            alpha = tl.exp(lse_max - m_safe)
-            weight = tl.exp(lse - m_safe)
-            acc = acc * alpha[:, None] + weight[:, None] * out
-            total = total * alpha + weight
-            lse_max = m_new
+            acc += tl.exp(lse - m_safe)[:, None] * out
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     return out, tl.where(empty, float("inf"), lse_max + tl.log(tl.where(empty, 1.0, total)))
