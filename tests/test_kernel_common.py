@@ -189,10 +189,16 @@ def test_gluon_forward_plan_replays_calls_like_an_earlier_one(monkeypatch):
     descriptors over its own tensors; any other difference (shape, window, alignment) is a new key;
     a rejected key is remembered as rejected."""
     from pyflash.kernels import gluon_forward as gf
-    from pyflash.kernels.launch import Descriptor
+    from pyflash.kernels.launch import Descriptor, Launch
     from pyflash.params import AttentionParams, Seqlens
 
     supported_calls, forward_calls, replays = [], [], []
+
+    def fake_forward(q, k, v, out, *args):  # a Launch with forward()'s sources (no TMA view: misaligned)
+        forward_calls.append((q, k, v, out, *args))
+        named = dict(q=q, k=k, v=v, out=out)
+        views = (("desc", name, *(gf.tma_view3(t) or (None, None))) for name, t in named.items())
+        return Launch(lambda *tensors: replays.append(tensors), (*views, "softmax_lse", "alibi"))
 
     def fake_supported(q, *args):
         supported_calls.append(q.shape)
@@ -201,8 +207,7 @@ def test_gluon_forward_plan_replays_calls_like_an_earlier_one(monkeypatch):
     monkeypatch.setattr(gf, "AVAILABLE", True)
     monkeypatch.setattr(gf, "_PLANS", {})
     monkeypatch.setattr(gf, "supported", fake_supported)
-    monkeypatch.setattr(gf, "forward", lambda *args: forward_calls.append(args) or
-                        (lambda *tensors: replays.append(tensors)))
+    monkeypatch.setattr(gf, "forward", fake_forward)
 
     def call(q, lse, window_right=0, head_dim=128):
         params = AttentionParams(head_dim ** -0.5, -1, window_right)
@@ -231,7 +236,7 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     shapes, the three launches with this call's tensors (TMA descriptors over q, dout, k, v and the
     buffers); a deterministic call is a key of its own; a rejected key is remembered as rejected."""
     from pyflash.kernels import gluon_backward as gb
-    from pyflash.kernels.launch import Descriptor
+    from pyflash.kernels.launch import Descriptor, Launch
     from pyflash.params import AttentionParams, Seqlens
 
     launches, supported_calls = {"preprocess": [], "main": [], "convert": []}, []
@@ -239,9 +244,10 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     def recorder(name):
         return lambda *tensors: launches[name].append(tensors)
 
-    views = tuple(([1, 17, 256], [4352, 256, 1]) for _ in range(6))
-    plan = gb._Plan(recorder("preprocess"), recorder("main"), recorder("convert"), (2, 4, 64), (1, 17, 2, 128),
-                    (2, 1, 2), views)
+    descs = (("desc", name, [1, 17, 256], [4352, 256, 1]) for name in ("q", "dout", "k", "v", "dq_accum", "stats"))
+    plan = gb._Plan((Launch(recorder("preprocess"), ("out", "dout", "softmax_lse", "softmax_d", "stats")),
+                     Launch(recorder("main"), (*descs, "dk", "dv", "counters")),
+                     Launch(recorder("convert"), ("dq_accum", "dq"))), (2, 4, 64), (1, 17, 2, 128), (2, 1, 2))
     backward_calls = []
 
     def fake_supported(*args):

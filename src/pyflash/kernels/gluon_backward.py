@@ -98,7 +98,7 @@ import torch
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
 from pyflash.kernels.gluon_forward import smem_layout, tma_view3
-from pyflash.kernels.launch import Descriptor, Plans, Recorded, call_key, current_device, record
+from pyflash.kernels.launch import Plans, call_key, current_device, launch_into, replay_or_record
 
 try:
     import triton
@@ -840,7 +840,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     config: a Config instead of default_config (tuning, tests); dq_accum: a preallocated fp32
     (b, sq, h, d) contiguous buffer (zeroed here); deterministic: dQ added in a fixed order of key blocks
-    (deterministic_mode). Returns the three launches as a _Plan (None where the main kernel did not run)."""
+    (deterministic_mode). Returns the three launches as a _Plan (None where the main kernel did not run or
+    a launch was not recorded)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or num_heads == 0:
@@ -848,15 +849,16 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     causal = _is_causal(params)
     cfg = Config(*(config or default_config(head_dim, causal)))
     scale = float(params.softmax_scale)
+    launches = []  # the launches as launch.Launch over a call's tensors by name (_Plan)
     if seqlen_q > 0:
         stats_len = triton.cdiv(seqlen_q, cfg.block_m) * cfg.block_m
         stats = torch.empty((batch * num_heads, 4, stats_len), dtype=torch.float32, device=q.device)
         lse_mul, delta_mul = (-1.0 / scale, -1.0) if cfg.acc_init else (LOG2E, 1.0)
-        preprocess = record(_preprocess_kernel, (stats_len // ROW_BLOCK, batch * num_heads), (
+        launch_into(launches, _preprocess_kernel, (stats_len // ROW_BLOCK, batch * num_heads), (
             out, dout, softmax_lse, softmax_d, stats, seqlen_q, num_heads, stats_len, seqlen_k - seqlen_q,
             lse_mul, delta_mul, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), *softmax_lse.stride(), *softmax_d.stride()), dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK,
-            num_warps=4), slots=range(5))
+            num_warps=4), dict(enumerate(("out", "dout", "softmax_lse", "softmax_d", "stats"))))
     if seqlen_q == 0 or seqlen_k == 0:
         # No query or no key: dK = dV = 0, and dQ = 0 (every row sees no key).
         dq.zero_()
@@ -875,32 +877,27 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         raise ValueError(f"the deterministic backward needs two warpgroups sharing dS, no lpt: {cfg}")
     n_m = triton.cdiv(seqlen_q, cfg.block_m)
     counters = torch.zeros((batch * num_heads, n_m, 2), dtype=torch.int32, device=q.device) if mode else stats
-    q_desc = _descriptor4(q, cfg.block_m, head_dim)
-    do_desc = _descriptor4(dout, cfg.block_m, head_dim)
-    k_desc = _descriptor4(k, kv_box_rows(cfg), head_dim)
-    v_desc = _descriptor4(v, kv_box_rows(cfg), head_dim)
-    dq_desc = descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim),
-                         [1, cfg.block_m, dq_box_cols(cfg, head_dim)])
-    st_desc = descriptor(stats, [1, 4, cfg.block_m])
+    descs = dict(q=_descriptor4(q, cfg.block_m, head_dim), dout=_descriptor4(dout, cfg.block_m, head_dim),
+                 k=_descriptor4(k, kv_box_rows(cfg), head_dim), v=_descriptor4(v, kv_box_rows(cfg), head_dim),
+                 dq_accum=descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim),
+                                     [1, cfg.block_m, dq_box_cols(cfg, head_dim)]),
+                 stats=descriptor(stats, [1, 4, cfg.block_m]))
     lpt = bool(cfg.lpt and causal)
     grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
-    main = record(_backward_kernel, grid, (
-        q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk, dv, counters, dk.stride(0), dk.stride(1),
-        dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k,
-        scale * LOG2E, scale), dict(
+    launch_into(launches, _backward_kernel, grid, (
+        *descs.values(), dk, dv, counters, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
+        dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k, scale * LOG2E, scale), dict(
         BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, num_warps=4, maxnreg=maxnreg),
-        slots=range(9))
-    convert = record(_dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
+        dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
+    launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
         dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
-        dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), slots=range(2))
-    if None in (preprocess, main, convert):
+        dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), {0: "dq_accum", 1: "dq"})
+    if None in launches:
         return None
-    views = tuple((d.shape, d.strides) for d in (q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc))
-    return _Plan(preprocess, main, convert, tuple(stats.shape), tuple(dq_accum.shape),
-                 tuple(counters.shape) if mode else None, views)
+    return _Plan(tuple(launches), tuple(stats.shape), tuple(dq_accum.shape), tuple(counters.shape) if mode else None)
 
 
 def deterministic_mode(n_key_blocks: int, device) -> int:
@@ -911,54 +908,41 @@ def deterministic_mode(n_key_blocks: int, device) -> int:
 
 
 class _Plan(NamedTuple):
-    """The recorded launches of one backward() call, the shapes of its two fp32 buffers and the
-    (shape, strides) of its six TMA descriptors (q, dout, k, v, dq accumulator, stats)."""
+    """The recorded launches of one backward() call (launch.Launch: preprocess, main, dQ convert) and the
+    shapes of the buffers each call gets afresh: stats, the fp32 dQ accumulator (zeroed) and the
+    deterministic counters (zeroed; without them the kernel's counters argument is stats, never read)."""
 
-    preprocess: Recorded
-    main: Recorded
-    convert: Recorded
+    launches: tuple
     stats_shape: tuple
     accum_shape: tuple
     counters_shape: tuple  # None unless deterministic
-    views: tuple
 
-    def __call__(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d) -> None:
-        stats = torch.empty(self.stats_shape, dtype=torch.float32, device=q.device)
-        dq_accum = torch.zeros(self.accum_shape, dtype=torch.float32, device=q.device)
-        counters = stats
-        if self.counters_shape is not None:
-            counters = torch.zeros(self.counters_shape, dtype=torch.int32, device=q.device)
-        self.preprocess(out, dout, softmax_lse, softmax_d, stats)
-        self.main(*(Descriptor(t, *view) for t, view in zip((q, dout, k, v, dq_accum, stats), self.views)), dk, dv,
-                  counters)
-        self.convert(dq_accum, dq)
+    def __call__(self, named) -> None:
+        device = named["q"].device
+        named["stats"] = stats = torch.empty(self.stats_shape, dtype=torch.float32, device=device)
+        named["dq_accum"] = torch.zeros(self.accum_shape, dtype=torch.float32, device=device)
+        named["counters"] = stats if self.counters_shape is None else torch.zeros(
+            self.counters_shape, dtype=torch.int32, device=device)
+        for launch in self.launches:
+            launch(named)
 
 
 _PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() rejects
-_MISSING = object()
 
 
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
     """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
     entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
-    recorded launches are replayed with this call's tensors (launch.Recorded)."""
+    recorded launches are replayed with this call's tensors (launch.replay_or_record)."""
     if not AVAILABLE or seqlens.is_varlen or params.dropout_p != 0:
         return False
-    tensors = (dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d)
-    key = call_key(tensors, params, seqlens, deterministic, current_device() if q.is_cuda else None)
-    plan = _PLANS.get(key, _MISSING)
-    if plan is None:
-        return False
-    if plan is not _MISSING:
-        plan(*tensors)
-        return True
-    if not supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic):
-        _PLANS[key] = None
-        return False
-    plan = backward(*tensors, params, seqlens, deterministic=deterministic)
-    if plan is not None:
-        _PLANS[key] = plan
-    return True
+    named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
+    key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None)
+    return replay_or_record(
+        _PLANS, key, named,
+        lambda: supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic),
+        lambda: backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens,
+                         deterministic=deterministic))
 
 
 def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, dq=None, dk=None, dv=None,

@@ -62,7 +62,7 @@ import torch
 
 from pyflash.kernels.aot import ptxas_stats
 from pyflash.kernels.common import device_capability, multiprocessor_count
-from pyflash.kernels.launch import Descriptor, Plans, Recorded, call_key, current_device, record
+from pyflash.kernels.launch import Launch, Plans, call_key, current_device, record, replay_or_record
 
 try:  # Gluon ships with triton >= 3.5; nothing here may fail on a CPU-only machine.
     import triton
@@ -760,8 +760,9 @@ def supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) 
 def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None):
     """Fill out (b, sq, h, d) and softmax_lse (b, h, sq) for a call supported() accepts.
 
-    config: a Config instead of default_config (tuning, tests). Returns the launch as a
-    launch.Recorded replayable by _Plan (None where nothing was launched)."""
+    config: a Config instead of default_config (tuning, tests). Returns the launch as a launch.Launch
+    over a call's tensors by name: q, k, v, out (TMA descriptors), softmax_lse and alibi (softmax_lse
+    where there are no slopes); None where nothing was launched or recorded."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or seqlen_q == 0 or num_heads == 0:
@@ -828,45 +829,28 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None):
         PINGPONG=bool(cfg.pingpong), NUM_WG=cfg.num_wg, PERSISTENT=bool(cfg.persistent),
         SEPARATE_O=separate_o(head_dim, cfg, q.element_size()),
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg)
-    return record(_forward_kernel, grid, args, constexprs, slots=range(6))
+    descs = dict(q=q_desc, k=k_desc, v=v_desc, out=o_desc)
+    sources = (*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "softmax_lse", "alibi")
+    recorded = record(_forward_kernel, grid, args, constexprs, slots=range(6))
+    return None if recorded is None else Launch(recorded, sources)
 
 
-class _Plan(NamedTuple):
-    """A recorded launch of forward() and the TMA views (shape, strides) of q, k, v, out it used."""
-
-    launch: Recorded
-    views: tuple
-
-
-_PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() rejects
-_MISSING = object()
+_PLANS = Plans()  # launch.call_key -> forward()'s Launch, or None for calls supported() rejects
 
 
 def try_forward(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool) -> bool:
     """forward() where supported() accepts the call (True), else nothing (False); the kernels/forward.py
     entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
-    recorded launch is replayed with this call's tensors (launch.Recorded)."""
+    recorded launch is replayed with this call's tensors (launch.replay_or_record)."""
     if not AVAILABLE or return_softmax or seqlens.is_varlen or params.dropout_p != 0:
         return False
-    tensors = (q, k, v, out, softmax_lse) if params.alibi_slopes is None else (q, k, v, out, softmax_lse,
-                                                                                params.alibi_slopes)
+    alibi = params.alibi_slopes
+    tensors = (q, k, v, out, softmax_lse) if alibi is None else (q, k, v, out, softmax_lse, alibi)
     key = call_key(tensors, params, seqlens, current_device() if q.is_cuda else None)
-    plan = _PLANS.get(key, _MISSING)
-    if plan is None:
-        return False
-    if plan is not _MISSING:
-        alibi = params.alibi_slopes
-        (q_view, k_view, v_view, o_view) = plan.views
-        plan.launch(Descriptor(q, *q_view), Descriptor(k, *k_view), Descriptor(v, *v_view),
-                    Descriptor(out, *o_view), softmax_lse, softmax_lse if alibi is None else alibi)
-        return True
-    if not supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax):
-        _PLANS[key] = None
-        return False
-    launch = forward(q, k, v, out, softmax_lse, params, seqlens)
-    if launch is not None:
-        _PLANS[key] = _Plan(launch, tuple(tma_view3(t) for t in (q, k, v, out)))
-    return True
+    named = dict(q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, alibi=softmax_lse if alibi is None else alibi)
+    return replay_or_record(_PLANS, key, named,
+                            lambda: supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax),
+                            lambda: forward(q, k, v, out, softmax_lse, params, seqlens))
 
 
 def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,

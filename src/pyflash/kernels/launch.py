@@ -110,6 +110,30 @@ def launch_into(launches, fn, grid, args, kwargs, sources) -> None:
     launches.append(None if recorded is None else Launch(recorded, tuple(sources.values())))
 
 
+_MISSING = object()
+
+
+def replay_or_record(plans, key, named, supported, run) -> bool:
+    """The recorded-launch entry of a kernel that handles only some calls (the Gluon kernels' try_forward,
+    try_backward): a key with a plan replays it with this call's tensors (``plan(named)``); a key supported()
+    rejected before is rejected again without asking (plans[key] is None); a new key asks ``supported()``
+    and, where it accepts, ``run()``s the call and keeps the plan run returns (None: nothing recorded, the
+    key's next call runs again). True where the call ran here."""
+    plan = plans.get(key, _MISSING)
+    if plan is None:
+        return False
+    if plan is not _MISSING:
+        plan(named)
+        return True
+    if not supported():
+        plans[key] = None
+        return False
+    plan = run()
+    if plan is not None:
+        plans[key] = plan
+    return True
+
+
 def optional_tensors(params, seqlens, stand_in):
     """A call's optional tensors by the names plan sources (Launch) use: ALiBi slopes, the varlen
     offsets and seqused_k, each ``stand_in`` (never read: its kernel switch is off) where absent."""
