@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--cache-len", type=int, default=8192)
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--before", default=None, help="an earlier kernels/decode.py to measure beside this one")
+    parser.add_argument("--splits", type=int, nargs="+", default=[0, 8, 16, 32], help="num_splits of the decode rows")
+    parser.add_argument("--no-floors", action="store_true", help="skip the empty / read-only / 0-key rows")
     args = parser.parse_args()
     cache_len = args.cache_len
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -76,7 +78,7 @@ def main() -> None:
         rows.append(dict(name=name, us=us, GBps=kv_bytes / (us * 1e-6) / 1e9, **extra))
         print(f"{name:40s} {us:7.2f} us  {rows[-1]['GBps']:6.0f} GB/s", flush=True)
 
-    for splits in (16, 32):
+    for splits in () if args.no_floors else (16, 32):
         programs = HEADS_K * splits
         row(f"empty kernel, {programs} programs",
             [lambda: _empty[(programs,)](sink)] * copies, programs=programs)
@@ -96,11 +98,11 @@ def main() -> None:
         modules.append((" (before)", before))
     for label, module in modules:
         pyflash.kernels.decode = module  # what flash_attn_with_kvcache imports
-        for splits in (1, 16):
+        for splits in () if args.no_floors else (1, 16):
             row(f"decode, 0 keys, splits {splits}{label}",
                 [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=none, num_splits=splits)
                  for kc, vc in caches], splits=splits)
-        for splits in (0, 8, 16, 32):
+        for splits in args.splits:
             row(f"decode, splits {splits or 'auto'}{label}",
                 [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=full, num_splits=splits)
                  for kc, vc in caches], splits=splits)

@@ -117,7 +117,8 @@ def _decode_case(dtype, head_dim, all_on, capability=(9, 0), tma=False):
                       PAGE_SIZE=256 if all_on else 1, PAGED=all_on, HAS_LEFT=all_on, HAS_RIGHT=all_on,
                       HAS_SOFTCAP=all_on, HAS_ALIBI=all_on, IS_SPLIT=all_on,
                       HAS_LEFTPAD=all_on, HAS_BATCH_ROWS=all_on, UPCAST=dtype == "fp32",
-                      DOT_PRECISION=_precision(dtype), MERGE_CHUNK=decode.MERGE_CHUNK if all_on else 1)
+                      DOT_PRECISION=_precision(dtype), MERGE_M=64 if all_on else 16,
+                      MERGE_CHUNK=decode.merge_chunk(decode.MAX_SPLITS if all_on else 1, 64, block_d))
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:  # K/V through descriptors (the "on" case: paged, pages of whole blocks, no left padding)
         constexprs.update(USE_TMA=True, HAS_LEFTPAD=False)

@@ -204,12 +204,13 @@ def run_and_check(monkeypatch, path, case, causal=False, window=(-1, -1), softca
 # Tests: every argument, both paths
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_splits", [5, 9])
-def test_merge_in_chunks(monkeypatch, num_splits):
+@pytest.mark.parametrize("num_splits, seqlen_q", [(5, 1), (9, 1), (3, 23)])
+def test_merge_in_chunks(monkeypatch, num_splits, seqlen_q):
     """The merge loads the parts MERGE_CHUNK at a time: several chunks, the last one partial, and a
-    sequence whose keys fill only some parts (the rest merge with weight 0)."""
+    sequence whose keys fill only some parts (the rest merge with weight 0); a tile of 3 rows (merged as
+    4 of the tile's 16) and, 23 queries x 3 heads, two 64-row tiles (the second partly empty)."""
     monkeypatch.setattr(decode_kernel, "MERGE_CHUNK", 2)
-    case = make_case(batch=2, capacity=257, seqlens=[257, 40], num_heads=6, num_heads_k=2)
+    case = make_case(batch=2, seqlen_q=seqlen_q, capacity=257, seqlens=[257, 40], num_heads=6, num_heads_k=2)
     run_and_check(monkeypatch, "triton", case, num_splits=num_splits)
 
 
@@ -360,6 +361,16 @@ def test_paths_agree_and_returns_out_alone(monkeypatch):
         results.append(out.float())
     for result in results[1:]:
         torch.testing.assert_close(results[0], result, atol=2e-2, rtol=0)
+
+
+def test_merge_chunk():
+    from pyflash.kernels.decode import MERGE_CHUNK, merge_chunk
+
+    assert merge_chunk(num_splits=1, merge_m=4, block_d=128) == 1  # no merge
+    assert merge_chunk(num_splits=3, merge_m=4, block_d=128) == 4  # a power of two covering the splits
+    assert merge_chunk(num_splits=64, merge_m=4, block_d=128) == MERGE_CHUNK
+    assert merge_chunk(num_splits=16, merge_m=16, block_d=128) == 4  # 16 x 128 fp32 outputs: 16 registers a part
+    assert merge_chunk(num_splits=16, merge_m=64, block_d=256) == 1
 
 
 def test_pick_num_splits():

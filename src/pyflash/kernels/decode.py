@@ -27,9 +27,10 @@ from pyflash.kernels import launch as recorded_launches
 from pyflash.kernels.launch import current_device, describe, launch_into
 
 MAX_SPLITS = 128
-# Parts the merge loads at once (a power of two; fewer when there are fewer splits). 16 at d=128: 255
-# registers, no spill (ptxas).
+# Parts the merge loads at once (a power of two; fewer when there are fewer splits or larger tiles:
+# merge_chunk) and the registers a thread may give their outputs.
 MERGE_CHUNK = 16
+MERGE_REGISTERS = 64
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
@@ -49,6 +50,15 @@ def _config(head_dim: int, element_size: int = 2):
     if INTERPRET:
         block_n = INTERPRET_BLOCK_N
     return block_d, block_n, num_warps, num_stages
+
+
+def merge_chunk(num_splits: int, merge_m: int, block_d: int) -> int:
+    """Parts the merge holds in flight at once: at most MERGE_CHUNK, and their output tiles within
+    MERGE_REGISTERS fp32 a thread (a 64-row tile at d=128 spills from two parts on: ptxas)."""
+    if num_splits <= 1:
+        return 1
+    fit = max(1, MERGE_REGISTERS * 128 // (merge_m * block_d))
+    return min(MERGE_CHUNK, next_power_of_2(num_splits), 1 << (fit.bit_length() - 1))
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -179,7 +189,8 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                    HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr = False, MERGE_CHUNK: tl.constexpr = 1):
+                   USE_TMA: tl.constexpr = False, MERGE_CHUNK: tl.constexpr = 1,
+                   MERGE_M: tl.constexpr = 16):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -279,10 +290,19 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
             # wait for it (acq_rel cost an L2 round trip before them); every part has arrived, so
             # nothing else touches the counter in this launch.
             tl.atomic_xchg(counter, 0, sem="relaxed")
-            out, lse = _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part,
-                                    stride_lse_part, io_mask, row_ok, BLOCK_M, BLOCK_D, MERGE_CHUNK)
-            tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
-            tl.store(Lse + lse_offs, lse, mask=row_ok)
+            # The tile's rows that can hold a query (the first MERGE_M of BLOCK_M), as above.
+            merge_r = pid_m * BLOCK_M + tl.arange(0, MERGE_M)
+            merge_rows = merge_r // groups
+            merge_heads = head_k * groups + merge_r % groups
+            merge_ok = merge_rows < seqlen_q
+            merge_mask = merge_ok[:, None] & d_ok[None, :]
+            merge_out = (batch * stride_ob + merge_rows[:, None] * stride_os + merge_heads[:, None] * stride_oh
+                         + offs_d[None, :])
+            merge_lse = batch * stride_lb + merge_heads * stride_lh + merge_rows
+            merged, merged_lse = _merge_parts(OutPartial, LsePartial, merge_out, merge_lse, num_splits, stride_part,
+                                              stride_lse_part, merge_mask, merge_ok, MERGE_M, BLOCK_D, MERGE_CHUNK)
+            tl.store(Out + merge_out, merged.to(Out.dtype.element_ty), mask=merge_mask)
+            tl.store(Lse + merge_lse, merged_lse, mask=merge_ok)
     else:
         tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
         tl.store(Lse + lse_offs, tl.where(empty, float("inf"), lse), mask=row_ok)
@@ -290,38 +310,42 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
 
 @triton.jit
 def _merge_parts(OutPartial, LsePartial, out_offs, lse_offs, num_splits, stride_part, stride_lse_part, io_mask,
-                 row_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+                 row_ok, MERGE_M: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_CHUNK: tl.constexpr):
     """``lse = log(sum_s exp(lse_s))``, ``out = sum_s exp(lse_s - lse) * out_s``; no key at all:
     out 0, lse +inf. Loads bypass L1 (``.cg``): other programs wrote the parts.
 
-    The merge runs after the last part of the tile arrives, so its latency is the call's tail: every
-    load is issued before its result is needed. First the parts' lse, ``MERGE_CHUNK`` parts per 2-D
-    load, give the maximum and the sum of weights; then the output parts, ``MERGE_CHUNK`` per
-    unrolled step whose loads depend on nothing before them (a chunk costs about one L2 round trip).
-    Earlier merges measured on an H100 at batch 1 x 8k: one part per step ~0.45 us a part; four
-    parts per step (a running maximum) 7.0 us for a 16-split call that reads no key, against 2.8 us
-    unsplit (benchmarks/RESULTS.md)."""
-    parts = tl.arange(0, MERGE_CHUNK)
-    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    The merge runs after the last part of the tile arrives, so its latency is the call's tail. A chunk
+    of ``MERGE_CHUNK`` parts is one block of straight-line code (unrolled: their lse for the maximum,
+    then their lse and outputs again for the sum) whose loads depend on nothing before them, so all are
+    in flight at once: about one L2 round trip per chunk, and a call has one chunk unless it has more
+    than MERGE_CHUNK splits. The tile is only the ``MERGE_M`` rows the parts can hold (a decode tile's
+    GQA group, not the dot's 16-row minimum), so a chunk's outputs fit in registers. Measured on an H100
+    at batch 1 x 8k, a 16-split call that reads no key against 2.8 us unsplit: one part per step ~0.45 us
+    a part; four parts per step 7.1 us; all lse first then the outputs, two loops, 5.9 us
+    (benchmarks/RESULTS.md)."""
+    lse_max = tl.full([MERGE_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([MERGE_M], dtype=tl.float32)
+    acc = tl.zeros([MERGE_M, BLOCK_D], dtype=tl.float32)
     for first in range(0, num_splits, MERGE_CHUNK):
-        lse = tl.load(LsePartial + (first + parts)[:, None] * stride_lse_part + lse_offs[None, :],
-                      mask=((first + parts) < num_splits)[:, None] & row_ok[None, :], other=float("-inf"),
-                      cache_modifier=".cg")
-        m_new = tl.maximum(lse_max, tl.max(lse, axis=0))
+        m_new = lse_max
+        for i in tl.static_range(MERGE_CHUNK):
+            lse = tl.load(LsePartial + (first + i) * stride_lse_part + lse_offs,
+                          mask=row_ok & (first + i < num_splits), other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m_new, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows no part has a key for yet
-        total = total * tl.exp(lse_max - m_safe) + tl.sum(tl.exp(lse - m_safe[None, :]), axis=0)
-        lse_max = m_new
-    m_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for first in range(0, num_splits, MERGE_CHUNK):
+        alpha = tl.exp(lse_max - m_safe)
+        acc = acc * alpha[:, None]
+        total = total * alpha
         for i in tl.static_range(MERGE_CHUNK):
             present = first + i < num_splits
             lse = tl.load(LsePartial + (first + i) * stride_lse_part + lse_offs, mask=row_ok & present,
                           other=float("-inf"), cache_modifier=".cg")
             out = tl.load(OutPartial + (first + i) * stride_part + out_offs, mask=io_mask & present, other=0.0,
                           cache_modifier=".cg")
-            acc += tl.exp(lse - m_safe)[:, None] * out
+            weight = tl.exp(lse - m_safe)
+            acc += weight[:, None] * out
+            total += weight
+        lse_max = m_new
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)[:, None]
     return out, tl.where(empty, float("inf"), lse_max + tl.log(tl.where(empty, 1.0, total)))
@@ -381,6 +405,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         num_splits = pick_num_splits(batch * num_heads_k * m_blocks, capacity, block_n,
                                      _multiprocessors(q.device))
     num_splits = max(1, min(num_splits, MAX_SPLITS, cdiv(max(capacity, 1), block_n)))
+    merge_m = min(block_m, next_power_of_2(groups * seqlen_q))  # the rows a tile's queries can fill
     dummy = seqlens_k  # stands in for absent optional tensors (never read)
     if num_splits > 1:
         out_partial = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
@@ -400,7 +425,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
         HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
-        MERGE_CHUNK=min(MERGE_CHUNK, next_power_of_2(num_splits)) if num_splits > 1 else 1,
+        MERGE_CHUNK=merge_chunk(num_splits, merge_m, block_d), MERGE_M=merge_m,
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma)
 
