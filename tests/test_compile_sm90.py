@@ -121,7 +121,7 @@ def _decode_case(dtype, head_dim, all_on, capability=(9, 0), tma=False):
                       MERGE_CHUNK=decode.merge_chunk(decode.MAX_SPLITS if all_on else 1, 64, block_d))
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:  # K/V through descriptors (the "on" case: paged, pages of whole blocks, no left padding)
-        constexprs.update(USE_TMA=True, HAS_LEFTPAD=False, PAGE_VECTOR=4 if all_on else 0)
+        constexprs.update(USE_TMA=True, HAS_LEFTPAD=False)
         options["arg_types"] = {name: f"tensordesc<{dtype}[{block_n}, {block_d}]>" for name in ("K", "V")}
     return "pyflash.kernels.decode", "_decode_kernel", constexprs, options
 

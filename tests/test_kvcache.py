@@ -363,22 +363,6 @@ def test_paths_agree_and_returns_out_alone(monkeypatch):
         torch.testing.assert_close(results[0], result, atol=2e-2, rtol=0)
 
 
-def test_page_vector():
-    from pyflash.kernels.decode import MAX_PAGE_VECTOR, page_vector
-
-    # 8k keys in 16 parts of 512 keys, 256-key pages: 2 pages, 3 when a part starts mid-page, plus the rounding.
-    assert page_vector(capacity=8192, num_splits=16, block_n=128, page_size=256) == 4
-    assert page_vector(capacity=1 << 20, num_splits=1, block_n=128, page_size=256) == 0  # past MAX_PAGE_VECTOR
-    for capacity, splits, block_n, page in ((300 * 64, 7, 64, 64), (4096, 3, 32, 128), (96, 5, 32, 32)):
-        vector = page_vector(capacity, splits, block_n, page)
-        assert vector == 0 or vector <= 2 * MAX_PAGE_VECTOR
-        # The most pages a part can touch: a block-aligned start, whole blocks (any size up to block_n).
-        for size in (block_n, block_n // 2):
-            blocks = -(-(-(-capacity // size)) // splits)
-            if vector:
-                assert -(-blocks * size // page) + 1 <= vector
-
-
 def test_merge_chunk():
     from pyflash.kernels.decode import MERGE_CHUNK, merge_chunk
 

@@ -31,8 +31,6 @@ MAX_SPLITS = 128
 # merge_chunk) and the registers a thread may give their outputs.
 MERGE_CHUNK = 16
 MERGE_REGISTERS = 64
-# Most page-table entries a program keeps in registers (page_vector).
-MAX_PAGE_VECTOR = 256
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
@@ -61,15 +59,6 @@ def merge_chunk(num_splits: int, merge_m: int, block_d: int) -> int:
         return 1
     fit = max(1, MERGE_REGISTERS * 128 // (merge_m * block_d))
     return min(MERGE_CHUNK, next_power_of_2(num_splits), 1 << (fit.bit_length() - 1))
-
-
-def page_vector(capacity: int, num_splits: int, block_n: int, page_size: int) -> int:
-    """Page-table entries a paged TMA program loads before its loop (a power of two covering every page
-    its blocks can touch), or 0 (more than MAX_PAGE_VECTOR: the loop reads the table itself). A part
-    spans at most cdiv(capacity, num_splits) keys plus two blocks of rounding (for any block size up to
-    block_n: launch_fitting may take a smaller one) from a block-aligned start, so one page more."""
-    pages = cdiv(cdiv(max(capacity, 1), num_splits) + 2 * block_n, page_size) + 1
-    return next_power_of_2(pages) if pages <= MAX_PAGE_VECTOR else 0
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -118,22 +107,13 @@ def _block_by_pointers(K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v, po
 
 
 @triton.jit
-def _block_by_tma(K, V, BlockTable, first, cols, seqlen_k, tma_row, tma_col, pages, first_page, PAGE_SIZE: tl.constexpr,
-                  PAGED: tl.constexpr, MASKED: tl.constexpr, PAGE_VECTOR: tl.constexpr):
+def _block_by_tma(K, V, BlockTable, first, cols, seqlen_k, tma_row, tma_col, PAGE_SIZE: tl.constexpr,
+                  PAGED: tl.constexpr, MASKED: tl.constexpr):
     """K and V of the block at memory position ``first`` through descriptors over the cache's
     (rows, heads_k * d) view: rows from ``tma_row + first`` (contiguous cache) or from the block's
-    page (decode() takes this path only when a page holds whole blocks). PAGE_VECTOR: the page
-    numbers of the program's blocks were loaded before the loop (``pages``, from table entry
-    ``first_page``): the block's is picked from registers, so no load stands between the loop's TMA
-    copies and the pipeliner keeps two of them in flight (a table load in the loop cost a stage: one
-    K/V buffer, each block's copy issued only after the previous block's math)."""
+    page (decode() takes this path only when a page holds whole blocks)."""
     if PAGED:
-        if PAGE_VECTOR > 0:
-            index = tl.arange(0, PAGE_VECTOR)
-            page = tl.sum(tl.where(index == first // PAGE_SIZE - first_page, pages, 0), axis=0)
-        else:
-            page = tl.load(BlockTable + first // PAGE_SIZE)
-        row = page * PAGE_SIZE + first % PAGE_SIZE
+        row = tl.load(BlockTable + first // PAGE_SIZE) * PAGE_SIZE + first % PAGE_SIZE
     else:
         row = tma_row + first
     k = K.load([row, tma_col])
@@ -146,14 +126,14 @@ def _block_by_tma(K, V, BlockTable, first, cols, seqlen_k, tma_row, tma_col, pag
 
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
-                   start_pos, seqlen_k, seqlen_q, key_lo, t_begin, t_end, pages, first_page,
+                   start_pos, seqlen_k, seqlen_q, key_lo, t_begin, t_end,
                    stride_kb, stride_ks, stride_vb, stride_vs,
                    scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr, PAGE_VECTOR: tl.constexpr):
+                   USE_TMA: tl.constexpr):
     """Online softmax over key blocks ``key_lo + t * BLOCK_N`` for t in [t_begin, t_end).
     MASKED blocks apply the visibility rule; the others are known to be fully visible.
     USE_TMA: K and V are TMA descriptors (_block_by_tma), else pointers (_block_by_pointers)."""
@@ -161,7 +141,7 @@ def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, k
         cols = key_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
         if USE_TMA:
             k, v = _block_by_tma(K, V, BlockTable, start_pos + key_lo + t * BLOCK_N, cols, seqlen_k, tma_row,
-                                 tma_col, pages, first_page, PAGE_SIZE, PAGED, MASKED, PAGE_VECTOR)
+                                 tma_col, PAGE_SIZE, PAGED, MASKED)
         else:
             k, v = _block_by_pointers(K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v, start_pos + cols, cols,
                                       seqlen_k, stride_kb, stride_ks, stride_vb, stride_vs, offs_d, d_ok,
@@ -210,7 +190,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                    HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr = False, MERGE_CHUNK: tl.constexpr = 1,
-                   MERGE_M: tl.constexpr = 16, PAGE_VECTOR: tl.constexpr = 0):
+                   MERGE_M: tl.constexpr = 16):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -268,34 +248,27 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     kh_offset_v = head_k.to(tl.int64) * stride_vh
     tma_row = (cache_row * cache_len).to(tl.int32)  # the sequence's first row in the (rows, hk * d) view
     tma_col = head_k * HEAD_DIM
-    first_page = (start_pos + key_lo) // PAGE_SIZE
-    pages = first_page  # unused unless PAGE_VECTOR
-    if PAGE_VECTOR > 0:
-        # The table entries of every page this program's blocks touch (decode() sizes PAGE_VECTOR).
-        index = tl.arange(0, PAGE_VECTOR)
-        end_page = tl.cdiv(start_pos + key_lo + n_blocks * BLOCK_N, PAGE_SIZE)
-        pages = tl.load(BlockTable + first_page + index, mask=first_page + index < end_page, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
-        start_pos, seqlen_k, seqlen_q, key_lo, 0, t_full_begin, pages, first_page, stride_kb, stride_ks, stride_vb, stride_vs,
+        start_pos, seqlen_k, seqlen_q, key_lo, 0, t_full_begin, stride_kb, stride_ks, stride_vb, stride_vs,
         scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col, HEAD_DIM, BLOCK_D, BLOCK_N,
         PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION,
-        USE_TMA, PAGE_VECTOR)
+        USE_TMA)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
-        start_pos, seqlen_k, seqlen_q, key_lo, t_full_begin, t_full_end, pages, first_page, stride_kb, stride_ks, stride_vb,
+        start_pos, seqlen_k, seqlen_q, key_lo, t_full_begin, t_full_end, stride_kb, stride_ks, stride_vb,
         stride_vs, scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col, HEAD_DIM, BLOCK_D,
         BLOCK_N, PAGE_SIZE, PAGED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION,
-        USE_TMA, PAGE_VECTOR)
+        USE_TMA)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, kh_offset_k, kh_offset_v,
-        start_pos, seqlen_k, seqlen_q, key_lo, t_full_end, n_blocks, pages, first_page, stride_kb, stride_ks, stride_vb, stride_vs,
+        start_pos, seqlen_k, seqlen_q, key_lo, t_full_end, n_blocks, stride_kb, stride_ks, stride_vb, stride_vs,
         scale, softcap, window_left, window_right, offs_d, d_ok, tma_row, tma_col, HEAD_DIM, BLOCK_D, BLOCK_N,
         PAGE_SIZE, PAGED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST, DOT_PRECISION,
-        USE_TMA, PAGE_VECTOR)
+        USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -453,7 +426,6 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
         HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
         MERGE_CHUNK=merge_chunk(num_splits, merge_m, block_d), MERGE_M=merge_m,
-        PAGE_VECTOR=page_vector(capacity, num_splits, block_n, k_cache.shape[1]) if use_tma and paged else 0,
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma)
 
