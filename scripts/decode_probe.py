@@ -17,6 +17,7 @@ place of the current one, so a change is measured against its baseline on the sa
 """
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="an earlier kernels/decode.py to measure beside this one")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 8, 16, 32], help="num_splits of the decode rows")
     parser.add_argument("--no-floors", action="store_true", help="skip the empty / read-only / 0-key rows")
+    parser.add_argument("--prefetch-rows", type=int, nargs="+", default=[None],
+                        help="kernels/decode.PREFETCH_ROWS values to measure the decode rows with (default: as set)")
     args = parser.parse_args()
     cache_len = args.cache_len
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -96,8 +99,11 @@ def main() -> None:
         before = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(before)
         modules.append((" (before)", before))
-    for label, module in modules:
+    for (label, module), prefetch in itertools.product(modules, args.prefetch_rows):
         pyflash.kernels.decode = module  # what flash_attn_with_kvcache imports
+        if prefetch is not None:
+            module.PREFETCH_ROWS = prefetch
+            label += f" prefetch {prefetch}"
         for splits in () if args.no_floors else (1, 16):
             row(f"decode, 0 keys, splits {splits}{label}",
                 [lambda kc=kc, vc=vc: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=none, num_splits=splits)

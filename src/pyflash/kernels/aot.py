@@ -30,7 +30,8 @@ from typing import Dict, Iterable, Optional
 SM90_MAX_SHARED = 232448
 
 # Pointers to q/k/v-typed data (the dtype argument); the other pointers have a fixed type.
-DATA_POINTERS = frozenset({"q", "k", "v", "out", "dout", "dq", "dk", "dv", "probs", "Q", "K", "V", "Out"})
+DATA_POINTERS = frozenset({"q", "k", "v", "out", "dout", "dq", "dk", "dv", "probs", "Q", "K", "V", "Out", "KData",
+                           "VData"})
 FIXED_POINTERS = {
     **dict.fromkeys(("softmax_lse", "softmax_d", "dq_accum", "alibi_slopes", "Lse", "OutPartial", "LsePartial",
                      "Alibi"), "*fp32"),

@@ -31,6 +31,8 @@ MAX_SPLITS = 128
 # merge_chunk) and the registers a thread may give their outputs.
 MERGE_CHUNK = 16
 MERGE_REGISTERS = 64
+# Key rows of K and V a split program asks L2 to prefetch when it starts (0: none; a power of two).
+PREFETCH_ROWS = 256
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
@@ -175,7 +177,7 @@ def _attend_blocks(acc, m_i, l_i, q, slope, rows, K, V, BlockTable, cache_row, k
 
 @triton.jit
 def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK, Leftpad, BatchRows, BlockTable,
-                   Alibi,
+                   Alibi, KData, VData,
                    stride_qb, stride_qs, stride_qh,
                    stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh,
@@ -190,7 +192,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
                    HAS_ALIBI: tl.constexpr, IS_SPLIT: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                    HAS_BATCH_ROWS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    USE_TMA: tl.constexpr = False, MERGE_CHUNK: tl.constexpr = 1,
-                   MERGE_M: tl.constexpr = 16):
+                   MERGE_M: tl.constexpr = 16, PREFETCH: tl.constexpr = 0, PREFETCH_LINES: tl.constexpr = 1):
     pid_m = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     split = tl.program_id(2)
@@ -248,6 +250,21 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     kh_offset_v = head_k.to(tl.int64) * stride_vh
     tma_row = (cache_row * cache_len).to(tl.int32)  # the sequence's first row in the (rows, hk * d) view
     tma_col = head_k * HEAD_DIM
+    if PREFETCH > 0:
+        # Ask L2 for this part's first PREFETCH key rows of K and V (128-byte lines) now, so that HBM
+        # streams them while the loop's first copies are still being set up.
+        offs_p = tl.arange(0, PREFETCH)
+        pos = (start_pos + key_lo + tl.minimum(offs_p, tl.maximum(n_blocks * BLOCK_N - 1, 0))).to(tl.int64)
+        if PAGED:
+            page = tl.load(BlockTable + pos // PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_kb + (pos % PAGE_SIZE) * stride_ks
+            v_rows = page * stride_vb + (pos % PAGE_SIZE) * stride_vs
+        else:
+            k_rows = cache_row * stride_kb + pos * stride_ks
+            v_rows = cache_row * stride_vb + pos * stride_vs
+        lines = tl.arange(0, PREFETCH_LINES) * 64
+        _prefetch_l2(KData + kh_offset_k + k_rows[:, None] + lines[None, :])
+        _prefetch_l2(VData + kh_offset_v + v_rows[:, None] + lines[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -306,6 +323,13 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     else:
         tl.store(Out + out_offs, out.to(Out.dtype.element_ty), mask=io_mask)
         tl.store(Lse + lse_offs, tl.where(empty, float("inf"), lse), mask=row_ok)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of every address (a hint: no value, no fault)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -387,6 +411,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
                      alibi=alibi_slopes if alibi_slopes is not None else seqlens_k)
         key = (tuple(describe(t) for t in named.values()), leftpad is None, batch_rows is None, block_table is None,
                alibi_slopes is None, softmax_scale, window_left, window_right, softcap, num_splits, use_tma, USE_TMA,
+               PREFETCH_ROWS,
                _config(q.shape[-1], k_cache.element_size()), current_device())
         plan = _PLANS.get(key)
         if plan is not None:
@@ -426,6 +451,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1,
         HAS_LEFTPAD=leftpad is not None, HAS_BATCH_ROWS=batch_rows is not None and not paged,
         MERGE_CHUNK=merge_chunk(num_splits, merge_m, block_d), MERGE_M=merge_m,
+        PREFETCH=PREFETCH_ROWS if num_splits > 1 and not INTERPRET else 0, PREFETCH_LINES=max(1, block_d // 64),
         UPCAST=INTERPRET or q.dtype == torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma)
 
@@ -439,7 +465,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
         launch_into(launches, _decode_kernel, (m_blocks, batch * num_heads_k, num_splits), (
             q, k_arg, v_arg, out, softmax_lse, out_partial, lse_partial, counters, seqlens_k,
             leftpad if leftpad is not None else dummy, batch_rows if batch_rows is not None else dummy,
-            block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+            block_table if paged else dummy, alibi_slopes if alibi_slopes is not None else dummy, k_cache, v_cache,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -450,7 +476,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
             softmax_scale, softcap, window_left, window_right), dict(
             BLOCK_N=blocks[0], **switches, num_warps=num_warps, num_stages=num_stages),
             dict(enumerate(("q", *sources, "out", "softmax_lse", "out_partial", "lse_partial", "counters", "seqlens_k",
-                            "leftpad", "batch_rows", "block_table", "alibi"))))
+                            "leftpad", "batch_rows", "block_table", "alibi", "k_cache", "v_cache"))))
 
     launch_fitting(("decode", q.device, q.dtype, block_n, num_warps, num_stages, *switches.values()),
                    (block_n,), num_warps, num_stages, launch)
