@@ -32,7 +32,7 @@ MAX_SPLITS = 128
 MERGE_CHUNK = 16
 MERGE_REGISTERS = 64
 # Key rows of K and V a split program asks L2 to prefetch when it starts (0: none; a power of two).
-PREFETCH_ROWS = 256
+PREFETCH_ROWS = 128
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
 # blocks keep the CPU tests fast while still crossing block, page and split boundaries.
@@ -199,6 +199,13 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     batch = pid_bkh // num_heads_k
     head_k = pid_bkh % num_heads_k
 
+    # The sequence's key range first: every address of the loop below waits for it, while the query
+    # tile is needed only at the first dot (loaded in this order the two are in flight together).
+    start_pos = 0
+    if HAS_LEFTPAD:
+        start_pos = tl.load(Leftpad + batch)
+    seqlen_k = tl.load(SeqlensK + batch) - start_pos
+
     # Rows of the tile: the query heads of this kv head's group for each query index.
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_r // groups  # query index within the sequence
@@ -212,10 +219,6 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     if HAS_ALIBI:
         slope = tl.load(Alibi + batch * stride_alibi + heads, mask=row_ok, other=0.0)
 
-    start_pos = 0
-    if HAS_LEFTPAD:
-        start_pos = tl.load(Leftpad + batch)
-    seqlen_k = tl.load(SeqlensK + batch) - start_pos
     # Keys any row of the tile may see ([lo, hi)), and keys every row sees ([full_lo, full_hi)).
     # (Not common.visible_block_ranges: a tile's rows span a query range that need not be a
     # power of two, and the split parts start at lo rather than at block multiples.)
