@@ -118,6 +118,7 @@ def _decode_case(dtype, head_dim, all_on, capability=(9, 0), tma=False):
                       HAS_SOFTCAP=all_on, HAS_ALIBI=all_on, IS_SPLIT=all_on,
                       HAS_LEFTPAD=all_on, HAS_BATCH_ROWS=all_on, UPCAST=dtype == "fp32",
                       DOT_PRECISION=_precision(dtype), MERGE_M=64 if all_on else 16,
+                      PREFETCH=decode.PREFETCH_ROWS if all_on else 0, PREFETCH_LINES=max(1, block_d // 64),
                       MERGE_CHUNK=decode.merge_chunk(decode.MAX_SPLITS if all_on else 1, 64, block_d))
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
     if tma:  # K/V through descriptors (the "on" case: paged, pages of whole blocks, no left padding)

@@ -6,7 +6,9 @@ the rows of one tile (``row = query_index * groups + group_member``), so K/V are
 and one of ``num_splits`` contiguous parts of the key range, so a small batch still fills the card.
 Each part leaves an fp32 partial output and its logsumexp; the last part of a tile to finish (an
 arrival counter) merges them in the same launch: ``lse = log(sum_s exp(lse_s))``,
-``out = sum_s exp(lse_s - lse) * out_s``.
+``out = sum_s exp(lse_s - lse) * out_s``. A split program first asks L2 to prefetch its first
+``PREFETCH_ROWS`` key rows of K and V, so that HBM streams them while its loop is being set up (a
+split call is short: at batch 1 x 8k each program reads four 128-key blocks).
 
 Keys are addressed by sequence-local index ``j`` at memory position ``leftpad[b] + j`` of cache row
 ``batch_rows[b]``, or of page ``block_table[b, pos // PAGE_SIZE]`` row ``pos % PAGE_SIZE``: each key
@@ -32,6 +34,8 @@ MAX_SPLITS = 128
 MERGE_CHUNK = 16
 MERGE_REGISTERS = 64
 # Key rows of K and V a split program asks L2 to prefetch when it starts (0: none; a power of two).
+# Batch 1 x 8k on an H100 (scripts/decode_probe.py --prefetch-rows): 0 rows 18.1-18.5 us, 64 17.7,
+# 128 17.4-17.5, 256 17.8, 512 19.1 (benchmarks/RESULTS.md).
 PREFETCH_ROWS = 128
 
 # (block_n, num_warps, num_stages) by the largest head dim they serve. Under the interpreter small
@@ -199,13 +203,6 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     batch = pid_bkh // num_heads_k
     head_k = pid_bkh % num_heads_k
 
-    # The sequence's key range first: every address of the loop below waits for it, while the query
-    # tile is needed only at the first dot (loaded in this order the two are in flight together).
-    start_pos = 0
-    if HAS_LEFTPAD:
-        start_pos = tl.load(Leftpad + batch)
-    seqlen_k = tl.load(SeqlensK + batch) - start_pos
-
     # Rows of the tile: the query heads of this kv head's group for each query index.
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_r // groups  # query index within the sequence
@@ -219,6 +216,10 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     if HAS_ALIBI:
         slope = tl.load(Alibi + batch * stride_alibi + heads, mask=row_ok, other=0.0)
 
+    start_pos = 0
+    if HAS_LEFTPAD:
+        start_pos = tl.load(Leftpad + batch)
+    seqlen_k = tl.load(SeqlensK + batch) - start_pos
     # Keys any row of the tile may see ([lo, hi)), and keys every row sees ([full_lo, full_hi)).
     # (Not common.visible_block_ranges: a tile's rows span a query range that need not be a
     # power of two, and the split parts start at lo rather than at block multiples.)
