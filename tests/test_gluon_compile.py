@@ -33,6 +33,8 @@ CASES = [
     # What default_config picks for short keys (persistent, d=64 plain and causal).
     ("d64-short-default", 64, "bf16", tuple(gf.default_config(64, False, 512, 512)), {}),
     ("d64-short-default-causal", 64, "fp16", tuple(gf.default_config(64, True, 2048, 2048)), dict(has_right=True)),
+    # Long causal keys at d=64: three warpgroups (128, 3, 3).
+    ("d64-long-default-causal", 64, "bf16", tuple(gf.default_config(64, True, 8192, 8192)), dict(has_right=True)),
 ]
 
 _CHILD = r"""

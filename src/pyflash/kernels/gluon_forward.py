@@ -623,7 +623,11 @@ def register_budget(num_wg: int):
 # Longest key sequence that takes the persistent grid (default_config), per (head_dim, causal); measured
 # with CUDA-graph replays on an H100 (benchmarks/RESULTS.md, fourth session): where it is missing or
 # the keys are longer, the one-tile-per-CTA grid measured faster.
-PERSISTENT_MAX_SEQLEN_K = {(64, False): 1024, (64, True): 2048, (128, False): 1024}
+PERSISTENT_MAX_SEQLEN_K = {(64, False): 1024, (64, True): 4096, (128, False): 1024}
+# Shortest key sequence from which a causal d=64 call takes three consumer warpgroups (192-row tiles):
+# at s=4096 their diagonal costs more than they gain (359 vs 372 TFLOP/s), at s=8192 they win (431 vs
+# 403; CUDA-graph replays on an H100, benchmarks/RESULTS.md, fifth session).
+THREE_WG_MIN_CAUSAL_SEQLEN_K = 8192
 
 
 def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None,
@@ -633,14 +637,21 @@ def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: 
     consumer warpgroups (192-row tiles) win without a mask (481 vs 424 TFLOP/s at s=4096) but lose
     under causal masking (365 vs 385), where the diagonal wastes more of a taller tile; with a
     two-sided window and softcap or ALiBi their 128 registers a thread spill (216-380 B), so two.
+    Causal at d=64 takes them from THREE_WG_MIN_CAUSAL_SEQLEN_K keys (not with softcap or ALiBi: not
+    compile-checked there), where the diagonal is a small part of a tile's work.
     Short keys (seqlen_k <= PERSISTENT_MAX_SEQLEN_K; None: unknown / long) take the persistent grid
     (bn128-st2-wg2-ps), where a CTA's prologue and epilogue are a large part of its time: d=64
-    s=512 294 -> 354 TFLOP/s, causal 162 -> 210, d=128 s=512 419 -> 446 (CUDA-graph time)."""
+    s=512 294 -> 354 TFLOP/s, causal 162 -> 210, d=128 s=512 419 -> 446, d=64 causal s=4096 372 -> 391
+    (CUDA-graph time)."""
     limit = PERSISTENT_MAX_SEQLEN_K.get((head_dim, bool(causal)))
     if limit is not None and seqlen_k is not None and seqlen_k <= limit:
         return Config(128, 2, 2, True, True)
     if head_dim <= 64:
-        three = not causal and not (two_sided_window and softcap_or_alibi)
+        if causal:
+            three = (seqlen_k is not None and seqlen_k >= THREE_WG_MIN_CAUSAL_SEQLEN_K
+                     and not softcap_or_alibi)
+        else:
+            three = not (two_sided_window and softcap_or_alibi)
         return Config(128, 3, 3, True) if three else Config(128, 2, 2, True)
     if head_dim <= 128:
         return Config(128, 2, 2, True)
