@@ -256,9 +256,12 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
     tma_col = head_k * HEAD_DIM
     if PREFETCH > 0:
         # Ask L2 for this part's first PREFETCH key rows of K and V (128-byte lines) now, so that HBM
-        # streams them while the loop's first copies are still being set up.
+        # streams them while the loop's first copies are still being set up. Positions stop at the
+        # sequence's last key (row 0 for an empty one): an empty part's key_lo may lie past the cache,
+        # where a paged part would read its table row out of bounds.
         offs_p = tl.arange(0, PREFETCH)
-        pos = (start_pos + key_lo + tl.minimum(offs_p, tl.maximum(n_blocks * BLOCK_N - 1, 0))).to(tl.int64)
+        last = tl.maximum(start_pos + seqlen_k - 1, 0)
+        pos = tl.minimum(start_pos + key_lo + offs_p, last).to(tl.int64)
         if PAGED:
             page = tl.load(BlockTable + pos // PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + (pos % PAGE_SIZE) * stride_ks
