@@ -269,7 +269,7 @@ def _decode_kernel(Q, K, V, Out, Lse, OutPartial, LsePartial, Counters, SeqlensK
         else:
             k_rows = cache_row * stride_kb + pos * stride_ks
             v_rows = cache_row * stride_vb + pos * stride_vs
-        lines = tl.arange(0, PREFETCH_LINES) * 64
+        lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * 64, HEAD_DIM - 1)  # inside the head's row
         _prefetch_l2(KData + kh_offset_k + k_rows[:, None] + lines[None, :])
         _prefetch_l2(VData + kh_offset_v + v_rows[:, None] + lines[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
