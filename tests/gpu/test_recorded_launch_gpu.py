@@ -27,6 +27,35 @@ def _calls(q, k, v, dout, causal, **options):
     return out, lse, dq, dk, dv
 
 
+def _record_then_replay(monkeypatch, runs, call, plan_tables):
+    """Each run through Triton (the plan tables dropped before it, the Triton kernels' recorded launches
+    on), then each run again, replayed. Returns (results recorded, replays while recording, results
+    replayed, replays while replaying); a replay is a launch.Recorded call."""
+    monkeypatch.setattr(launch, "RECORD_TRITON", True)
+    replays = []
+    replay = launch.Recorded.__call__
+    monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
+    recorded = []
+    for run in runs:
+        for table in plan_tables:
+            table.clear()
+        recorded.append(call(*run))
+    replays_recording = len(replays)
+    replays.clear()
+    replayed = [call(*run) for run in runs]
+    return recorded, replays_recording, replayed, len(replays)
+
+
+def _assert_same(recorded, replayed, names):
+    """Bit for bit, but dQ within rounding (added by atomics / TMA reduce-add in arrival order)."""
+    for want, got in zip(recorded, replayed):
+        for name, a, b in zip(names, got, want):
+            if name == "dq":
+                torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+            else:
+                assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not _hopper(), reason="the Gluon kernels run on sm_90")
 @pytest.mark.parametrize("head_dim, causal, heads_k, seqlen, options", [
     (128, False, 4, 300, {}), (128, True, 2, 517, {}), (64, True, 4, 1000, {}), (64, False, 1, 200, {}),
@@ -34,10 +63,6 @@ def _calls(q, k, v, dout, causal, **options):
     (128, False, 4, 300, dict(window=(100, 20), softcap=10.0)), (64, True, 2, 300, dict(alibi=True)),
 ])
 def test_replayed_launches_match_triton_launches(monkeypatch, head_dim, causal, heads_k, seqlen, options):
-    monkeypatch.setattr(launch, "RECORD_TRITON", True)  # the Triton backward's (d=64, d=256) too
-    replays = []
-    replay = launch.Recorded.__call__
-    monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
     gen = torch.Generator(device="cuda").manual_seed(seqlen + head_dim)
     if options.get("alibi"):
         options = dict(options, alibi=torch.rand(4, device="cuda", generator=gen))
@@ -48,23 +73,13 @@ def test_replayed_launches_match_triton_launches(monkeypatch, head_dim, causal, 
                 for _ in range(2))
         return q, k, v, torch.randn_like(q)
 
-    runs = [inputs() for _ in range(3)]
-    plan_tables = (gluon_forward._PLANS, gluon_backward._PLANS, backward._PLANS)
-    recorded = []
-    for run in runs:  # every call through Triton: the plans are dropped before each
-        for table in plan_tables:
-            table.clear()
-        recorded.append(_calls(*run, causal, **options))
+    # The Triton backward's plans (d=64, d=256) too.
+    recorded, _, replayed, replays = _record_then_replay(
+        monkeypatch, [inputs() for _ in range(3)], lambda *run: _calls(*run, causal, **options),
+        (gluon_forward._PLANS, gluon_backward._PLANS, backward._PLANS))
     assert any(gluon_forward._PLANS.values()), "the Gluon forward recorded no launch"
-    replays.clear()
-    replayed = [_calls(*run, causal, **options) for run in runs]  # the first records, the rest replay
     assert replays, "no recorded launch was replayed"
-    for want, got in zip(recorded, replayed):
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-            if name == "dq":  # added by atomics / TMA reduce-add in arrival order
-                torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
-            else:
-                assert torch.equal(a, b), name
+    _assert_same(recorded, replayed, ("out", "lse", "dq", "dk", "dv"))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -72,10 +87,6 @@ def test_replayed_triton_launches_match_for_varlen(monkeypatch, causal):
     """Varlen calls run the Triton forward and backward (kernels/forward.py, kernels/backward.py): their
     replays (launch.RECORD_TRITON) must match launches through Triton bit for bit (dQ within rounding:
     atomics)."""
-    monkeypatch.setattr(launch, "RECORD_TRITON", True)
-    replays = []
-    replay = launch.Recorded.__call__
-    monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
     gen = torch.Generator(device="cuda").manual_seed(7)
     cu = torch.tensor([0, 100, 357, 400], dtype=torch.int32, device="cuda")
 
@@ -91,21 +102,11 @@ def test_replayed_triton_launches_match_for_varlen(monkeypatch, causal):
                                                0.0, None, False, causal, -1, -1, False, seed, offset)
         return out, lse, dq, dk, dv
 
-    runs = [inputs() for _ in range(3)]
-    recorded = []
-    for run in runs:
-        forward._PLANS.clear()
-        backward._PLANS.clear()
-        recorded.append(calls(*run))
-    assert not replays
-    replayed = [calls(*run) for run in runs]
+    recorded, replays_recording, replayed, replays = _record_then_replay(
+        monkeypatch, [inputs() for _ in range(3)], calls, (forward._PLANS, backward._PLANS))
+    assert not replays_recording
     assert replays, "no recorded launch was replayed"
-    for want, got in zip(recorded, replayed):
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-            if name == "dq":
-                torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
-            else:
-                assert torch.equal(a, b), name
+    _assert_same(recorded, replayed, ("out", "lse", "dq", "dk", "dv"))
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -116,10 +117,6 @@ def test_replayed_decode_launches_match(monkeypatch, paged, num_splits):
     from pyflash.kernels import decode
     from pyflash.kvcache import flash_attn_with_kvcache
 
-    monkeypatch.setattr(launch, "RECORD_TRITON", True)
-    replays = []
-    replay = launch.Recorded.__call__
-    monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
     gen = torch.Generator(device="cuda").manual_seed(11)
     batch, capacity, page = 2, 2048, 256
     seqlens = torch.tensor([1500, 700], dtype=torch.int32, device="cuda")
@@ -139,13 +136,8 @@ def test_replayed_decode_launches_match(monkeypatch, paged, num_splits):
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, block_table=table, num_splits=num_splits,
                                        return_softmax_lse=True)
 
-    runs = [inputs() for _ in range(3)]
-    recorded = []
-    for run in runs:
-        decode._PLANS.clear()
-        recorded.append(call(*run))
-    assert not replays
-    replayed = [call(*run) for run in runs]
+    recorded, replays_recording, replayed, replays = _record_then_replay(
+        monkeypatch, [inputs() for _ in range(3)], call, (decode._PLANS,))
+    assert not replays_recording
     assert replays, "no recorded launch was replayed"
-    for want, got in zip(recorded, replayed):
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    _assert_same(recorded, replayed, ("out", "lse"))
