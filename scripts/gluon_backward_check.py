@@ -332,11 +332,14 @@ def print_ranking():
 CHECK_SHAPES = ([2, 1000, 1000, 3, 3], [1, 77, 77, 2, 2], [2, 300, 517, 4, 2], [1, 517, 300, 4, 1])
 
 
+HEAD_DIMS = (64, 128)  # --head-dims
+
+
 def candidate_check_jobs(wanted):
     """One check child per (head_dim, causal, candidate in wanted): bf16 shapes (MHA, ragged, GQA, MQA with
     sq > sk: rows that see no key under causal) and the strided backend contract (GQA, ragged)."""
     jobs = []
-    for head_dim, causal in itertools.product((64, 128), (False, True)):
+    for head_dim, causal in itertools.product(HEAD_DIMS, (False, True)):
         for label, variant in sweep_variants(head_dim, causal, wanted):
             cases = [(shape + [head_dim], variant, False) for shape in CHECK_SHAPES]
             cases.append(([2, 200, 333, 6, 3, head_dim], variant, True))
@@ -356,7 +359,7 @@ def build_jobs(quick, sweep, wanted=None, chunk=3):
     if sweep:
         # Speed only, s=4096: per (head_dim, causal) one job with the default config, cuDNN and the Triton
         # backward, then the candidates a few per child (a hang loses only its chunk).
-        for head_dim, causal in itertools.product((64, 128), (False, True)):
+        for head_dim, causal in itertools.product(HEAD_DIMS, (False, True)):
             tag = f"d={head_dim} causal={int(causal)} s=4096"
             if wanted is None or "default" in wanted:
                 jobs.append((f"bench {tag}", dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=4096,
@@ -368,7 +371,7 @@ def build_jobs(quick, sweep, wanted=None, chunk=3):
                              dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=4096, variants=part,
                                   baselines=False), 120))
         return jobs
-    for head_dim, causal, dtype in itertools.product((64, 128), (False, True), DTYPE_NAMES):
+    for head_dim, causal, dtype in itertools.product(HEAD_DIMS, (False, True), DTYPE_NAMES):
         d = head_dim
         cases = [([2, 1000, 1000, 3, 3, d], {}, False), ([1, 77, 77, 2, 2, d], {}, False),
                  ([1, 128, 128, 1, 1, d], {}, False),
@@ -385,7 +388,7 @@ def build_jobs(quick, sweep, wanted=None, chunk=3):
                 cases += [([2, 300, 517, 4, 2, d], v, True) for _, v in cands]
         jobs.append((f"check d={head_dim} causal={int(causal)} {dtype}",
                      dict(kind="check", causal=causal, dtype=dtype, cases=cases), None if quick else 200))
-    for head_dim, causal, seqlen in itertools.product((64, 128), (False, True),
+    for head_dim, causal, seqlen in itertools.product(HEAD_DIMS, (False, True),
                                                       (4096, ) if quick else (1024, 4096, 16384)):
         jobs.append((f"bench d={head_dim} causal={int(causal)} s={seqlen}",
                      dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=[("", {})]), None))
@@ -402,8 +405,11 @@ def main():
     parser.add_argument("--timeout", type=int, default=60, help="seconds per child process (watchdog)")
     parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
     parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
+    parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (64, 128, 256)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global HEAD_DIMS
+    HEAD_DIMS = tuple(int(d) for d in args.head_dims.split(","))
     if args.child:
         child(json.loads(args.child))
         return 0

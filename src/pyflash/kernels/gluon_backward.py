@@ -145,9 +145,9 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
-                  q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps, n_total, rot,
-                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, KV_BOXES: gl.constexpr,
-                  ROTATE: gl.constexpr):
+                  q_ready, do_ready, stage_empty, do_free, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps,
+                  n_total, rot, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  KV_BOXES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_D: gl.constexpr):
         if KV_BOXES == 1:
             mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
@@ -175,8 +175,23 @@ if _IMPORT_ERROR is None:
             tma.async_copy_global_to_shared(q_desc, [batch, m0, col], q_ready.index(stage), q_smem.index(stage))
             tma.async_copy_global_to_shared(st_desc, [batch * num_heads + head, 0, m0], q_ready.index(stage),
                                             st_smem.index(stage))
-            mbarrier.expect(do_ready.index(stage), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage), do_smem.index(stage))
+            if SPLIT_D:
+                # One dO buffer: dO_i goes in once both warpgroups' dV GEMMs of step i - 1 have read it
+                # (do_free), under the rest of that step (dK, dQ).
+                mbarrier.wait(do_free.index(0), (t & 1) ^ 1)
+                mbarrier.expect(do_ready.index(0), do_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(0), do_smem.index(0))
+            else:
+                mbarrier.expect(do_ready.index(stage), do_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage),
+                                                do_smem.index(stage))
+
+    @gluon.constexpr_function
+    def _dq_cols(head_dim, dq_own, split_d):
+        """Columns of one dQ GEMM / TMA reduce (dq_box_cols)."""
+        if split_d:
+            return min(head_dim // 2, DQ_MAX)
+        return min(head_dim, DQ_MAX) if dq_own else head_dim // 2
 
     @gluon.jit
     def _step_block(t, n_steps, rot, ROTATE: gl.constexpr):
@@ -283,22 +298,42 @@ if _IMPORT_ERROR is None:
               rank_b, n_m, s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
               MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
-              DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr):
+              DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
+              SPLIT_D: gl.constexpr):
         """One query block: dV, dK += ..., dQ partial reduced into global memory."""
-        WG_ROWS: gl.constexpr = k_w.shape[0]
         HALF: gl.constexpr = HEAD_DIM // 2
+        if SPLIT_D:
+            # k_w, v_w are the [1, rows, HEAD_DIM] K / V buffers, indexed here by a zero the compiler cannot
+            # see through: otherwise it hoists every wgmma descriptor of these loop-invariant tiles (16
+            # k-steps each at d=256, 64 bits apiece) out of the loop and spills them.
+            zero = gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
+            k_w = k_w.index(zero)
+            v_w = v_w.index(zero)
+            k_half = k_w.slice(WG * HALF, HALF, dim=1)
+        WG_ROWS: gl.constexpr = k_w.shape[0]
         # Columns of dQ per GEMM / reduce: its half (dS shared by the warpgroups) or, DQ_OWN (this
-        # warpgroup's own keys' contribution to all of dQ), at most 64 (DQ_PARTS GEMMs one after the other).
-        DQ_COLS: gl.constexpr = (HEAD_DIM if HEAD_DIM <= DQ_MAX_ else DQ_MAX_) if DQ_OWN else HALF
-        DQ_PARTS: gl.constexpr = HEAD_DIM // DQ_COLS if DQ_OWN else 1
+        # warpgroup's own keys' contribution to all of dQ), at most 64 (DQ_PARTS GEMMs one after the other);
+        # SPLIT_D: this warpgroup's half of head_dim, in parts of at most 64.
+        DQ_COLS: gl.constexpr = _dq_cols(HEAD_DIM, DQ_OWN, SPLIT_D)
+        DQ_PARTS: gl.constexpr = (HALF // DQ_COLS) if SPLIT_D else (HEAD_DIM // DQ_COLS if DQ_OWN else 1)
         dtype: gl.constexpr = q_smem.dtype
         stage = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
+        # SPLIT_D keeps one dO buffer (the producer refills it once both warpgroups' dV GEMMs are done).
+        do_stage = 0 if SPLIT_D else stage
+        do_phase = (t & 1) if SPLIT_D else phase
         m_idx = m_lo + _step_block(t, n_steps, rot, (DETERMINISTIC == 1) and (not CAUSAL))
         m0 = m_idx * BLOCK_M
         dq_col = (head0 + t // n_steps) * HEAD_DIM + (0 if DQ_OWN else WG * HALF)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-        do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        do = do_smem.index(do_stage).reshape([BLOCK_M, HEAD_DIM])
+        if SPLIT_D:
+            # B operands of the dK / dV GEMMs: this warpgroup's columns of Q and dO.
+            q_b = q.slice(WG * HALF, HALF, dim=1)
+            do_b = do.slice(WG * HALF, HALF, dim=1)
+        else:
+            q_b = q
+            do_b = do
         # The [1, 4, BLOCK_M] TMA box (no swizzle; row 3 unused: boxes are powers of 2) read as 4 * BLOCK_M
         # contiguous floats: rows (lse term, delta term, query position).
         stats = st_smem.index(stage)._reinterpret(gl.float32, [4 * BLOCK_M],
@@ -322,14 +357,14 @@ if _IMPORT_ERROR is None:
             s_tok = warpgroup_mma(k_w, q.permute((1, 0)), s_init, use_acc=True, is_async=True)
             ndelta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
             dp_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + ndelta[None, :]
-            mbarrier.wait(do_ready.index(stage), phase)
+            mbarrier.wait(do_ready.index(do_stage), do_phase)
             dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), dp_init, use_acc=True, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             p = gl.exp2(s * qk_scale)
         else:
             s_tok = warpgroup_mma(k_w, q.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
-            mbarrier.wait(do_ready.index(stage), phase)
+            mbarrier.wait(do_ready.index(do_stage), do_phase)
             dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
                                    use_acc=False, is_async=True)
             # wgmma groups retire in order: one outstanding means S^T is done, dP^T may still run.
@@ -347,14 +382,40 @@ if _IMPORT_ERROR is None:
                 p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
         p = p.to(dtype)  # dS below uses the rounded P too, as PyTorch's softmax backward does: fewer registers
         p_op = gl.convert_layout(p, op_layout)
-        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+        dv_tok = warpgroup_mma(p_op, do_b, dv, is_async=True)
         dp = warpgroup_mma_wait(1, deps=(dp_tok, ))
         if ACC_INIT:
             ds = (p.to(gl.float32) * dp).to(dtype)
         else:
             delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
             ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
-        if DQ_OWN:
+        if SPLIT_D:
+            # Both warpgroups hold the same dS^T (the CTA's keys): each writes it to its own buffer (no
+            # exchange), takes dK from there (SS) and computes its half of dQ's columns, in DQ_PARTS parts
+            # through DQ_BUFS staging buffers of its own.
+            ds_w = ds_smem.index(WG + zero)
+            ds_w.store(ds)
+            fence_async_shared()
+            gl.thread_barrier()
+            dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_half.slice(0, DQ_COLS, dim=1),
+                                   gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
+                                   is_async=True)
+            dk_tok = warpgroup_mma(ds_w, q_b, dk, is_async=True)
+            dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
+            # dP^T and dV, the only readers of dO, are done: the producer may refill its buffer.
+            mbarrier.arrive(ds_ready.index(0))
+            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + (t * DQ_PARTS) % DQ_BUFS, dq_desc, batch, m0, dq_col,
+                       DQ_BUFS - 1)
+            dk = warpgroup_mma_wait(0, deps=(dk_tok, ))
+            mbarrier.arrive(stage_empty.index(stage))
+            for part in gl.static_range(1, DQ_PARTS):
+                dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_half.slice(part * DQ_COLS, DQ_COLS, dim=1),
+                                       gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
+                                       is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + (t * DQ_PARTS + part) % DQ_BUFS, dq_desc, batch, m0,
+                           dq_col + part * DQ_COLS, DQ_BUFS - 1)
+        elif DQ_OWN:
             # dQ += dS_w K_w over this warpgroup's own keys only (full head_dim, its own TMA reduce): no
             # exchange with the other warpgroups. dS^T -> this warpgroup's own dS buffer (the previous
             # step's dQ / dK GEMMs, which read it, were waited for before the barriers of its dQ store).
@@ -410,7 +471,7 @@ if _IMPORT_ERROR is None:
             dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
             mbarrier.arrive(stage_empty.index(stage))
 
-        if not DQ_OWN:
+        if not DQ_OWN and not SPLIT_D:
             # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add;
             # deterministic: in a fixed order of key blocks per (query block, half), counters[head, m, WG].
             if DETERMINISTIC != 0:
@@ -434,28 +495,39 @@ if _IMPORT_ERROR is None:
                   start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, kblk, n_kblk, n_m, diag,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
-                  NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr):
+                  NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr,
+                  SPLIT_D: gl.constexpr):
         WG_ROWS: gl.constexpr = 64
-        BLOCK_N_: gl.constexpr = NUM_WG * WG_ROWS
+        BLOCK_N_: gl.constexpr = WG_ROWS if SPLIT_D else NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
-        DQ_COLS: gl.constexpr = (HEAD_DIM if HEAD_DIM <= DQ_MAX_ else DQ_MAX_) if DQ_OWN else HALF
+        DQ_COLS: gl.constexpr = _dq_cols(HEAD_DIM, DQ_OWN, SPLIT_D)
+        # Columns of this warpgroup's dK / dV: all of head_dim, or (SPLIT_D) its half.
+        DKV_COLS: gl.constexpr = HALF if SPLIT_D else HEAD_DIM
         dtype: gl.constexpr = q_smem.dtype
         # wgmma accumulators: warps stacked along M (4 warps x 16 rows), instruction N = tile N.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_M, 16])
         kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, HEAD_DIM, 16])
+                                                            instr_shape=[16, DKV_COLS, 16])
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, DQ_COLS, 16])
         # P^T, dS^T as the register A operand of the dV / dK wgmma.
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-        key0 = start_n + WG * WG_ROWS  # first key of this warpgroup
+        key0 = start_n if SPLIT_D else start_n + WG * WG_ROWS  # first key of this warpgroup
         # Keys past seqlen_k read as zero rows: without causal masking (which hides them) their P is
         # forced to 0 by a -inf bias, so that no overflowing P (scores far below lse) can reach dQ.
         keys_w = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))
         kbias = gl.where(keys_w < seqlen_k, 0.0, float("-inf"))
 
-        if NUM_WG == 3:
+        if SPLIT_D:
+            # Both warpgroups: all WG_ROWS keys of the CTA (_step takes the tiles from the buffers and its
+            # half of the columns for dQ).
+            k_2d = k_smem.reshape([WG_ROWS, HEAD_DIM])
+            v_2d = v_smem.reshape([WG_ROWS, HEAD_DIM])
+            k_w = k_2d._reinterpret(dtype, [1, WG_ROWS, HEAD_DIM], k_2d.layout)
+            v_w = v_2d._reinterpret(dtype, [1, WG_ROWS, HEAD_DIM], v_2d.layout)
+            k_half = k_w
+        elif NUM_WG == 3:
             k_w = k_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
             v_w = v_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
             k_half = k_w  # unused (DQ_OWN)
@@ -466,8 +538,8 @@ if _IMPORT_ERROR is None:
             k_half = k_full.slice(0 if DQ_OWN else WG * HALF, HALF, dim=1)  # unused with DQ_OWN
 
         rank_a, rank_b = _turn_params(kblk, n_kblk, diag, BLOCK_M, BLOCK_N_, CAUSAL, DETERMINISTIC)
-        dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
-        dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, kv_layout)
+        dk = gl.zeros([WG_ROWS, DKV_COLS], gl.float32, kv_layout)
+        dv = gl.zeros([WG_ROWS, DKV_COLS], gl.float32, kv_layout)
         mbarrier.wait(kv_ready.index(0), 0)
         if SPLIT_MASK:
             # Diagonal steps through the mask, the rest without it (two copies of the loop body).
@@ -477,13 +549,13 @@ if _IMPORT_ERROR is None:
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
-                                   CAUSAL, DETERMINISTIC)
+                                   CAUSAL, DETERMINISTIC, SPLIT_D)
                 for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
-                                   CAUSAL, DETERMINISTIC)
+                                   CAUSAL, DETERMINISTIC, SPLIT_D)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
@@ -491,18 +563,18 @@ if _IMPORT_ERROR is None:
                                q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN,
-                               DQ_EARLY, CAUSAL, DETERMINISTIC)
+                               DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D)
 
         # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
-        rows = start_n + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
-        dcols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+        rows = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
+        dcols = (WG * HALF if SPLIT_D else 0) + gl.arange(0, DKV_COLS, layout=gl.SliceLayout(0, kv_layout))
         mask = (rows < seqlen_k)[:, None] & (dcols < HEAD_DIM)[None, :]
         rows64 = rows.to(gl.int64)[:, None]
         dk_offs = batch.to(gl.int64) * stride_dkb + head_k.to(gl.int64) * stride_dkh + rows64 * stride_dkn
         dv_offs = batch.to(gl.int64) * stride_dvb + head_k.to(gl.int64) * stride_dvh + rows64 * stride_dvn
         gl.store(dk_ptr + dk_offs + dcols[None, :], (dk * softmax_scale).to(dtype), mask=mask)
         gl.store(dv_ptr + dv_offs + dcols[None, :], dv.to(dtype), mask=mask)
-        if DETERMINISTIC != 0 and not DQ_OWN:
+        if DETERMINISTIC != 0 and not DQ_OWN and not SPLIT_D:
             # The last step's turn (_dq_reduce passes each earlier one on at the next step).
             if group * n_steps > 0:
                 _turn_pass(_turn_counter(counters, group * n_steps - 1, m_lo, n_steps, n_m, rot, WG,
@@ -517,7 +589,7 @@ if _IMPORT_ERROR is None:
                          CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr,
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
-                         DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0):
+                         DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -559,7 +631,9 @@ if _IMPORT_ERROR is None:
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
+        # SPLIT_D (head_dim 256): one dO buffer (shared memory), refilled under each step's dK / dQ GEMMs.
+        do_smem = gl.allocate_shared_memory(dtype, [1 if SPLIT_D else NUM_STAGES] + do_desc.block_type.shape,
+                                            do_desc.layout)
         if KV_SPLIT:
             k_smem = gl.allocate_shared_memory(dtype, [NUM_WG] + k_desc.block_type.shape, k_desc.layout)
             v_smem = gl.allocate_shared_memory(dtype, [NUM_WG] + v_desc.block_type.shape, v_desc.layout)
@@ -568,12 +642,14 @@ if _IMPORT_ERROR is None:
             v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
         st_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + st_desc.block_type.shape, st_desc.layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N_, BLOCK_M], dtype)
-        if DQ_OWN:
+        if DQ_OWN or SPLIT_D:
             # Each warpgroup reads back only its own dS^T rows, after its own barrier: one buffer each.
             ds_own_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_N_, BLOCK_M], dtype)
             ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_N_, BLOCK_M], ds_own_layout)
         else:
             ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N_, BLOCK_M], ds_layout)
+        # DQ_OWN: a staging buffer per dQ part and warpgroup (DQ_BUFS deep); SPLIT_D: DQ_BUFS per warpgroup,
+        # its parts taking turns.
         DQ_PARTS: gl.constexpr = HEAD_DIM // dq_desc.block_type.shape[2] if DQ_OWN else 1
         dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG * DQ_PARTS * DQ_BUFS] + dq_desc.block_type.shape,
                                             dq_desc.layout)
@@ -588,6 +664,7 @@ if _IMPORT_ERROR is None:
             mbarrier.init(do_ready.index(i), count=1)
             mbarrier.init(stage_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
         for i in gl.static_range(2):
+            # Shared dS: both halves written; SPLIT_D: ds_ready[0] is the dO buffer's "free" barrier.
             mbarrier.init(ds_ready.index(i), count=2)
         fence_async_shared()
 
@@ -598,23 +675,23 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
-                             kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
-                             n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1,
-                             (DETERMINISTIC == 1) and (not CAUSAL))),
+                             kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
+                             start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
+                             NUM_WG if KV_SPLIT else 1, (DETERMINISTIC == 1) and (not CAUSAL), SPLIT_D)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -623,17 +700,17 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
-                             kv_ready, q_ready, do_ready, stage_empty, batch, head0, num_heads, kv_col, start_n, m_lo,
-                             n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1,
-                             (DETERMINISTIC == 1) and (not CAUSAL))),
+                             kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
+                             start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
+                             NUM_WG if KV_SPLIT else 1, (DETERMINISTIC == 1) and (not CAUSAL), SPLIT_D)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -689,7 +766,7 @@ if triton is not None:
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
@@ -707,7 +784,10 @@ class Config(NamedTuple):
     dq_own: each consumer warpgroup computes dQ over its own 64 keys (full head_dim: dS^T never leaves
     the warpgroup, no dS exchange between warpgroups, one TMA reduce per warpgroup and step instead of
     one half-width reduce each); dq_early (shared dS only): the dQ GEMM before the dK GEMM, so that dK
-    runs under the dQ store; wgs: consumer warpgroups of 64 keys each (3 needs dq_own: 192 keys per CTA)."""
+    runs under the dQ store; wgs: consumer warpgroups of 64 keys each (3 needs dq_own: 192 keys per CTA);
+    split_d (head_dim 256): 64 keys per CTA, both warpgroups compute S^T and dP^T over all of them and each
+    owns half of head_dim's columns of dK, dV and dQ (dK / dV of 64 keys x 256 columns would not fit one
+    warpgroup's registers), one dO buffer."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -718,15 +798,18 @@ class Config(NamedTuple):
     dq_own: bool = False
     dq_early: bool = False
     wgs: int = 2
+    split_d: bool = False
 
 
 def kv_box_rows(cfg: Config) -> int:
     """Rows of the K / V TMA boxes: the whole key block, or one box per warpgroup (wgs=3: 192 is no power of 2)."""
-    return WG_N if int(cfg.wgs) == 3 else BLOCK_N
+    return WG_N if int(cfg.wgs) == 3 or cfg.split_d else BLOCK_N
 
 
 def dq_box_cols(cfg: Config, head_dim: int) -> int:
     """Columns of a dQ TMA reduce: half of head_dim (shared dS), or at most 64 (dq_own: head_dim // 64 parts)."""
+    if cfg.split_d:
+        return min(head_dim // 2, DQ_MAX)
     return min(head_dim, DQ_MAX) if cfg.dq_own else head_dim // 2
 
 
@@ -734,6 +817,10 @@ def launch_shape(cfg: Config):
     """(keys per CTA, maxnreg of the kernel, setmaxnreg of the consumer worker warpgroups) of a Config:
     wgs consumer warpgroups of WG_N keys each plus the producer's warpgroup share 64K registers."""
     wgs = int(cfg.wgs)
+    if cfg.split_d:
+        if wgs != 2 or cfg.dq_own or cfg.dq_early:
+            raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
+        return WG_N, MAXNREG, CONSUMER_REGS  # both warpgroups on the same 64 keys
     if wgs == 2:
         return BLOCK_N, MAXNREG, CONSUMER_REGS
     if wgs == 3 and cfg.dq_own:
@@ -747,6 +834,9 @@ def default_config(head_dim: int, causal: bool) -> Config:
     """Ranked on an H100 by scripts/gluon_backward_check.py --sweep (benchmarks/RESULTS.md): without a
     mask the stats as accumulator start values (acc_init) measured 507 vs 468-480 TFLOP/s at d=128
     s=4096; under causal masking no variant beat the plain one (403-418)."""
+    if head_dim == 256:
+        # Two Q stages, one dO buffer: 210 KB of shared memory (a third Q stage would not fit).
+        return Config(64, 2, acc_init=not causal, split_d=True)
     if not causal:
         return Config(64, 2, acc_init=True)
     return Config(64, 2)
@@ -755,6 +845,12 @@ def default_config(head_dim: int, causal: bool) -> Config:
 def tuning_candidates(head_dim: int, causal: bool):
     """{label: Config} worth timing against default_config (scripts/gluon_backward_check.py --sweep);
     each compiles without spills within Hopper's shared memory (scripts/gluon_backward_compile.py --sweep)."""
+    if head_dim == 256:
+        # split_d only (the other layouts do not fit registers / shared memory at d=256).
+        cands = {"sd": Config(split_d=True), "acc-sd": Config(acc_init=True, split_d=True)}
+        if causal:
+            cands.update({"sd-lpt": Config(split_d=True, lpt=True)})
+        return cands
     cands = {"acc": Config(acc_init=True), "acc-dq2": Config(acc_init=True, dq_bufs=2),
              "dqe": Config(dq_early=True), "acc-dqe": Config(acc_init=True, dq_early=True)}
     if head_dim <= 64:
@@ -789,7 +885,7 @@ def _is_causal(params) -> bool:
 
 def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic) -> bool:
     """Whether backward() handles this call exactly (the backend contract of kernels/backward.py):
-    dense bf16/fp16 on an sm_90 GPU, head_dim 64 / 128, MHA or GQA/MQA, any seqlen_q / seqlen_k,
+    dense bf16/fp16 on an sm_90 GPU, head_dim 64 / 128 / 256, MHA or GQA/MQA, any seqlen_q / seqlen_k,
     non-causal or causal (bottom-right aligned); no dropout, softcap, ALiBi or other windows;
     deterministic or not (backward's DETERMINISTIC mode). q, k, v, dout TMA-readable (heads packed at
     head_dim, 16-byte aligned strides); out, lse, dq, dk, dv, softmax_d through their strides."""
@@ -873,7 +969,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     dq_own = bool(cfg.dq_own)
     n_blocks = triton.cdiv(seqlen_k, block_n)
     mode = deterministic_mode(n_blocks, q.device) if deterministic else 0
-    if mode and (dq_own or cfg.lpt or int(cfg.wgs) != 2):
+    if mode and (dq_own or cfg.split_d or cfg.lpt or int(cfg.wgs) != 2):
         raise ValueError(f"the deterministic backward needs two warpgroups sharing dS, no lpt: {cfg}")
     n_m = triton.cdiv(seqlen_q, cfg.block_m)
     counters = torch.zeros((batch * num_heads, n_m, 2), dtype=torch.int32, device=q.device) if mode else stats
@@ -890,7 +986,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-        DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, num_warps=4, maxnreg=maxnreg),
+        DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d), num_warps=4,
+        maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
         dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
@@ -1010,7 +1107,8 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init),
                       DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs,
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-                      DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic))
+                      DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
+                      SPLIT_D=bool(cfg.split_d))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
