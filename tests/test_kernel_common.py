@@ -96,9 +96,9 @@ def test_forward_dispatches_to_gluon_when_supported(monkeypatch):
 
 
 @pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 0), (64, False, 0),
-                                                               (64, True, 0)])
+                                                               (64, True, 0), (256, False, 1), (256, True, 0)])
 def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, deterministic, expected):
-    """The Gluon backward takes d=128 (backward.GLUON_HEAD_DIMS) calls that are not deterministic (its
+    """The Gluon backward takes d=128 and d=256 (backward.GLUON_HEAD_DIMS) calls that are not deterministic (its
     deterministic mode measured slower than the Triton kernels) when its try_backward accepts the call
     (here a stub that does)."""
     from pyflash.kernels import backward as module

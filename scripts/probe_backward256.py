@@ -1,0 +1,103 @@
+"""Where the d=256 Gluon backward (gluon_backward's split_d layout) spends its time: one H100/H200 call.
+
+    PYTHONPATH=src python3 scripts/probe_backward256.py [--seqlens 4096] [--variants default st1 ...]
+
+Times backward_gluon (bf16, batch * seqlen = 16384, 8 heads of 256, triton.testing.do_bench median)
+for Config variants of the split_d kernel and for diagnostic copies of the module with one stage
+removed (loaded from the module's source with one line replaced, so the product code carries no
+diagnostic switches):
+
+* default, st1 (one Q stage), st1-dq2 (one Q stage, two dQ staging buffers a warpgroup), acc (acc_init)
+* noreduce: the dQ TMA reduce-adds skipped (the dQ GEMMs and shared-memory stores stay): what dQ's
+  traffic into the fp32 accumulator costs;
+* nodq: the dQ GEMMs, stores and reduces skipped: what all of dQ costs.
+The diagnostic rows compute wrong gradients by construction: only their times mean anything.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+
+from pyflash.kernels import gluon_backward as gb  # noqa: E402
+
+REDUCE_LINE = "        _tma_reduce_add(dq_desc, [batch, m0, col], dq_buf)\n"
+
+
+def patched_module(name, replacements):
+    """A copy of kernels/gluon_backward.py with source lines replaced (each must occur)."""
+    src = open(gb.__file__).read()
+    for old, new in replacements:
+        assert old in src, old
+        src = src.replace(old, new)
+    path = os.path.join("/tmp", f"gluon_backward_{name}.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(f"gluon_backward_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def variants():
+    sd = dict(split_d=True)
+    return {
+        "default": (gb, None),
+        "acc": (gb, gb.Config(acc_init=True, **sd)),
+        "st1": (gb, gb.Config(num_stages=1, **sd)),
+        "st1-dq2": (gb, gb.Config(num_stages=1, dq_bufs=2, **sd)),
+        "noreduce": (lambda: patched_module("noreduce", [(REDUCE_LINE, "        pass\n")]), None),
+        "nodq": (lambda: patched_module("nodq", [
+            ("            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + (t * DQ_PARTS) % DQ_BUFS, dq_desc, batch, m0, dq_col,\n"
+             "                       DQ_BUFS - 1)\n", ""),
+            ("            for part in gl.static_range(1, DQ_PARTS):\n                dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_half.slice(part",
+             "            for part in gl.static_range(1, 1):\n                dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_half.slice(part"),
+        ]), None),
+    }
+
+
+def main():
+    import torch
+    import triton.testing
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=list(variants()))
+    args = parser.parse_args()
+    table = variants()
+    print(f"device {torch.cuda.get_device_name()}", flush=True)
+    for seqlen in args.seqlens:
+        for causal in map(bool, args.causal):
+            head_dim = 256
+            batch, heads = 16384 // seqlen, 2048 // head_dim
+            flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                                         generator=gen) for _ in range(4))
+            scale = head_dim ** -0.5
+            out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
+                                                                   False, scale=scale)
+            lse = lse[..., :seqlen].contiguous()
+            grads = tuple(torch.empty_like(q) for _ in range(3))
+            accum = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+            for name in args.variants:
+                module, config = table[name]
+                try:
+                    module = module() if callable(module) else module
+                    fn = lambda: module.backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=grads[0],  # noqa
+                                                       dk=grads[1], dv=grads[2], dq_accum=accum, config=config)
+                    fn()
+                    torch.cuda.synchronize()
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    print(f"PROBE s={seqlen} causal={int(causal)} {name:10s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} "
+                          f"TFLOP/s", flush=True)
+                except Exception as error:  # noqa: BLE001 - one variant failing must not hide the others
+                    print(f"PROBE s={seqlen} causal={int(causal)} {name:10s} ERROR {type(error).__name__}: "
+                          f"{str(error).strip().splitlines()[0][:300]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
