@@ -7,7 +7,9 @@ for Config variants of the split_d kernel and for diagnostic copies of the modul
 removed (loaded from the module's source with one line replaced, so the product code carries no
 diagnostic switches):
 
-* default, st1 (one Q stage), st1-dq2 (one Q stage, two dQ staging buffers a warpgroup), acc (acc_init)
+* default, st1 (one Q stage), st1-dq2 (one Q stage, two dQ staging buffers a warpgroup), acc (acc_init),
+  rot / acc-rot (rotate: the CTAs running at once add into different dQ tiles); d128 / d128-rot: the
+  d=128 kernel's default (non-causal) config without / with rotate
 * noreduce: the dQ TMA reduce-adds skipped (the dQ GEMMs and shared-memory stores stay): what dQ's
   traffic into the fp32 accumulator costs;
 * nodq: the dQ GEMMs, stores and reduces skipped: what all of dQ costs.
@@ -46,6 +48,12 @@ def variants():
     return {
         "default": (gb, None),
         "acc": (gb, gb.Config(acc_init=True, **sd)),
+        "rot": (gb, gb.Config(rotate=True, **sd)),
+        "acc-rot": (gb, gb.Config(acc_init=True, rotate=True, **sd)),
+        "lpt": (gb, gb.Config(lpt=True, **sd)),
+        "acc-lpt": (gb, gb.Config(acc_init=True, lpt=True, **sd)),
+        "d128": (gb, gb.Config(acc_init=True)),
+        "d128-rot": (gb, gb.Config(acc_init=True, rotate=True)),
         "st1": (gb, gb.Config(num_stages=1, **sd)),
         "st1-dq2": (gb, gb.Config(num_stages=1, dq_bufs=2, **sd)),
         "noreduce": (lambda: patched_module("noreduce", [(REDUCE_LINE, "        pass\n")]), None),
@@ -60,7 +68,6 @@ def variants():
 
 def main():
     import torch
-    import triton.testing
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
@@ -71,32 +78,45 @@ def main():
     print(f"device {torch.cuda.get_device_name()}", flush=True)
     for seqlen in args.seqlens:
         for causal in map(bool, args.causal):
-            head_dim = 256
-            batch, heads = 16384 // seqlen, 2048 // head_dim
-            flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
-                                         generator=gen) for _ in range(4))
-            scale = head_dim ** -0.5
-            out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
-                                                                   False, scale=scale)
-            lse = lse[..., :seqlen].contiguous()
-            grads = tuple(torch.empty_like(q) for _ in range(3))
-            accum = torch.empty(q.shape, dtype=torch.float32, device="cuda")
-            for name in args.variants:
-                module, config = table[name]
-                try:
-                    module = module() if callable(module) else module
-                    fn = lambda: module.backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=grads[0],  # noqa
-                                                       dk=grads[1], dv=grads[2], dq_accum=accum, config=config)
-                    fn()
-                    torch.cuda.synchronize()
-                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                    print(f"PROBE s={seqlen} causal={int(causal)} {name:10s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} "
-                          f"TFLOP/s", flush=True)
-                except Exception as error:  # noqa: BLE001 - one variant failing must not hide the others
-                    print(f"PROBE s={seqlen} causal={int(causal)} {name:10s} ERROR {type(error).__name__}: "
-                          f"{str(error).strip().splitlines()[0][:300]}", flush=True)
+            for head_dim in (256, 128):
+                names = [n for n in args.variants if n.startswith("d128") == (head_dim == 128)]
+                if names:
+                    probe(seqlen, causal, head_dim, names, table)
+
+
+def probe(seqlen, causal, head_dim, names, table):
+    import torch
+    import triton.testing
+
+    batch, heads = 16384 // seqlen, 2048 // head_dim
+    flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(4))
+    scale = head_dim ** -0.5
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
+                                                           False, scale=scale)
+    lse = lse[..., :seqlen].contiguous()
+    grads = tuple(torch.empty_like(q) for _ in range(3))
+    accum = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+    reference = None
+    for name in names:
+        module, config = table[name]
+        try:
+            module = module() if callable(module) else module
+            fn = lambda: module.backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=grads[0],  # noqa: E731
+                                               dk=grads[1], dv=grads[2], dq_accum=accum, config=config)
+            fn()
+            torch.cuda.synchronize()
+            if reference is None:
+                reference = tuple(g.clone() for g in grads)
+            diff = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, reference))
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            print(f"PROBE d={head_dim} s={seqlen} causal={int(causal)} {name:10s} {ms:8.3f} ms "
+                  f"{flops / ms * 1e-9:7.1f} TFLOP/s  max|diff| vs first {diff:.1e}", flush=True)
+        except Exception as error:  # noqa: BLE001 - one variant failing must not hide the others
+            print(f"PROBE d={head_dim} s={seqlen} causal={int(causal)} {name:10s} ERROR {type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[0][:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ if _IMPORT_ERROR is None:
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
               MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
               DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
-              SPLIT_D: gl.constexpr):
+              SPLIT_D: gl.constexpr, ROTATE: gl.constexpr):
         """One query block: dV, dK += ..., dQ partial reduced into global memory."""
         HALF: gl.constexpr = HEAD_DIM // 2
         if SPLIT_D:
@@ -322,7 +322,7 @@ if _IMPORT_ERROR is None:
         # SPLIT_D keeps one dO buffer (the producer refills it once both warpgroups' dV GEMMs are done).
         do_stage = 0 if SPLIT_D else stage
         do_phase = (t & 1) if SPLIT_D else phase
-        m_idx = m_lo + _step_block(t, n_steps, rot, (DETERMINISTIC == 1) and (not CAUSAL))
+        m_idx = m_lo + _step_block(t, n_steps, rot, ROTATE)
         m0 = m_idx * BLOCK_M
         dq_col = (head0 + t // n_steps) * HEAD_DIM + (0 if DQ_OWN else WG * HALF)
         q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
@@ -476,9 +476,8 @@ if _IMPORT_ERROR is None:
             # deterministic: in a fixed order of key blocks per (query block, half), counters[head, m, WG].
             if DETERMINISTIC != 0:
                 rank = _turn_rank(m_idx, rank_a, rank_b, n_m, BLOCK_M, 2 * k_w.shape[0], CAUSAL, DETERMINISTIC)
-                counter = _turn_counter(counters, t, m_lo, n_steps, n_m, rot, WG, (DETERMINISTIC == 1) and (not CAUSAL))
-                prev = _turn_counter(counters, gl.maximum(t - 1, 0), m_lo, n_steps, n_m, rot, WG,
-                                     (DETERMINISTIC == 1) and (not CAUSAL))
+                counter = _turn_counter(counters, t, m_lo, n_steps, n_m, rot, WG, ROTATE)
+                prev = _turn_counter(counters, gl.maximum(t - 1, 0), m_lo, n_steps, n_m, rot, WG, ROTATE)
                 _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1, counter,
                            rank, prev, t > 0, True)
             else:
@@ -496,7 +495,7 @@ if _IMPORT_ERROR is None:
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
                   NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr,
-                  SPLIT_D: gl.constexpr):
+                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr):
         WG_ROWS: gl.constexpr = 64
         BLOCK_N_: gl.constexpr = WG_ROWS if SPLIT_D else NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -549,13 +548,13 @@ if _IMPORT_ERROR is None:
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
-                                   CAUSAL, DETERMINISTIC, SPLIT_D)
+                                   CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE)
                 for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
-                                   CAUSAL, DETERMINISTIC, SPLIT_D)
+                                   CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
@@ -563,7 +562,7 @@ if _IMPORT_ERROR is None:
                                q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN,
-                               DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D)
+                               DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE)
 
         # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
         rows = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
@@ -577,8 +576,7 @@ if _IMPORT_ERROR is None:
         if DETERMINISTIC != 0 and not DQ_OWN and not SPLIT_D:
             # The last step's turn (_dq_reduce passes each earlier one on at the next step).
             if group * n_steps > 0:
-                _turn_pass(_turn_counter(counters, group * n_steps - 1, m_lo, n_steps, n_m, rot, WG,
-                                         (DETERMINISTIC == 1) and (not CAUSAL)))
+                _turn_pass(_turn_counter(counters, group * n_steps - 1, m_lo, n_steps, n_m, rot, WG, ROTATE))
         tma.store_wait(0)
 
     @gluon.jit
@@ -589,7 +587,8 @@ if _IMPORT_ERROR is None:
                          CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr,
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
-                         DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False):
+                         DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False,
+                         ROTATE: gl.constexpr = False):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -623,6 +622,8 @@ if _IMPORT_ERROR is None:
             n_steps = n_m
             n_masked = 0
         n_total = group * n_steps
+        # ROTATE (non-causal): key block j starts at query block rot(j) and wraps around, so that the
+        # CTAs running at once reduce into different dQ tiles (and, deterministic, in a fixed order).
         # Deterministic dQ (see _turn_rank): one int32 counter per (batch * head, query block, warpgroup).
         n_kblk = gl.cdiv(seqlen_k, BLOCK_N_)
         rot = (n_blk * n_m) // n_kblk
@@ -675,23 +676,23 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                             NUM_WG if KV_SPLIT else 1, (DETERMINISTIC == 1) and (not CAUSAL), SPLIT_D)),
+                             NUM_WG if KV_SPLIT else 1, ROTATE, SPLIT_D)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -700,17 +701,17 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                             NUM_WG if KV_SPLIT else 1, (DETERMINISTIC == 1) and (not CAUSAL), SPLIT_D)),
+                             NUM_WG if KV_SPLIT else 1, ROTATE, SPLIT_D)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -787,7 +788,9 @@ class Config(NamedTuple):
     runs under the dQ store; wgs: consumer warpgroups of 64 keys each (3 needs dq_own: 192 keys per CTA);
     split_d (head_dim 256): 64 keys per CTA, both warpgroups compute S^T and dP^T over all of them and each
     owns half of head_dim's columns of dK, dV and dQ (dK / dV of 64 keys x 256 columns would not fit one
-    warpgroup's registers), one dO buffer."""
+    warpgroup's registers), one dO buffer; rotate (non-causal): each key block walks the query blocks from
+    its own starting block (rot(j) = j * n_m // n_kblk), so that the CTAs running at once add into
+    different dQ tiles instead of all into the same one (the deterministic mode always rotates)."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -799,6 +802,7 @@ class Config(NamedTuple):
     dq_early: bool = False
     wgs: int = 2
     split_d: bool = False
+    rotate: bool = False
 
 
 def kv_box_rows(cfg: Config) -> int:
@@ -986,8 +990,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-        DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d), num_warps=4,
-        maxnreg=maxnreg),
+        DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
+        ROTATE=bool((cfg.rotate or mode == 1) and not causal), num_warps=4, maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
         dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
@@ -1108,7 +1112,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs,
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
                       DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
-                      SPLIT_D=bool(cfg.split_d))
+                      SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
