@@ -45,6 +45,7 @@ SPLIT_D_CASES = [
     ("d256-default", 256, False, "bf16", None),
     ("d256-causal-default-fp16", 256, True, "fp16", None),
     ("d256-causal-lpt", 256, True, "bf16", (64, 2, False, False, 1, True, False, False, 2, True)),
+    ("d256-plain-fp16", 256, False, "fp16", (64, 2, False, False, 1, False, False, False, 2, True, False)),
 ]
 SPLIT_D_MAX_SPILL = 64
 

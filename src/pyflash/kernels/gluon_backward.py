@@ -839,8 +839,13 @@ def default_config(head_dim: int, causal: bool) -> Config:
     mask the stats as accumulator start values (acc_init) measured 507 vs 468-480 TFLOP/s at d=128
     s=4096; under causal masking no variant beat the plain one (403-418)."""
     if head_dim == 256:
-        # Two Q stages, one dO buffer: 210 KB of shared memory (a third Q stage would not fit).
-        return Config(64, 2, acc_init=not causal, split_d=True)
+        # split_d, two Q stages and one dO buffer (210 KB of shared memory; a third Q stage would not fit).
+        # On an H200 (scripts/probe_backward256.py, benchmarks/RESULTS.md) acc_init with rotate measured
+        # 352 vs 305 TFLOP/s at s=4096 non-causal (neither alone gained); under causal, acc_init and lpt
+        # were within noise of the plain config (+3% / -4% by seqlen).
+        if not causal:
+            return Config(64, 2, acc_init=True, split_d=True, rotate=True)
+        return Config(64, 2, split_d=True)
     if not causal:
         return Config(64, 2, acc_init=True)
     return Config(64, 2)
@@ -853,7 +858,10 @@ def tuning_candidates(head_dim: int, causal: bool):
         # split_d only (the other layouts do not fit registers / shared memory at d=256).
         cands = {"sd": Config(split_d=True), "acc-sd": Config(acc_init=True, split_d=True)}
         if causal:
-            cands.update({"sd-lpt": Config(split_d=True, lpt=True)})
+            cands.update({"sd-lpt": Config(split_d=True, lpt=True), "acc-sd-lpt": Config(acc_init=True, split_d=True,
+                                                                                         lpt=True)})
+        else:
+            cands.update({"sd-rot": Config(split_d=True, rotate=True)})
         return cands
     cands = {"acc": Config(acc_init=True), "acc-dq2": Config(acc_init=True, dq_bufs=2),
              "dqe": Config(dq_early=True), "acc-dqe": Config(acc_init=True, dq_early=True)}
