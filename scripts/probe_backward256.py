@@ -47,6 +47,7 @@ def variants():
     sd = dict(split_d=True)
     return {
         "default": (gb, None),
+        "sd": (gb, gb.Config(**sd)),
         "acc": (gb, gb.Config(acc_init=True, **sd)),
         "rot": (gb, gb.Config(rotate=True, **sd)),
         "acc-rot": (gb, gb.Config(acc_init=True, rotate=True, **sd)),
@@ -73,26 +74,29 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(variants()))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"])
     args = parser.parse_args()
     table = variants()
     print(f"device {torch.cuda.get_device_name()}", flush=True)
-    for seqlen in args.seqlens:
-        for causal in map(bool, args.causal):
-            for head_dim in (256, 128):
-                names = [n for n in args.variants if n.startswith("d128") == (head_dim == 128)]
-                if names:
-                    probe(seqlen, causal, head_dim, names, table)
+    for dtype in args.dtypes:
+        for seqlen in args.seqlens:
+            for causal in map(bool, args.causal):
+                for head_dim in (256, 128):
+                    names = [n for n in args.variants if n.startswith("d128") == (head_dim == 128)]
+                    if names:
+                        probe(seqlen, causal, head_dim, names, table, dtype)
 
 
-def probe(seqlen, causal, head_dim, names, table):
+def probe(seqlen, causal, head_dim, names, table, dtype_name="bf16"):
     import torch
     import triton.testing
 
     batch, heads = 16384 // seqlen, 2048 // head_dim
     flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
-                                 generator=gen) for _ in range(4))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+                     for _ in range(4))
     scale = head_dim ** -0.5
     out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
                                                            False, scale=scale)
@@ -112,10 +116,10 @@ def probe(seqlen, causal, head_dim, names, table):
                 reference = tuple(g.clone() for g in grads)
             diff = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, reference))
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            print(f"PROBE d={head_dim} s={seqlen} causal={int(causal)} {name:10s} {ms:8.3f} ms "
+            print(f"PROBE {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {name:10s} {ms:8.3f} ms "
                   f"{flops / ms * 1e-9:7.1f} TFLOP/s  max|diff| vs first {diff:.1e}", flush=True)
         except Exception as error:  # noqa: BLE001 - one variant failing must not hide the others
-            print(f"PROBE d={head_dim} s={seqlen} causal={int(causal)} {name:10s} ERROR {type(error).__name__}: "
+            print(f"PROBE {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {name:10s} ERROR {type(error).__name__}: "
                   f"{str(error).strip().splitlines()[0][:300]}", flush=True)
 
 
