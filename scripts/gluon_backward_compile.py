@@ -80,7 +80,8 @@ def main():
             cfg = gb.Config(*(int(x) for x in args.config.split(",")))
             jobs.append((head_dim, causal, dtype, "given", cfg, args.dump))
             continue
-        jobs.append((head_dim, causal, dtype, "default", gb.default_config(head_dim, causal), args.dump))
+        jobs.append((head_dim, causal, dtype, "default", gb.default_config(head_dim, causal, dtype == "fp16"),
+                     args.dump))
         if args.sweep:
             for label, cfg in gb.tuning_candidates(head_dim, causal).items():
                 jobs.append((head_dim, causal, dtype, label, cfg, args.dump))

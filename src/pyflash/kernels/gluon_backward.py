@@ -834,17 +834,18 @@ def launch_shape(cfg: Config):
     raise ValueError(f"unsupported Config {cfg}: wgs must be 2, or 3 with dq_own")
 
 
-def default_config(head_dim: int, causal: bool) -> Config:
+def default_config(head_dim: int, causal: bool, fp16: bool = False) -> Config:
     """Ranked on an H100 by scripts/gluon_backward_check.py --sweep (benchmarks/RESULTS.md): without a
     mask the stats as accumulator start values (acc_init) measured 507 vs 468-480 TFLOP/s at d=128
     s=4096; under causal masking no variant beat the plain one (403-418)."""
     if head_dim == 256:
         # split_d, two Q stages and one dO buffer (210 KB of shared memory; a third Q stage would not fit).
-        # On an H200 (scripts/probe_backward256.py, benchmarks/RESULTS.md) acc_init with rotate measured
-        # 352 vs 305 TFLOP/s at s=4096 non-causal (neither alone gained); under causal, acc_init and lpt
-        # were within noise of the plain config (+3% / -4% by seqlen).
+        # On an H200 (scripts/probe_backward256.py, benchmarks/RESULTS.md), non-causal: bf16 best with
+        # acc_init and rotate (342-352 vs 305-328 TFLOP/s at s=4096; either alone lost), fp16 with rotate
+        # alone (323 / 336 vs 318 / 317 at s=4096 / 16384; acc_init lost there). Causal: acc_init and lpt
+        # within noise of the plain config (+3% / -4% by seqlen).
         if not causal:
-            return Config(64, 2, acc_init=True, split_d=True, rotate=True)
+            return Config(64, 2, acc_init=not fp16, split_d=True, rotate=True)
         return Config(64, 2, split_d=True)
     if not causal:
         return Config(64, 2, acc_init=True)
@@ -955,7 +956,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if batch == 0 or num_heads == 0:
         return None
     causal = _is_causal(params)
-    cfg = Config(*(config or default_config(head_dim, causal)))
+    cfg = Config(*(config or default_config(head_dim, causal, q.dtype == torch.float16)))
     scale = float(params.softmax_scale)
     launches = []  # the launches as launch.Launch over a call's tensors by name (_Plan)
     if seqlen_q > 0:
@@ -1078,7 +1079,7 @@ def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *,
     if not supported(dout, q, k, v, out, lse, dq, dk, dv, params, seqlens, False):
         raise ValueError("this call is not supported by the Gluon backward (see supported())")
     overrides = {name: value for name, value in overrides.items() if value is not None}
-    cfg = Config(*(config or default_config(head_dim, causal)))._replace(**overrides)
+    cfg = Config(*(config or default_config(head_dim, causal, q.dtype == torch.float16)))._replace(**overrides)
     backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, cfg, dq_accum=dq_accum,
              deterministic=deterministic)
     return dq, dk, dv
@@ -1112,7 +1113,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = Config(*(config or default_config(head_dim, causal)))
+    cfg = Config(*(config or default_config(head_dim, causal, dtype == "fp16")))
     block_n, maxnreg, consumer_regs = launch_shape(cfg)
     dq_own = bool(cfg.dq_own)
     constexprs = dict(BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=bool(causal),
@@ -1132,7 +1133,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
 def offline_report(head_dim: int, causal: bool, config=None, dtype: str = "bf16", deterministic: int = 0):
     """compile_sm90 + ptxas_stats as a plain dict: shared (bytes), regs, spill_stores, spill_loads, warnings.
     deterministic: the kernel's DETERMINISTIC mode (0 off, 1 / 2: deterministic_mode)."""
-    cfg = Config(*(config or default_config(head_dim, causal)))
+    cfg = Config(*(config or default_config(head_dim, causal, dtype == "fp16")))
     compiled = compile_sm90(head_dim, causal, cfg, dtype, deterministic)
     stats = ptxas_stats(compiled.asm["ptx"])
     return dict(shared=compiled.metadata.shared, regs=stats["regs"], spill_stores=stats["spill_stores"],
