@@ -69,6 +69,22 @@ wait for each other, at the price of twice the reduce traffic; clean at d=64, on
 d=128), wgs=3 (with dq_own: three consumer warpgroups, 192 keys per CTA, K / V as one 64-row box each;
 spills at the 160 registers four warpgroups leave: not a tuning candidate).
 
+Head dim 256 (split_d; dK and dV of 64 keys x 256 columns would need 256 registers a thread, and
+128 keys of K and V 128 KB of shared memory): one CTA per 64 keys. Both consumer warpgroups compute
+S^T and dP^T over all 64 keys (the same tiles, twice: 7 GEMM units a step instead of 5, but no
+exchange of P or dS between them) and each owns one half of head_dim's columns: dV[:, half] += P^T dO[:,
+half], dK[:, half] += dS^T Q[:, half] (dS^T from its own shared buffer), dQ[:, half] = dS K[:, half] in
+parts of 64 columns through its own staging buffer. dO has one buffer (released by ``ds_ready[0]`` once
+both warpgroups' dV GEMMs have read it, refilled under the rest of the step), Q two: 210 KB of shared
+memory. K and V are taken from their buffers through an index the compiler cannot fold (an inline-asm
+zero), so their wgmma descriptors are rebuilt each step rather than hoisted and spilled. Its cost at
+s=4096 (H200, scripts/probe_backward256.py): 4.48 ms, of which the dQ reduce-adds (twice the traffic
+per FLOP of the 128-key layout) take 1.16 ms and all of dQ 1.8 ms.
+
+rotate (non-causal, Config.rotate): key block j walks the query blocks from rot(j) = j * n_m // n_kblk
+and wraps around, so that the CTAs running at once add into different dQ tiles (the deterministic
+mode's order, below). At d=256 with acc_init it measured +15% (bf16); at d=128 no gain.
+
 Tensors: q, k, v, dout TMA-readable (batch, seqlen, heads, head_dim) (3-D descriptors over the
 (batch, seqlen, heads * head_dim) view); out, lse, dq, dk, dv, softmax_d through their strides.
 
