@@ -151,6 +151,23 @@ def check_case(spec, causal, dtype_name, variant, strided=False):
     return result
 
 
+def bench_inputs(seqlen, head_dim, causal, dtype_name="bf16"):
+    """A benchmark shape's inputs (batch * seqlen = 16384, heads * head_dim = 2048, random normal on the
+    GPU): (flops of the backward, q, k, v, dout, out, lse, scale), out and lse from PyTorch's
+    FlashAttention forward (lse cut to seqlen). Also scripts/probe_backward256.py's."""
+    import torch
+
+    batch, heads = 16384 // seqlen, 2048 // head_dim
+    flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=_torch_dtype(dtype_name),
+                                 generator=gen) for _ in range(4))
+    scale = head_dim ** -0.5
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
+                                                           False, scale=scale)
+    return flops, q, k, v, dout, out, lse[..., :seqlen].contiguous(), scale
+
+
 def bench_case(seqlen, head_dim, causal, variants, baselines=True):
     import torch
     import torch.nn.functional as F
@@ -158,15 +175,7 @@ def bench_case(seqlen, head_dim, causal, variants, baselines=True):
     import triton.testing
 
     batch, heads = 16384 // seqlen, 2048 // head_dim
-    flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
-    dtype = torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
-                     for _ in range(4))
-    scale = head_dim ** -0.5
-    out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
-                                                           False, scale=scale)
-    lse = lse[..., :seqlen].contiguous()
+    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, head_dim, causal)
     results = {}
 
     def timed(name, fn):

@@ -91,16 +91,9 @@ def probe(seqlen, causal, head_dim, names, table, dtype_name="bf16"):
     import torch
     import triton.testing
 
-    batch, heads = 16384 // seqlen, 2048 // head_dim
-    flops = 10 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    q, k, v, dout = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
-                     for _ in range(4))
-    scale = head_dim ** -0.5
-    out, lse, *_ = torch.ops.aten._flash_attention_forward(q, k, v, None, None, seqlen, seqlen, 0.0, causal,
-                                                           False, scale=scale)
-    lse = lse[..., :seqlen].contiguous()
+    from gluon_backward_check import bench_inputs
+
+    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, head_dim, causal, dtype_name)
     grads = tuple(torch.empty_like(q) for _ in range(3))
     accum = torch.empty(q.shape, dtype=torch.float32, device="cuda")
     reference = None
