@@ -784,6 +784,7 @@ if triton is not None:
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+DETERMINISTIC_HEAD_DIMS = (64, 128)  # d=256 (split_d) has no deterministic mode
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
@@ -916,8 +917,9 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
     """Whether backward() handles this call exactly (the backend contract of kernels/backward.py):
     dense bf16/fp16 on an sm_90 GPU, head_dim 64 / 128 / 256, MHA or GQA/MQA, any seqlen_q / seqlen_k,
     non-causal or causal (bottom-right aligned); no dropout, softcap, ALiBi or other windows;
-    deterministic or not (backward's DETERMINISTIC mode). q, k, v, dout TMA-readable (heads packed at
-    head_dim, 16-byte aligned strides); out, lse, dq, dk, dv, softmax_d through their strides."""
+    deterministic or not (backward's DETERMINISTIC mode; not at head_dim 256). q, k, v, dout
+    TMA-readable (heads packed at head_dim, 16-byte aligned strides); out, lse, dq, dk, dv, softmax_d
+    through their strides."""
     try:
         if not AVAILABLE or seqlens.is_varlen or seqlens.seqused_k is not None:
             return False
@@ -942,6 +944,8 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
             return False
         if head_dim not in SUPPORTED_HEAD_DIMS or k.shape[0] != batch or k.shape[3] != head_dim:
             return False
+        if deterministic and head_dim not in DETERMINISTIC_HEAD_DIMS:
+            return False  # the deterministic mode needs the shared-dS layout (not split_d)
         if heads_k == 0 or heads % heads_k:
             return False
         if seqlens.batch_size != batch or seqlens.max_seqlen_q != seqlen_q or seqlens.max_seqlen_k != seqlen_k:
