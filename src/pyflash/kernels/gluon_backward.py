@@ -309,6 +309,18 @@ if _IMPORT_ERROR is None:
         _tma_reduce_add(dq_desc, [batch, m0, col], dq_buf)
 
     @gluon.jit
+    def _dq_part(ds_w, k_cols, dq_layout: gl.constexpr, dq_smem, index, dq_desc, batch, m0, col,
+                 PENDING: gl.constexpr):
+        """A further column part of dQ (the first runs under the dK GEMM): dS K[:, part] from this
+        warpgroup's dS^T buffer, waited for, then _dq_reduce'd through staging buffer ``index``."""
+        BLOCK_M: gl.constexpr = ds_w.shape[1]
+        DQ_COLS: gl.constexpr = k_cols.shape[1]
+        dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout),
+                               use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+        _dq_reduce(dq, dq_smem, index, dq_desc, batch, m0, col, PENDING)
+
+    @gluon.jit
     def _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
               stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale, rot, counters, rank_a,
               rank_b, n_m, s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
@@ -425,12 +437,9 @@ if _IMPORT_ERROR is None:
             dk = warpgroup_mma_wait(0, deps=(dk_tok, ))
             mbarrier.arrive(stage_empty.index(stage))
             for part in gl.static_range(1, DQ_PARTS):
-                dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_half.slice(part * DQ_COLS, DQ_COLS, dim=1),
-                                       gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
-                                       is_async=True)
-                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + (t * DQ_PARTS + part) % DQ_BUFS, dq_desc, batch, m0,
-                           dq_col + part * DQ_COLS, DQ_BUFS - 1)
+                _dq_part(ds_w, k_half.slice(part * DQ_COLS, DQ_COLS, dim=1), dq_layout, dq_smem,
+                         WG * DQ_BUFS + (t * DQ_PARTS + part) % DQ_BUFS, dq_desc, batch, m0, dq_col + part * DQ_COLS,
+                         DQ_BUFS - 1)
         elif DQ_OWN:
             # dQ += dS_w K_w over this warpgroup's own keys only (full head_dim, its own TMA reduce): no
             # exchange with the other warpgroups. dS^T -> this warpgroup's own dS buffer (the previous
@@ -452,12 +461,8 @@ if _IMPORT_ERROR is None:
             mbarrier.arrive(stage_empty.index(stage))
             # The other column parts of dQ, one at a time (fewer live registers than one wide GEMM).
             for part in gl.static_range(1, DQ_PARTS):
-                dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(part * DQ_COLS, DQ_COLS, dim=1),
-                                       gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
-                                       is_async=True)
-                dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
-                _dq_reduce(dq, dq_smem, base + part, dq_desc, batch, m0, dq_col + part * DQ_COLS,
-                           DQ_PARTS * DQ_BUFS - 1)
+                _dq_part(ds_w, k_w.slice(part * DQ_COLS, DQ_COLS, dim=1), dq_layout, dq_smem, base + part, dq_desc,
+                         batch, m0, dq_col + part * DQ_COLS, DQ_PARTS * DQ_BUFS - 1)
         elif DQ_EARLY:
             # The dS exchange first, then dQ before dK: dK (reads Q) runs under the dQ store below.
             buf = t % 2
