@@ -1,0 +1,75 @@
+"""Fingerprints of the Gluon kernels' sm_90 machine code, compiled offline (no GPU needed).
+
+    PYTHONPATH=src python scripts/sass_fingerprint.py > before.txt   # on the old tree
+    PYTHONPATH=src python scripts/sass_fingerprint.py > after.txt    # on the new tree
+    diff before.txt after.txt                                        # nothing: the same kernels
+
+A change meant to leave the kernels alone (a helper factored out, arguments reordered) is checked
+on the CPU this way: each line is a configuration and the hash of its SASS instruction stream
+(nvdisasm of the cubin, instruction addresses stripped), so equal lines mean the GPU runs the same
+instructions as the tree that was measured. PTX is no use for this: it carries source line numbers.
+The configurations are the backward's and forward's defaults plus the backward's tuning variants
+with their own code paths (dq_own, the deterministic modes).
+"""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+
+from pyflash.kernels import gluon_backward as gb  # noqa: E402
+from pyflash.kernels import gluon_forward as gf  # noqa: E402
+
+INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*)")
+
+
+def nvdisasm():
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+def fingerprint(compiled) -> str:
+    """Hash and instruction count of a CompiledKernel's SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([nvdisasm(), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    instructions = [re.sub(r"/\*[0-9a-f]+\*/", "", match.group(1)).strip()
+                    for match in map(INSTRUCTION.match, sass.splitlines()) if match]
+    return f"{hashlib.sha1(chr(10).join(instructions).encode()).hexdigest()[:16]} {len(instructions)}"
+
+
+def backward_cases():
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            for dtype in ("bf16", "fp16"):
+                yield f"backward d={head_dim} causal={int(causal)} {dtype} default", (head_dim, causal, None, dtype, 0)
+    yield "backward d=64 dq_own", (64, False, gb.Config(dq_own=True), "bf16", 0)
+    yield "backward d=64 causal acc dq_own st3", (64, True, gb.Config(num_stages=3, acc_init=True, dq_own=True),
+                                                  "bf16", 0)
+    yield "backward d=128 deterministic 1", (128, False, None, "bf16", 1)
+    yield "backward d=128 causal deterministic 2", (128, True, None, "bf16", 2)
+
+
+def forward_cases():
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            config = gf.default_config(head_dim, causal, 4096, 4096)
+            yield f"forward d={head_dim} causal={int(causal)} s=4096 default", (head_dim, config, "bf16",
+                                                                                dict(has_right=causal))
+
+
+def main():
+    for label, args in backward_cases():
+        print(f"{label:48s} {fingerprint(gb.compile_sm90(*args))}", flush=True)
+    for label, (head_dim, config, dtype, flags) in forward_cases():
+        print(f"{label:48s} {fingerprint(gf.compile_sm90(head_dim, config, dtype, **flags))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
