@@ -104,3 +104,21 @@ def test_supported_refuses_off_gpu():
     lse = torch.zeros(1, 2, 8)
     params, seqlens = AttentionParams(0.125, -1, -1), Seqlens(1, 8, 8)
     assert not gb.supported(q, q, q, q, q, lse, q, q, q, params, seqlens, False)
+
+
+def test_head_dim_256_configs_are_split_d():
+    """At d=256 only the split_d layout fits (dK / dV of 128 keys would not): every default and tuning
+    candidate uses it, with 64-key K / V boxes and 64-column dQ reduces; split_d with a layout it cannot
+    combine with is refused by name."""
+    from pyflash.kernels import gluon_backward as gb
+
+    for causal in (False, True):
+        configs = [gb.default_config(256, causal, fp16) for fp16 in (False, True)]
+        configs += list(gb.tuning_candidates(256, causal).values())
+        for cfg in configs:
+            assert cfg.split_d, cfg
+            assert gb.launch_shape(cfg)[0] == gb.kv_box_rows(cfg) == 64
+            assert gb.dq_box_cols(cfg, 256) == 64
+    for bad in (gb.Config(split_d=True, dq_own=True), gb.Config(split_d=True, wgs=3)):
+        with pytest.raises(ValueError, match="split_d"):
+            gb.launch_shape(bad)
