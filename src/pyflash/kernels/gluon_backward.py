@@ -149,7 +149,6 @@ MAXNREG = 168  # 65536 registers / (3 warpgroups * 128 threads), rounded down to
 
 
 if _IMPORT_ERROR is None:
-    DQ_MAX_ = gl.constexpr(DQ_MAX)
 
     @_gl_builtin
     def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
