@@ -14,6 +14,8 @@ diagnostic switches):
   traffic into the fp32 accumulator costs;
 * nodq: the dQ GEMMs, stores and reduces skipped: what all of dQ costs.
 The diagnostic rows compute wrong gradients by construction: only their times mean anything.
+--kernel-times instead prints each kernel's GPU time (torch.profiler) in the Triton kernels' backward and
+in the default one: the Triton dQ kernel's share sizes a "split_d without dQ + separate dQ pass" design.
 """
 import argparse
 import importlib.util
@@ -75,9 +77,17 @@ def main():
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(variants()))
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"])
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="instead: GPU time of each kernel of the Triton and the Gluon backward (torch.profiler)")
     args = parser.parse_args()
     table = variants()
     print(f"device {torch.cuda.get_device_name()}", flush=True)
+    if args.kernel_times:
+        for dtype in args.dtypes:
+            for seqlen in args.seqlens:
+                for causal in map(bool, args.causal):
+                    kernel_times(seqlen, causal, dtype)
+        return
     for dtype in args.dtypes:
         for seqlen in args.seqlens:
             for causal in map(bool, args.causal):
@@ -85,6 +95,36 @@ def main():
                     names = [n for n in args.variants if n.startswith("d128") == (head_dim == 128)]
                     if names:
                         probe(seqlen, causal, head_dim, names, table, dtype)
+
+
+def kernel_times(seqlen, causal, dtype_name, calls=10):
+    """Mean GPU time per call of each kernel the d=256 backward launches, through the Triton kernels
+    (delta, dK/dV, dQ: what a split_d-without-dQ + separate dQ pass would reuse) and the default path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gluon_backward_check import bench_inputs
+    from pyflash.kernels.backward import backward
+    from pyflash.params import AttentionParams, Seqlens
+
+    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, 256, causal, dtype_name)
+    params = AttentionParams(scale, -1, 0 if causal else -1)
+    seqlens = Seqlens(q.shape[0], seqlen, seqlen)
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    softmax_d = torch.empty_like(lse)
+    for kernel in ("triton", None):
+        def run(kernel=kernel):
+            backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, False, kernel=kernel)
+        run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                run()
+            torch.cuda.synchronize()
+        for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+            if event.count >= calls:
+                print(f"KERNEL {dtype_name} d=256 s={seqlen} causal={int(causal)} {kernel or 'default':7s} "
+                      f"{event.device_time_total / calls / 1e3:8.3f} ms  {event.key[:70]}", flush=True)
 
 
 def probe(seqlen, causal, head_dim, names, table, dtype_name="bf16"):
