@@ -112,6 +112,27 @@ def test_dense(kwargs, use_tma):
     check_dense(**kwargs, use_tma=use_tma)
 
 
+@pytest.mark.parametrize("window_right", [-1, 0])
+def test_dq_only(window_right):
+    """dq_only: the same dq and softmax_d as the whole backward (the same dQ kernel), and dk, dv left
+    as they were (NaN here)."""
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim = 2, 100, 33, 4, 2, 64
+    torch.manual_seed(7)
+    q = torch.randn(batch, seqlen_q, num_heads, head_dim, dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, seqlen_k, num_heads_k, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    scale = head_dim ** -0.5
+    out, lse, _ = _grads(q, k, v, dout, torch.float64, softmax_scale=scale, window_right=window_right)
+    out, lse = out.to(q.dtype), lse.float()
+    params, seqlens = AttentionParams(scale, -1, window_right), Seqlens(batch, seqlen_q, seqlen_k)
+    whole = _run(dout, q, k, v, out, lse, params, seqlens)
+    dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
+    softmax_d = torch.full_like(lse, math.nan)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, True, dq_only=True)
+    assert torch.equal(dq, whole[0]) and torch.equal(softmax_d, whole[3])
+    assert dk.isnan().all() and dv.isnan().all()
+
+
 def test_strided_outputs():
     """dq_/dk_/dv_ given as views with their own strides are written in place."""
     batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim = 2, 17, 100, 2, 1, 32

@@ -464,7 +464,7 @@ def _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, param
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
-             config=None, use_tma=None, kernel=None) -> None:
+             config=None, use_tma=None, kernel=None, dq_only=False) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
     kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, not deterministic,
@@ -474,7 +474,9 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
     fallback to smaller tiles then); use_tma: force the loops' TMA loads (Q, dO in the dK/dV kernel;
     K, V in the dQ kernel) on or off, or a pair (dK/dV kernel, dQ kernel) (default: the config's tma
-    on Hopper, when the tensors allow it)."""
+    on Hopper, when the tensors allow it). dq_only: dq and softmax_d alone, from the dQ kernel (a fixed
+    order, so deterministic); the dK/dV kernel is not launched and dk, dv are not touched (a caller
+    that has them from elsewhere, as the Gluon split_d kernel without its dQ work)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -485,7 +487,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if kernel not in (None, "triton"):
         raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
     if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS
-            and not deterministic and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv,
+            and not deterministic and not dq_only and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv,
                                                                   softmax_d, params, seqlens, deterministic)):
         return
     launches = key = None
@@ -494,7 +496,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         # A call like an earlier one replays its recorded launches (kernels/launch.py).
         named = _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens)
         # Dropout calls have no plan: their seed and offset are arguments that change every call.
-        key = call_key(named.values(), params, seqlens, deterministic, current_device())
+        key = call_key(named.values(), params, seqlens, deterministic, current_device(), dq_only)
         plan = _PLANS.get(key)
         if plan is not None:
             plan(named)
@@ -504,7 +506,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     cfg = BackwardConfig(*(config or backward_config(q, head_dim, params.is_causal)))
     dkdv_block_m, dkdv_block_n, dkdv_warps, dkdv_stages = cfg.dkdv
     dq_block_m, dq_block_n, dq_warps, dq_stages = cfg.dq
-    atomic_dq = cfg.atomic_dq and not deterministic
+    atomic_dq = cfg.atomic_dq and not deterministic and not dq_only
     # softmax_d shares softmax_lse's layout: one set of strides serves both.
     delta = softmax_d if softmax_d.stride() == softmax_lse.stride() else torch.empty_like(softmax_lse)
     dummy = softmax_lse  # stands in for absent tensors; never read (its switch is off)
@@ -575,7 +577,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                 num_warps=num_warps, num_stages=num_stages), dict(enumerate(
                 (q_src, "k", "v", dout_src, "softmax_lse", "delta", "dq_target", "dk", "dv", *TENSOR_SOURCES))))
 
-        run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
+        if not dq_only:
+            run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         launch_into(launches, _dq_from_accumulator_kernel, grid, (
