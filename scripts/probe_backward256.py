@@ -13,6 +13,8 @@ diagnostic switches):
 * noreduce: the dQ TMA reduce-adds skipped (the dQ GEMMs and shared-memory stores stay): what dQ's
   traffic into the fp32 accumulator costs;
 * nodq: the dQ GEMMs, stores and reduces skipped: what all of dQ costs.
+* hybrid: Config(with_dq=False) for dK / dV, then the Triton dQ kernel alone for dQ (deterministic; its
+  gradients are compared with the default's like every row).
 The diagnostic rows compute wrong gradients by construction: only their times mean anything.
 --kernel-times instead prints each kernel's GPU time (torch.profiler) in the Triton kernels' backward and
 in the default one: the Triton dQ kernel's share sizes a "split_d without dQ + separate dQ pass" design.
@@ -54,6 +56,7 @@ def variants():
         "rot": (gb, gb.Config(rotate=True, **sd)),
         "acc-rot": (gb, gb.Config(acc_init=True, rotate=True, **sd)),
         "lpt": (gb, gb.Config(lpt=True, **sd)),
+        "hybrid": ("hybrid", gb.Config(split_d=True, rotate=True, with_dq=False)),
         "acc-lpt": (gb, gb.Config(acc_init=True, lpt=True, **sd)),
         "d128": (gb, gb.Config(acc_init=True)),
         "d128-rot": (gb, gb.Config(acc_init=True, rotate=True)),
@@ -127,6 +130,25 @@ def kernel_times(seqlen, causal, dtype_name, calls=10):
                       f"{event.device_time_total / calls / 1e3:8.3f} ms  {event.key[:70]}", flush=True)
 
 
+def hybrid(dout, q, k, v, out, lse, scale, causal, grads, config):
+    """The call of a "split_d without dQ + dQ pass" backward: dK, dV (and softmax_d) from the Gluon kernel
+    with with_dq=False, then dQ from the Triton dQ kernel alone (kernels/backward.backward(dq_only=True):
+    a fixed order, so the pair is deterministic)."""
+    import torch
+
+    from pyflash.kernels.backward import backward
+    from pyflash.params import AttentionParams, Seqlens
+
+    params = AttentionParams(scale, -1, 0 if causal else -1)
+    seqlens = Seqlens(q.shape[0], q.shape[1], k.shape[1])
+    softmax_d = torch.empty_like(lse)
+
+    def run():
+        gb.backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, config)
+        backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, True, kernel="triton", dq_only=True)
+    return run
+
+
 def probe(seqlen, causal, head_dim, names, table, dtype_name="bf16"):
     import torch
     import triton.testing
@@ -140,9 +162,13 @@ def probe(seqlen, causal, head_dim, names, table, dtype_name="bf16"):
     for name in names:
         module, config = table[name]
         try:
-            module = module() if callable(module) else module
-            fn = lambda: module.backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=grads[0],  # noqa: E731
-                                               dk=grads[1], dv=grads[2], dq_accum=accum, config=config)
+            if module == "hybrid":
+                fn = hybrid(dout, q, k, v, out, lse, scale, causal, grads, config)
+            else:
+                module = module() if callable(module) else module
+                fn = lambda: module.backward_gluon(dout, q, k, v, out, lse, scale, causal,  # noqa: E731
+                                                   dq=grads[0], dk=grads[1], dv=grads[2], dq_accum=accum,
+                                                   config=config)
             fn()
             torch.cuda.synchronize()
             if reference is None:

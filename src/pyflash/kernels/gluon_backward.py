@@ -326,8 +326,8 @@ if _IMPORT_ERROR is None:
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
               MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
               DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
-              SPLIT_D: gl.constexpr, ROTATE: gl.constexpr):
-        """One query block: dV, dK += ..., dQ partial reduced into global memory."""
+              SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr):
+        """One query block: dV, dK += ..., dQ partial reduced into global memory (not with NO_DQ)."""
         HALF: gl.constexpr = HEAD_DIM // 2
         if SPLIT_D:
             # k_w, v_w are the [1, rows, HEAD_DIM] K / V buffers, indexed here by a zero the compiler cannot
@@ -416,7 +416,18 @@ if _IMPORT_ERROR is None:
         else:
             delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
             ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
-        if SPLIT_D:
+        if SPLIT_D and NO_DQ:
+            # dK, dV only (dQ comes from another pass): dS^T through this warpgroup's own buffer for dK (SS).
+            ds_w = ds_smem.index(WG + zero)
+            ds_w.store(ds)
+            fence_async_shared()
+            gl.thread_barrier()
+            dk_tok = warpgroup_mma(ds_w, q_b, dk, is_async=True)
+            dv, p_op = warpgroup_mma_wait(1, deps=(dv_tok, p_op))
+            mbarrier.arrive(ds_ready.index(0))  # dO read by dP^T and dV: the producer may refill it
+            dk = warpgroup_mma_wait(0, deps=(dk_tok, ))
+            mbarrier.arrive(stage_empty.index(stage))
+        elif SPLIT_D:
             # Both warpgroups hold the same dS^T (the CTA's keys): each writes it to its own buffer (no
             # exchange), takes dK from there (SS) and computes its half of dQ's columns, in DQ_PARTS parts
             # through DQ_BUFS staging buffers of its own.
@@ -515,7 +526,7 @@ if _IMPORT_ERROR is None:
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
                   NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr,
-                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr):
+                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr):
         WG_ROWS: gl.constexpr = 64
         BLOCK_N_: gl.constexpr = WG_ROWS if SPLIT_D else NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -568,13 +579,13 @@ if _IMPORT_ERROR is None:
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
-                                   CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE)
+                                   CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
                 for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
                     dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                    q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
-                                   CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE)
+                                   CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
@@ -582,7 +593,7 @@ if _IMPORT_ERROR is None:
                                q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN,
-                               DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE)
+                               DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
 
         # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
         rows = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
@@ -608,7 +619,7 @@ if _IMPORT_ERROR is None:
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
                          DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False,
-                         ROTATE: gl.constexpr = False):
+                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -672,8 +683,8 @@ if _IMPORT_ERROR is None:
         # DQ_OWN: a staging buffer per dQ part and warpgroup (DQ_BUFS deep); SPLIT_D: DQ_BUFS per warpgroup,
         # its parts taking turns.
         DQ_PARTS: gl.constexpr = HEAD_DIM // dq_desc.block_type.shape[2] if DQ_OWN else 1
-        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_WG * DQ_PARTS * DQ_BUFS] + dq_desc.block_type.shape,
-                                            dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [1 if NO_DQ else NUM_WG * DQ_PARTS * DQ_BUFS]
+                                            + dq_desc.block_type.shape, dq_desc.layout)
         kv_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -696,19 +707,19 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
@@ -721,13 +732,13 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
@@ -811,7 +822,9 @@ class Config(NamedTuple):
     owns half of head_dim's columns of dK, dV and dQ (dK / dV of 64 keys x 256 columns would not fit one
     warpgroup's registers), one dO buffer; rotate (non-causal): each key block walks the query blocks from
     its own starting block (rot(j) = j * n_m // n_kblk), so that the CTAs running at once add into
-    different dQ tiles instead of all into the same one (the deterministic mode always rotates)."""
+    different dQ tiles instead of all into the same one (the deterministic mode always rotates);
+    with_dq=False (split_d): dK, dV and softmax_d only, dq left alone, for a caller that takes dQ from
+    a pass of its own (kernels/backward.backward(dq_only=True), the Triton dQ kernel)."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -824,6 +837,7 @@ class Config(NamedTuple):
     wgs: int = 2
     split_d: bool = False
     rotate: bool = False
+    with_dq: bool = True
 
 
 def kv_box_rows(cfg: Config) -> int:
@@ -842,6 +856,8 @@ def launch_shape(cfg: Config):
     """(keys per CTA, maxnreg of the kernel, setmaxnreg of the consumer worker warpgroups) of a Config:
     wgs consumer warpgroups of WG_N keys each plus the producer's warpgroup share 64K registers."""
     wgs = int(cfg.wgs)
+    if not cfg.with_dq and not cfg.split_d:
+        raise ValueError(f"unsupported Config {cfg}: with_dq=False needs split_d")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
@@ -971,10 +987,10 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
              dq_accum=None, deterministic: bool = False):
     """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
 
-    config: a Config instead of default_config (tuning, tests); dq_accum: a preallocated fp32
-    (b, sq, h, d) contiguous buffer (zeroed here); deterministic: dQ added in a fixed order of key blocks
-    (deterministic_mode). Returns the three launches as a _Plan (None where the main kernel did not run or
-    a launch was not recorded)."""
+    config: a Config instead of default_config (tuning, tests; with_dq=False leaves dq alone); dq_accum: a
+    preallocated fp32 (b, sq, h, d) contiguous buffer (zeroed here); deterministic: dQ added in a fixed
+    order of key blocks (deterministic_mode). Returns the launches as a _Plan (None where the main kernel
+    did not run or a launch was not recorded)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or num_heads == 0:
@@ -998,7 +1014,11 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         dk.zero_()
         dv.zero_()
         return None
-    if dq_accum is None:
+    with_dq = bool(cfg.with_dq)
+    if not with_dq:
+        # Never written (NO_DQ): a one-box stand-in for the dQ accumulator's descriptor.
+        dq_accum = torch.zeros((1, cfg.block_m, 1, dq_box_cols(cfg, head_dim)), dtype=torch.float32, device=q.device)
+    elif dq_accum is None:
         dq_accum = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32, device=q.device)
     else:
         dq_accum.zero_()
@@ -1012,7 +1032,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     counters = torch.zeros((batch * num_heads, n_m, 2), dtype=torch.int32, device=q.device) if mode else stats
     descs = dict(q=_descriptor4(q, cfg.block_m, head_dim), dout=_descriptor4(dout, cfg.block_m, head_dim),
                  k=_descriptor4(k, kv_box_rows(cfg), head_dim), v=_descriptor4(v, kv_box_rows(cfg), head_dim),
-                 dq_accum=descriptor(dq_accum.view(batch, seqlen_q, num_heads * head_dim),
+                 dq_accum=descriptor(dq_accum.view(dq_accum.shape[0], dq_accum.shape[1], -1),
                                      [1, cfg.block_m, dq_box_cols(cfg, head_dim)]),
                  stats=descriptor(stats, [1, 4, cfg.block_m]))
     lpt = bool(cfg.lpt and causal)
@@ -1024,11 +1044,12 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
-        ROTATE=bool((cfg.rotate or mode == 1) and not causal), num_warps=4, maxnreg=maxnreg),
+        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, num_warps=4, maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
-    launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
-        dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
-        dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), {0: "dq_accum", 1: "dq"})
+    if with_dq:
+        launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
+            dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
+            dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), {0: "dq_accum", 1: "dq"})
     if None in launches:
         return None
     return _Plan(tuple(launches), tuple(stats.shape), tuple(dq_accum.shape), tuple(counters.shape) if mode else None)
@@ -1145,7 +1166,8 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs,
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
                       DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
-                      SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal))
+                      SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal),
+                      NO_DQ=not cfg.with_dq)
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
