@@ -162,7 +162,7 @@ if _IMPORT_ERROR is None:
     def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
                   q_ready, do_ready, stage_empty, do_free, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps,
                   n_total, rot, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  KV_BOXES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_D: gl.constexpr):
+                  KV_BOXES: gl.constexpr, ROTATE: gl.constexpr, ONE_DO: gl.constexpr):
         if KV_BOXES == 1:
             mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
@@ -190,7 +190,7 @@ if _IMPORT_ERROR is None:
             tma.async_copy_global_to_shared(q_desc, [batch, m0, col], q_ready.index(stage), q_smem.index(stage))
             tma.async_copy_global_to_shared(st_desc, [batch * num_heads + head, 0, m0], q_ready.index(stage),
                                             st_smem.index(stage))
-            if SPLIT_D:
+            if ONE_DO:
                 # One dO buffer: dO_i goes in once both warpgroups' dV GEMMs of step i - 1 have read it
                 # (do_free), under the rest of that step (dK, dQ).
                 mbarrier.wait(do_free.index(0), (t & 1) ^ 1)
@@ -346,9 +346,11 @@ if _IMPORT_ERROR is None:
         dtype: gl.constexpr = q_smem.dtype
         stage = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
-        # SPLIT_D keeps one dO buffer (the producer refills it once both warpgroups' dV GEMMs are done).
-        do_stage = 0 if SPLIT_D else stage
-        do_phase = (t & 1) if SPLIT_D else phase
+        # SPLIT_D with dQ keeps one dO buffer (the producer refills it once both warpgroups' dV GEMMs are
+        # done); without dQ the shared memory of dQ's staging holds a dO ring like Q's.
+        ONE_DO: gl.constexpr = SPLIT_D and not NO_DQ
+        do_stage = 0 if ONE_DO else stage
+        do_phase = (t & 1) if ONE_DO else phase
         m_idx = m_lo + _step_block(t, n_steps, rot, ROTATE)
         m0 = m_idx * BLOCK_M
         dq_col = (head0 + t // n_steps) * HEAD_DIM + (0 if DQ_OWN else WG * HALF)
@@ -423,9 +425,7 @@ if _IMPORT_ERROR is None:
             fence_async_shared()
             gl.thread_barrier()
             dk_tok = warpgroup_mma(ds_w, q_b, dk, is_async=True)
-            dv, p_op = warpgroup_mma_wait(1, deps=(dv_tok, p_op))
-            mbarrier.arrive(ds_ready.index(0))  # dO read by dP^T and dV: the producer may refill it
-            dk = warpgroup_mma_wait(0, deps=(dk_tok, ))
+            dv, dk, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op))
             mbarrier.arrive(stage_empty.index(stage))
         elif SPLIT_D:
             # Both warpgroups hold the same dS^T (the CTA's keys): each writes it to its own buffer (no
@@ -663,8 +663,9 @@ if _IMPORT_ERROR is None:
 
         dtype: gl.constexpr = q_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
-        # SPLIT_D (head_dim 256): one dO buffer (shared memory), refilled under each step's dK / dQ GEMMs.
-        do_smem = gl.allocate_shared_memory(dtype, [1 if SPLIT_D else NUM_STAGES] + do_desc.block_type.shape,
+        # SPLIT_D (head_dim 256) with dQ: one dO buffer (shared memory), refilled under each step's dK / dQ GEMMs.
+        ONE_DO: gl.constexpr = SPLIT_D and not NO_DQ
+        do_smem = gl.allocate_shared_memory(dtype, [1 if ONE_DO else NUM_STAGES] + do_desc.block_type.shape,
                                             do_desc.layout)
         if KV_SPLIT:
             k_smem = gl.allocate_shared_memory(dtype, [NUM_WG] + k_desc.block_type.shape, k_desc.layout)
@@ -723,7 +724,7 @@ if _IMPORT_ERROR is None:
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                             NUM_WG if KV_SPLIT else 1, ROTATE, SPLIT_D)),
+                             NUM_WG if KV_SPLIT else 1, ROTATE, ONE_DO)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -742,7 +743,7 @@ if _IMPORT_ERROR is None:
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                             NUM_WG if KV_SPLIT else 1, ROTATE, SPLIT_D)),
+                             NUM_WG if KV_SPLIT else 1, ROTATE, ONE_DO)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -824,7 +825,8 @@ class Config(NamedTuple):
     its own starting block (rot(j) = j * n_m // n_kblk), so that the CTAs running at once add into
     different dQ tiles instead of all into the same one (the deterministic mode always rotates);
     with_dq=False (split_d): dK, dV and softmax_d only, dq left alone, for a caller that takes dQ from
-    a pass of its own (kernels/backward.backward(dq_only=True), the Triton dQ kernel)."""
+    a pass of its own (kernels/backward.backward(dq_only=True), the Triton dQ kernel); dO then has a ring
+    of num_stages buffers like Q (in the shared memory dQ's staging no longer needs)."""
 
     block_m: int = 64
     num_stages: int = 2
