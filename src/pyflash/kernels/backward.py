@@ -429,8 +429,7 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 # d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md). Not deterministic calls:
 # its deterministic mode (dQ tiles in a fixed order of key blocks) measured 296 / 255 TFLOP/s against
 # these kernels' 401 / 313 (d=128 s=4096; scripts/deterministic_check.py). At d=256 its split_d layout
-# measured 305 / 276 TFLOP/s against these kernels' 243 / 237 (s=4096, H200; scripts/gluon_backward_check.py
-# --head-dims 256).
+# measured 352 / 274 TFLOP/s against these kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench).
 GLUON_HEAD_DIMS = frozenset({128, 256})
 # Plan sources (launch.Launch) of the kernels' four optional tensors, in their argument order (`tensors` below).
 TENSOR_SOURCES = ("alibi", "cu_q", "cu_k", "seqused_k")

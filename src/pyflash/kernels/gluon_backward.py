@@ -201,13 +201,6 @@ if _IMPORT_ERROR is None:
                 tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage),
                                                 do_smem.index(stage))
 
-    @gluon.constexpr_function
-    def _dq_cols(head_dim, dq_own, split_d):
-        """Columns of one dQ GEMM / TMA reduce (dq_box_cols)."""
-        if split_d:
-            return min(head_dim // 2, DQ_MAX)
-        return min(head_dim, DQ_MAX) if dq_own else head_dim // 2
-
     @gluon.jit
     def _step_block(t, n_steps, rot, ROTATE: gl.constexpr):
         """Which of the CTA's query blocks (from m_lo) step t of a head runs: in order, or (ROTATE) starting
@@ -341,7 +334,7 @@ if _IMPORT_ERROR is None:
         # Columns of dQ per GEMM / reduce: its half (dS shared by the warpgroups) or, DQ_OWN (this
         # warpgroup's own keys' contribution to all of dQ), at most 64 (DQ_PARTS GEMMs one after the other);
         # SPLIT_D: this warpgroup's half of head_dim, in parts of at most 64.
-        DQ_COLS: gl.constexpr = _dq_cols(HEAD_DIM, DQ_OWN, SPLIT_D)
+        DQ_COLS: gl.constexpr = dq_desc.block_type.shape[2]  # the host's dq_box_cols
         DQ_PARTS: gl.constexpr = (HALF // DQ_COLS) if SPLIT_D else (HEAD_DIM // DQ_COLS if DQ_OWN else 1)
         dtype: gl.constexpr = q_smem.dtype
         stage = t % NUM_STAGES
@@ -530,7 +523,7 @@ if _IMPORT_ERROR is None:
         WG_ROWS: gl.constexpr = 64
         BLOCK_N_: gl.constexpr = WG_ROWS if SPLIT_D else NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
-        DQ_COLS: gl.constexpr = _dq_cols(HEAD_DIM, DQ_OWN, SPLIT_D)
+        DQ_COLS: gl.constexpr = dq_desc.block_type.shape[2]  # the host's dq_box_cols
         # Columns of this warpgroup's dK / dV: all of head_dim, or (SPLIT_D) its half.
         DKV_COLS: gl.constexpr = HALF if SPLIT_D else HEAD_DIM
         dtype: gl.constexpr = q_smem.dtype
