@@ -140,6 +140,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
                         help="K/V blocks through TMA descriptors (kernels/decode.USE_TMA), pointer loads, or both")
     parser.add_argument("--decode-configs", nargs="+", default=[],
                         help="BLOCK_N,WARPS,STAGES entries to try in place of the d=128 tuning table row")
+    parser.add_argument("--decode-paged-extra-stages", type=int, nargs="+", default=None,
+                        help="values of kernels/decode.PAGED_TMA_EXTRA_STAGES to try on the paged rows")
 
 
 def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
@@ -150,6 +152,8 @@ def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
     paged_options = {"no": [False], "yes": [True], "both": [False, True]}[args.decode_paged]
     configs = [tuple(int(x) for x in c.split(",")) for c in args.decode_configs] or [decode.DECODE_CONFIGS[128]]
     default_config, default_tma = decode.DECODE_CONFIGS[128], decode.USE_TMA
+    default_extra = decode.PAGED_TMA_EXTRA_STAGES
+    extra_options = args.decode_paged_extra_stages or [default_extra]
     tma_options = {"on": [True], "off": [False], "both": [True, False]}[args.decode_tma]
     rows, sdpa = [], {}
     for cache_len in args.decode_cache_lens:
@@ -157,9 +161,11 @@ def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
             if batch * cache_len > MAX_TOKENS:
                 continue
             for paged in paged_options:
-                for config, tma, splits in itertools.product(configs, tma_options, args.decode_splits):
+                extras = extra_options if paged else [default_extra]
+                for config, tma, splits, extra in itertools.product(configs, tma_options, args.decode_splits, extras):
                     decode.DECODE_CONFIGS[128] = config
                     decode.USE_TMA = tma
+                    decode.PAGED_TMA_EXTRA_STAGES = extra
                     # SDPA has no paged layout: paged rows compare with it on the contiguous cache.
                     row = decode_row(batch, cache_len, paged, splits,
                                      with_sdpa=not args.decode_no_sdpa and (batch, cache_len) not in sdpa)
@@ -169,11 +175,13 @@ def run_decode_bench(args: argparse.Namespace) -> List[Dict[str, object]]:
                         row.update(sdpa_us=sdpa[batch, cache_len],
                                    sdpa_GBps=row["kv_MB"] * 1e6 / (sdpa[batch, cache_len] * 1e-6) / 1e9,
                                    speedup_vs_sdpa=sdpa[batch, cache_len] / row["pyflash_us"])
-                    row.update(copy_GBps=copy_GBps, config=",".join(map(str, config)) + (",tma" if tma else ""))
+                    row.update(copy_GBps=copy_GBps, config=",".join(map(str, config)) + (",tma" if tma else "")
+                               + (f",+{extra}" if paged and tma and extra else ""))
                     rows.append(row)
                     print(decode_table([row], copy_GBps).splitlines()[-1], flush=True)
     decode.DECODE_CONFIGS[128] = default_config
     decode.USE_TMA = default_tma
+    decode.PAGED_TMA_EXTRA_STAGES = default_extra
     table = decode_table(rows, copy_GBps)
     print(f"\n{torch.cuda.get_device_name()}\n{table}", flush=True)
     out_dir = getattr(args, "out", None)

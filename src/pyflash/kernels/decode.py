@@ -45,6 +45,11 @@ INTERPRET_BLOCK_N = 32
 # K/V blocks through TMA descriptors on Hopper (contiguous caches, and paged ones whose pages hold whole
 # blocks); the bench flips it to compare.
 USE_TMA = True
+# Pipeline stages a paged TMA loop adds to the config's: Triton's pipeliner gives the block table's
+# load (the page of each block) stages of its own, so at the config's 3 stages a paged loop kept one
+# K/V buffer (no copy in flight during a block's math; the contiguous loop keeps two). Compiled for
+# sm_90 (d=128, block_n 128): 3 and 4 stages give 1 buffer (106 KB), 5 give 2 (172 KB, as contiguous).
+PAGED_TMA_EXTRA_STAGES = 2
 
 
 def _config(head_dim: int, element_size: int = 2):
@@ -418,7 +423,7 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
                      alibi=alibi_slopes if alibi_slopes is not None else seqlens_k)
         key = (tuple(describe(t) for t in named.values()), leftpad is None, batch_rows is None, block_table is None,
                alibi_slopes is None, softmax_scale, window_left, window_right, softcap, num_splits, use_tma, USE_TMA,
-               PREFETCH_ROWS,
+               PREFETCH_ROWS, PAGED_TMA_EXTRA_STAGES,
                _config(q.shape[-1], k_cache.element_size()), current_device())
         plan = _PLANS.get(key)
         if plan is not None:
@@ -451,6 +456,8 @@ def decode(q, k_cache, v_cache, seqlens_k, leftpad, batch_rows, block_table, sof
     use_tma = use_tma and all(tma_view_ok(t, rows, block_d, head_dim) for t in (k_cache, v_cache))
     # Paged: a block must lie inside one page, so pages of whole blocks and no left padding.
     use_tma = use_tma and not (paged and (leftpad is not None or k_cache.shape[1] % block_n))
+    if use_tma and paged:
+        num_stages += PAGED_TMA_EXTRA_STAGES
     switches = dict(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
