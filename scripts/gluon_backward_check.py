@@ -129,7 +129,7 @@ def check_case(spec, causal, dtype_name, variant, strided=False):
         if not gb.supported(dout, q, k, v, out, lse, dq, dk, dv, params, seqlens, False):
             raise RuntimeError("supported() said no")
         result["deterministic_supported"] = gb.supported(dout, q, k, v, out, lse, dq, dk, dv, params, seqlens, True)
-        result["ok"] &= result["deterministic_supported"] == (head_dim in gb.DETERMINISTIC_HEAD_DIMS)
+        result["ok"] &= result["deterministic_supported"]  # d=256: two passes (gb.two_pass)
         gb.backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens,
                     gb.Config(**variant) if variant else None)
         torch.cuda.synchronize()

@@ -145,7 +145,8 @@ def hybrid(dout, q, k, v, out, lse, scale, causal, grads, config):
 
     def run():
         gb.backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, config)
-        backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, True, kernel="triton", dq_only=True)
+        backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, True, kernel="triton", dq_only=True,
+                 delta_ready=True)
     return run
 
 

@@ -131,6 +131,15 @@ def test_dq_only(window_right):
     backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, True, dq_only=True)
     assert torch.equal(dq, whole[0]) and torch.equal(softmax_d, whole[3])
     assert dk.isnan().all() and dv.isnan().all()
+    # delta_ready: softmax_d is taken as given (here zeros, not rowsum(dO * O)): dq follows it, and it
+    # stays as it was.
+    softmax_d = torch.zeros_like(lse)
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, True, dq_only=True, delta_ready=True)
+    assert torch.equal(softmax_d, torch.zeros_like(lse))
+    assert torch.isfinite(dq).all() and not torch.allclose(dq.float(), whole[0].float(), atol=1e-2)
+    softmax_d = whole[3].clone()
+    backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, True, dq_only=True, delta_ready=True)
+    assert torch.equal(dq, whole[0])
 
 
 def test_strided_outputs():

@@ -426,10 +426,11 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 
 # Head dims where the Gluon backward (kernels/gluon_backward.py) runs the calls it supports: it measured
 # faster than these kernels at d=128 (473 vs 396 TFLOP/s at s=4096, causal 420 vs 314), slower at
-# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md). Not deterministic calls:
-# its deterministic mode (dQ tiles in a fixed order of key blocks) measured 296 / 255 TFLOP/s against
-# these kernels' 401 / 313 (d=128 s=4096; scripts/deterministic_check.py). At d=256 its split_d layout
-# measured 352 / 274 TFLOP/s against these kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench).
+# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md). Deterministic calls only at
+# d=256 (two passes: gluon_backward.two_pass): its deterministic mode (dQ tiles in a fixed order of key
+# blocks) measured 296 / 255 TFLOP/s against these kernels' 401 / 313 (d=128 s=4096;
+# scripts/deterministic_check.py). At d=256 its split_d layout measured 352 / 274 TFLOP/s against these
+# kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench).
 GLUON_HEAD_DIMS = frozenset({128, 256})
 # Plan sources (launch.Launch) of the kernels' four optional tensors, in their argument order (`tensors` below).
 TENSOR_SOURCES = ("alibi", "cu_q", "cu_k", "seqused_k")
@@ -463,7 +464,7 @@ def _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, param
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
-             config=None, use_tma=None, kernel=None, dq_only=False) -> None:
+             config=None, use_tma=None, kernel=None, dq_only=False, delta_ready=False) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
     kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, not deterministic,
@@ -475,7 +476,9 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     K, V in the dQ kernel) on or off, or a pair (dK/dV kernel, dQ kernel) (default: the config's tma
     on Hopper, when the tensors allow it). dq_only: dq and softmax_d alone, from the dQ kernel (a fixed
     order, so deterministic); the dK/dV kernel is not launched and dk, dv are not touched (a caller
-    that has them from elsewhere, as the Gluon split_d kernel without its dQ work)."""
+    that has them from elsewhere, as the Gluon split_d kernel without its dQ work); delta_ready (with
+    dq_only): softmax_d already holds rowsum(dO * O) (that kernel's preprocess wrote it), so the delta
+    kernel is skipped where softmax_d can serve as delta (softmax_lse's strides)."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -485,9 +488,12 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         return
     if kernel not in (None, "triton"):
         raise ValueError(f"kernel must be None or 'triton', got {kernel!r}")
-    if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS
-            and not deterministic and not dq_only and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv,
-                                                                  softmax_d, params, seqlens, deterministic)):
+    # Deterministic calls: the Gluon backward's two passes where it has them (gluon_backward.two_pass), else
+    # these kernels (the Gluon kernel's own deterministic mode is slower, above).
+    if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS and not dq_only
+            and (not deterministic or head_dim in gluon_backward.TWO_PASS_HEAD_DIMS)
+            and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens,
+                                            deterministic)):
         return
     launches = key = None
     if (recorded_launches.RECORD_TRITON and config is None and use_tma is None and params.dropout_p == 0
@@ -495,7 +501,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         # A call like an earlier one replays its recorded launches (kernels/launch.py).
         named = _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens)
         # Dropout calls have no plan: their seed and offset are arguments that change every call.
-        key = call_key(named.values(), params, seqlens, deterministic, current_device(), dq_only)
+        key = call_key(named.values(), params, seqlens, deterministic, current_device(), dq_only, delta_ready)
         plan = _PLANS.get(key)
         if plan is not None:
             plan(named)
@@ -514,7 +520,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     dense_seqlen_q, dense_seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
     stat_strides = _stat_strides(softmax_lse, varlen)
 
-    if max_seqlen_q > 0:
+    if max_seqlen_q > 0 and not (dq_only and delta_ready and delta is softmax_d):
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         launch_into(launches, _delta_kernel, grid, (out, dout, delta, cu_q, *_row_strides(out, varlen),
                                                 *_row_strides(dout, varlen), *stat_strides, dense_seqlen_q),

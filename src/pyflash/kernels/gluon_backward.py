@@ -793,7 +793,12 @@ if triton is not None:
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-DETERMINISTIC_HEAD_DIMS = (64, 128)  # d=256 (split_d) has no deterministic mode
+# Calls at these head dims run split_d's dK / dV / softmax_d kernel (with_dq=False) and then the Triton
+# dQ kernel alone (kernels/backward.backward(dq_only=True)): two_pass(). split_d has no deterministic
+# mode, and the pair adds dQ in a fixed order; under causal masking the pair also measured faster than
+# split_d with its dQ reduce-adds (2.37 vs 2.49 ms, bf16 s=4096, H200; benchmarks/RESULTS.md).
+TWO_PASS_HEAD_DIMS = (256,)
+TWO_PASS_CAUSAL = True
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
@@ -932,7 +937,7 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
     """Whether backward() handles this call exactly (the backend contract of kernels/backward.py):
     dense bf16/fp16 on an sm_90 GPU, head_dim 64 / 128 / 256, MHA or GQA/MQA, any seqlen_q / seqlen_k,
     non-causal or causal (bottom-right aligned); no dropout, softcap, ALiBi or other windows;
-    deterministic or not (backward's DETERMINISTIC mode; not at head_dim 256). q, k, v, dout
+    deterministic or not (backward's DETERMINISTIC mode; at head_dim 256 two passes, two_pass()). q, k, v, dout
     TMA-readable (heads packed at head_dim, 16-byte aligned strides); out, lse, dq, dk, dv, softmax_d
     through their strides."""
     try:
@@ -959,8 +964,6 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
             return False
         if head_dim not in SUPPORTED_HEAD_DIMS or k.shape[0] != batch or k.shape[3] != head_dim:
             return False
-        if deterministic and head_dim not in DETERMINISTIC_HEAD_DIMS:
-            return False  # the deterministic mode needs the shared-dS layout (not split_d)
         if heads_k == 0 or heads % heads_k:
             return False
         if seqlens.batch_size != batch or seqlens.max_seqlen_q != seqlen_q or seqlens.max_seqlen_k != seqlen_k:
@@ -1080,19 +1083,38 @@ class _Plan(NamedTuple):
 _PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() rejects
 
 
+def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
+    """Whether try_backward takes dQ from a pass of its own (TWO_PASS_HEAD_DIMS): deterministic calls, and
+    causal ones while TWO_PASS_CAUSAL."""
+    return head_dim in TWO_PASS_HEAD_DIMS and (deterministic or (causal and TWO_PASS_CAUSAL))
+
+
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
     """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
     entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
-    recorded launches are replayed with this call's tensors (launch.replay_or_record)."""
+    recorded launches are replayed with this call's tensors (launch.replay_or_record). Where two_pass(),
+    the kernel leaves dq alone (with_dq=False) and the Triton dQ kernel fills it (recorded the same way)."""
     if not AVAILABLE or seqlens.is_varlen or params.dropout_p != 0:
         return False
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
-    key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None)
-    return replay_or_record(
+    key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None,
+                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL)
+    causal = _is_causal(params)
+    split_dq = two_pass(q.shape[-1], causal, deterministic)
+    config = None
+    if split_dq:
+        config = default_config(q.shape[-1], causal, q.dtype == torch.float16)._replace(with_dq=False)
+    ran = replay_or_record(
         _PLANS, key, named,
         lambda: supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic),
-        lambda: backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens,
-                         deterministic=deterministic))
+        lambda: backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config,
+                         deterministic=deterministic and not split_dq))
+    if ran and split_dq:
+        from pyflash.kernels.backward import backward as triton_backward  # imports this module
+
+        triton_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, True,
+                        kernel="triton", dq_only=True, delta_ready=True)
+    return ran
 
 
 def backward_gluon(dout, q, k, v, out, lse, softmax_scale=None, causal=False, *, dq=None, dk=None, dv=None,

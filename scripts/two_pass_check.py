@@ -1,0 +1,140 @@
+"""The d=256 backward in two passes (gluon_backward.two_pass) on an H100/H200: correctness, repeatability, speed.
+
+    PYTHONPATH=src python3 scripts/two_pass_check.py [--only check|bench] [--seqlens 512 4096 16384]
+
+Two passes: split_d's dK / dV / softmax_d kernel without its dQ work (Config.with_dq=False), then the Triton
+dQ kernel alone (kernels/backward.backward(dq_only=True, delta_ready=True)). Deterministic calls at d=256
+take them, and causal ones while gluon_backward.TWO_PASS_CAUSAL.
+
+(a) check: through kernels/backward.backward (the backend's entry, so the dispatch is what users get),
+    dq, dk, dv and softmax_d poisoned with NaN, bf16 and fp16, causal and not, deterministic and not, over
+    shapes with GQA / MQA, seqlen_q != seqlen_k both ways and ragged ends: each gradient against a float64
+    reference with flash_attn's rule (ours <= 2 * PyTorch's own low-precision error + 1e-3); deterministic
+    calls run twice more and must give the same bits.
+(b) bench: BENCHMARK.md's shapes (batch * seqlen = 16384, 8 heads of 256), triton.testing.do_bench median,
+    TFLOP/s = 10 * b * h * s^2 * d (halved if causal): "one-pass" (split_d with its dQ reduce-adds, the
+    default before two passes), "default" (what a non-deterministic call runs now) and "deterministic".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, HERE)
+
+# (batch, seqlen_q, seqlen_k, heads, heads_k)
+SHAPES = [(2, 1000, 1000, 4, 4), (1, 777, 1500, 4, 2), (2, 1500, 700, 4, 1), (1, 64, 200, 2, 2), (1, 257, 129, 2, 1)]
+
+
+def run(dout, q, k, v, out, lse, causal, deterministic, one_pass=False, grads=None):
+    """kernels/backward.backward as the backend calls it; one_pass: TWO_PASS_CAUSAL off (and not
+    deterministic), i.e. split_d with its own dQ. grads: (dq, dk, dv, softmax_d) to fill (default: new,
+    NaN-poisoned)."""
+    import torch
+
+    from pyflash.kernels import gluon_backward as gb
+    from pyflash.kernels.backward import backward
+    from pyflash.params import AttentionParams, Seqlens
+
+    params = AttentionParams(q.shape[-1] ** -0.5, -1, 0 if causal else -1)
+    seqlens = Seqlens(q.shape[0], q.shape[1], k.shape[1])
+    if grads is None:
+        grads = (*(torch.full_like(t, float("nan")) for t in (q, k, v)), torch.full_like(lse, float("nan")))
+    dq, dk, dv, softmax_d = grads
+    saved = gb.TWO_PASS_CAUSAL
+    gb.TWO_PASS_CAUSAL = saved and not one_pass
+    try:
+        backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
+    finally:
+        gb.TWO_PASS_CAUSAL = saved
+    return dq, dk, dv, softmax_d
+
+
+def check(spec, causal, dtype_name, deterministic):
+    import torch
+
+    from gluon_backward_check import _torch_dtype, reference_grads
+
+    batch, seqlen_q, seqlen_k, heads, heads_k = spec
+    dtype = _torch_dtype(dtype_name)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, dout = (torch.randn(batch, seqlen_q, heads, 256, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(batch, seqlen_k, heads_k, 256, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, 256 ** -0.5, causal, torch.float64)
+    _, _, low = reference_grads(q, k, v, dout, 256 ** -0.5, causal, dtype)
+    out, lse = ref_out.to(dtype).contiguous(), ref_lse.float().contiguous()
+    first = run(dout, q, k, v, out, lse, causal, deterministic)
+    torch.cuda.synchronize()
+    ok, parts = True, []
+    for name, ours, theirs, exact in zip(("dq", "dk", "dv"), first, low, ref):
+        err = (ours.double() - exact).abs().max().item()
+        pt_err = (theirs.double() - exact).abs().max().item()
+        good = bool(torch.isfinite(ours).all().item()) and err <= 2 * pt_err + 1e-3
+        ok &= good
+        parts.append(f"{name} {err:.2e}/{pt_err:.2e}{'' if good else ' BAD'}")
+    delta = (out.double() * dout.double()).sum(-1).transpose(1, 2)
+    d_err = (first[3].double() - delta).abs().max().item()
+    good = bool(torch.isfinite(first[3]).all().item()) and d_err <= 1e-3 * max(1.0, delta.abs().max().item())
+    ok &= good
+    parts.append(f"softmax_d {d_err:.1e}{'' if good else ' BAD'}")
+    if deterministic:
+        same = all(all(torch.equal(a, b) for a, b in zip(first, run(dout, q, k, v, out, lse, causal, True)))
+                   for _ in range(2))
+        ok &= same
+        parts.append("bitwise repeat " + ("yes" if same else "NO"))
+    print(f"CHECK {'PASS' if ok else 'FAIL'} {dtype_name} {spec} causal={int(causal)} det={int(deterministic)}: "
+          + ", ".join(parts), flush=True)
+    return ok
+
+
+def bench(seqlen, causal, dtype_name):
+    import triton.testing
+
+    from gluon_backward_check import bench_inputs
+
+    import torch
+
+    flops, q, k, v, dout, out, lse, _ = bench_inputs(seqlen, 256, causal, dtype_name)
+    grads = (*(torch.empty_like(t) for t in (q, k, v)), torch.empty_like(lse))
+    times = {}
+    for name, kwargs in (("one-pass", dict(deterministic=False, one_pass=True)),
+                         ("default", dict(deterministic=False)), ("deterministic", dict(deterministic=True))):
+        times[name] = triton.testing.do_bench(lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs),  # noqa: B023
+                                              warmup=25, rep=100, return_mode="median")
+    cells = "  ".join(f"{name} {ms:7.3f} ms {flops / ms * 1e-9:6.1f} TFLOP/s" for name, ms in times.items())
+    det = times["default"] / times["deterministic"]
+    gain = times["one-pass"] / times["default"]
+    print(f"BENCH {dtype_name} d=256 s={seqlen} causal={int(causal)}  {cells}  deterministic/default {det:.2f}x  "
+          f"one-pass/default time {gain:.2f}x", flush=True)
+
+
+def main():
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=["check", "bench"])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
+    args = parser.parse_args()
+    print(f"device {torch.cuda.get_device_name()}", flush=True)
+    failures = 0
+    if args.only != "bench":
+        for dtype_name in args.dtypes:
+            for causal in (False, True):
+                for deterministic in (False, True):
+                    for spec in SHAPES:
+                        failures += not check(spec, causal, dtype_name, deterministic)
+        print(f"CHECKS: {failures} failed", flush=True)
+    if args.only != "check":
+        for dtype_name in args.dtypes:
+            for causal in (False, True):
+                for seqlen in args.seqlens:
+                    bench(seqlen, causal, dtype_name)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
