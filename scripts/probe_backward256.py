@@ -57,6 +57,15 @@ def variants():
         "acc-rot": (gb, gb.Config(acc_init=True, rotate=True, **sd)),
         "lpt": (gb, gb.Config(lpt=True, **sd)),
         "hybrid": ("hybrid", gb.Config(split_d=True, rotate=True, with_dq=False)),
+        "hybrid-plain": ("hybrid", gb.Config(split_d=True, with_dq=False)),
+        "hybrid-acc": ("hybrid", gb.Config(split_d=True, acc_init=True, with_dq=False)),
+        "hybrid-acc-rot": ("hybrid", gb.Config(split_d=True, acc_init=True, rotate=True, with_dq=False)),
+        "hybrid-lpt": ("hybrid", gb.Config(split_d=True, lpt=True, with_dq=False)),
+        "hybrid-acc-lpt": ("hybrid", gb.Config(split_d=True, acc_init=True, lpt=True, with_dq=False)),
+        "hybrid-st1": ("hybrid", gb.Config(split_d=True, num_stages=1, with_dq=False)),
+        # the dQ pass on a second stream, concurrent with the dK / dV kernel (its own delta)
+        "hybrid-2s": ("hybrid2s", gb.Config(split_d=True, with_dq=False)),
+        "hybrid-2s-acc-rot": ("hybrid2s", gb.Config(split_d=True, acc_init=True, rotate=True, with_dq=False)),
         "acc-lpt": (gb, gb.Config(acc_init=True, lpt=True, **sd)),
         "d128": (gb, gb.Config(acc_init=True)),
         "d128-rot": (gb, gb.Config(acc_init=True, rotate=True)),
@@ -130,7 +139,7 @@ def kernel_times(seqlen, causal, dtype_name, calls=10):
                       f"{event.device_time_total / calls / 1e3:8.3f} ms  {event.key[:70]}", flush=True)
 
 
-def hybrid(dout, q, k, v, out, lse, scale, causal, grads, config):
+def hybrid(dout, q, k, v, out, lse, scale, causal, grads, config, side_stream=False):
     """The call of a "split_d without dQ + dQ pass" backward: dK, dV (and softmax_d) from the Gluon kernel
     with with_dq=False, then dQ from the Triton dQ kernel alone (kernels/backward.backward(dq_only=True):
     a fixed order, so the pair is deterministic)."""
@@ -142,8 +151,20 @@ def hybrid(dout, q, k, v, out, lse, scale, causal, grads, config):
     params = AttentionParams(scale, -1, 0 if causal else -1)
     seqlens = Seqlens(q.shape[0], q.shape[1], k.shape[1])
     softmax_d = torch.empty_like(lse)
+    side_delta = torch.empty_like(lse)
+    side = torch.cuda.Stream()
 
     def run():
+        if side_stream:
+            # side_stream: the dQ pass (computing its own delta) runs beside the dK / dV kernel, so that
+            # each fills the other's tail.
+            side.wait_stream(torch.cuda.current_stream())
+            gb.backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, config)
+            with torch.cuda.stream(side):
+                backward(dout, q, k, v, out, lse, *grads, side_delta, params, seqlens, True, kernel="triton",
+                         dq_only=True)
+            torch.cuda.current_stream().wait_stream(side)
+            return
         gb.backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, config)
         backward(dout, q, k, v, out, lse, *grads, softmax_d, params, seqlens, True, kernel="triton", dq_only=True,
                  delta_ready=True)
@@ -163,8 +184,8 @@ def probe(seqlen, causal, head_dim, names, table, dtype_name="bf16"):
     for name in names:
         module, config = table[name]
         try:
-            if module == "hybrid":
-                fn = hybrid(dout, q, k, v, out, lse, scale, causal, grads, config)
+            if module in ("hybrid", "hybrid2s"):
+                fn = hybrid(dout, q, k, v, out, lse, scale, causal, grads, config, module == "hybrid2s")
             else:
                 module = module() if callable(module) else module
                 fn = lambda: module.backward_gluon(dout, q, k, v, out, lse, scale, causal,  # noqa: E731

@@ -111,6 +111,48 @@ def bench(seqlen, causal, dtype_name):
           f"one-pass/default time {gain:.2f}x", flush=True)
 
 
+def dq_sweep(seqlen, causal, dtype_name, configs):
+    """The dQ pass alone (kernels/backward.backward(dq_only=True, delta_ready=True)) with each
+    "block_m,block_n,warps,stages" of the Triton dQ kernel, and the default pair's kernels one by one."""
+    import torch
+    import triton.testing
+    from torch.profiler import ProfilerActivity, profile
+
+    from gluon_backward_check import bench_inputs
+    from pyflash.kernels.backward import BackwardConfig, backward, backward_config
+    from pyflash.params import AttentionParams, Seqlens
+
+    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, 256, causal, dtype_name)
+    params, seqlens = AttentionParams(scale, -1, 0 if causal else -1), Seqlens(q.shape[0], seqlen, seqlen)
+    grads = (*(torch.empty_like(t) for t in (q, k, v)), torch.empty_like(lse))
+    run(dout, q, k, v, out, lse, causal, True, grads=grads)  # softmax_d for delta_ready
+    reference = grads[0].clone()
+    table = backward_config(q, 256, causal)
+    for text in configs:
+        cfg = BackwardConfig(table.dkdv, tuple(int(x) for x in text.split(",")), False, table.tma)
+        try:
+            fn = lambda: backward(dout, q, k, v, out, lse, *grads, params, seqlens, True,  # noqa: E731
+                                  config=cfg, dq_only=True, delta_ready=True)
+            fn()
+            torch.cuda.synchronize()
+            same = torch.equal(grads[0], reference)
+            diff = (grads[0].float() - reference.float()).abs().max().item()
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            print(f"DQ {dtype_name} s={seqlen} causal={int(causal)} dq={text:12s} {ms:7.3f} ms "
+                  f"(dq max|diff| vs default {diff:.1e}{', same bits' if same else ''})", flush=True)
+        except Exception as error:  # noqa: BLE001 - a config that does not fit must not hide the others
+            print(f"DQ {dtype_name} s={seqlen} causal={int(causal)} dq={text:12s} ERROR {type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[0][:200]}", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run(dout, q, k, v, out, lse, causal, True, grads=grads)
+        torch.cuda.synchronize()
+    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if event.count >= 5 and event.device_time_total > 0:
+            print(f"KERNEL {dtype_name} s={seqlen} causal={int(causal)} deterministic "
+                  f"{event.device_time_total / 5 / 1e3:8.3f} ms  {event.key[:60]}", flush=True)
+
+
 def main():
     import torch
 
@@ -118,7 +160,16 @@ def main():
     parser.add_argument("--only", choices=["check", "bench"])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
+    parser.add_argument("--dq-configs", nargs="+", default=[],
+                        help="instead: time the dQ pass alone with these block_m,block_n,warps,stages")
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    if args.dq_configs:
+        for dtype_name in args.dtypes:
+            for causal in map(bool, args.causal):
+                for seqlen in args.seqlens:
+                    dq_sweep(seqlen, causal, dtype_name, args.dq_configs)
+        return 0
     print(f"device {torch.cuda.get_device_name()}", flush=True)
     failures = 0
     if args.only != "bench":
@@ -130,7 +181,7 @@ def main():
         print(f"CHECKS: {failures} failed", flush=True)
     if args.only != "check":
         for dtype_name in args.dtypes:
-            for causal in (False, True):
+            for causal in map(bool, args.causal):
                 for seqlen in args.seqlens:
                     bench(seqlen, causal, dtype_name)
     return 1 if failures else 0

@@ -47,9 +47,12 @@ SPLIT_D_CASES = [
     ("d256-causal-lpt", 256, True, "bf16", (64, 2, False, False, 1, True, False, False, 2, True)),
     ("d256-default-fp16", 256, False, "fp16", None),
     ("d256-plain", 256, False, "bf16", (64, 2, False, False, 1, False, False, False, 2, True, False)),
-    # dK / dV only (dQ from another pass: kernels/backward.backward(dq_only=True)); not measured yet.
+    # dK / dV only (dQ from another pass: kernels/backward.backward(dq_only=True)): gluon_backward.two_pass_config.
     ("d256-causal-without-dq", 256, True, "bf16", (64, 2, False, False, 1, False, False, False, 2, True, False,
                                                    False)),
+    ("d256-two-pass", 256, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, True, True, False)),
+    ("d256-causal-two-pass-fp16", 256, True, "fp16", (64, 2, False, True, 1, False, False, False, 2, True, False,
+                                                      False)),
 ]
 SPLIT_D_MAX_SPILL = 96
 
@@ -107,6 +110,15 @@ def test_supported_refuses_off_gpu():
     lse = torch.zeros(1, 2, 8)
     params, seqlens = AttentionParams(0.125, -1, -1), Seqlens(1, 8, 8)
     assert not gb.supported(q, q, q, q, q, lse, q, q, q, params, seqlens, False)
+
+
+def test_two_pass_configs_are_listed():
+    """The configs two_pass() calls run are among the compile-checked cases above."""
+    from pyflash.kernels import gluon_backward as gb
+
+    listed = {(causal, tuple(config)) for _, head_dim, causal, _, config in SPLIT_D_CASES if config}
+    for causal in (False, True):
+        assert (causal, tuple(gb.two_pass_config(causal))) in listed
 
 
 def test_head_dim_256_configs_are_split_d():

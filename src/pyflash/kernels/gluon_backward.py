@@ -796,7 +796,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # Calls at these head dims run split_d's dK / dV / softmax_d kernel (with_dq=False) and then the Triton
 # dQ kernel alone (kernels/backward.backward(dq_only=True)): two_pass(). split_d has no deterministic
 # mode, and the pair adds dQ in a fixed order; under causal masking the pair also measured faster than
-# split_d with its dQ reduce-adds (2.37 vs 2.49 ms, bf16 s=4096, H200; benchmarks/RESULTS.md).
+# split_d with its dQ reduce-adds (2.37 vs 2.55 ms, bf16 s=4096, H200; benchmarks/RESULTS.md).
 TWO_PASS_HEAD_DIMS = (256,)
 TWO_PASS_CAUSAL = True
 MAX_GRID_Y = 65535
@@ -1089,6 +1089,13 @@ def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
     return head_dim in TWO_PASS_HEAD_DIMS and (deterministic or (causal and TWO_PASS_CAUSAL))
 
 
+def two_pass_config(causal: bool) -> Config:
+    """split_d without dQ for two_pass() calls. acc_init measured 5-8% faster than the plain layout there
+    (bf16, H200, scripts/probe_backward256.py: causal s=4096 2.37 vs 2.55 ms, s=16384 8.42 vs 9.04;
+    non-causal 4.15 vs 4.43), lpt and a second stream for the dQ pass no better (benchmarks/RESULTS.md)."""
+    return Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False)
+
+
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
     """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
     entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
@@ -1101,9 +1108,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
                    TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
-    config = None
-    if split_dq:
-        config = default_config(q.shape[-1], causal, q.dtype == torch.float16)._replace(with_dq=False)
+    config = two_pass_config(causal) if split_dq else None
     ran = replay_or_record(
         _PLANS, key, named,
         lambda: supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic),
