@@ -622,8 +622,10 @@ def register_budget(num_wg: int):
 
 # Longest key sequence that takes the persistent grid (default_config), per (head_dim, causal); measured
 # with CUDA-graph replays on an H100 (benchmarks/RESULTS.md, fourth session): where it is missing or
-# the keys are longer, the one-tile-per-CTA grid measured faster.
-PERSISTENT_MAX_SEQLEN_K = {(64, False): 1024, (64, True): 4096, (128, False): 1024}
+# the keys are longer, the one-tile-per-CTA grid measured faster. d=128 causal (seventh session, H200):
+# s=512 283 vs 256 TFLOP/s (CUDA graphs; H100: 254 vs 255), s=1024 366 vs 362 (H100: 345 vs 365),
+# s=2048 424 vs 457; so up to 512 keys.
+PERSISTENT_MAX_SEQLEN_K = {(64, False): 1024, (64, True): 4096, (128, False): 1024, (128, True): 512}
 # Shortest key sequence from which a causal d=64 call takes three consumer warpgroups (192-row tiles):
 # at s=4096 their diagonal costs more than they gain (359 vs 372 TFLOP/s), at s=8192 they win (431 vs
 # 403; CUDA-graph replays on an H100, benchmarks/RESULTS.md, fifth session).
