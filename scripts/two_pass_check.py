@@ -1,19 +1,25 @@
-"""The d=256 backward in two passes (gluon_backward.two_pass) on an H100/H200: correctness, repeatability, speed.
+"""The backward in two passes (gluon_backward.two_pass) on an H100/H200: correctness, repeatability, speed.
 
     PYTHONPATH=src python3 scripts/two_pass_check.py [--only check|bench] [--seqlens 512 4096 16384]
+    PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 128   # the pair at d=128 (not a default)
 
-Two passes: split_d's dK / dV / softmax_d kernel without its dQ work (Config.with_dq=False), then the Triton
-dQ kernel alone (kernels/backward.backward(dq_only=True, delta_ready=True)). Deterministic calls at d=256
-take them, and causal ones while gluon_backward.TWO_PASS_CAUSAL.
+Two passes: the Gluon kernel's dK / dV / softmax_d without its dQ work (Config.with_dq=False: split_d at
+d=256, the plain layout below), then the Triton dQ kernel alone (kernels/backward.backward(dq_only=True,
+delta_ready=True)). Deterministic calls at the head dims of gluon_backward.TWO_PASS_HEAD_DIMS (256) take
+them, and causal ones while gluon_backward.TWO_PASS_CAUSAL; this script puts --head-dim among them for
+its two-pass runs.
 
-(a) check: through kernels/backward.backward (the backend's entry, so the dispatch is what users get),
-    dq, dk, dv and softmax_d poisoned with NaN, bf16 and fp16, causal and not, deterministic and not, over
+(a) check: through kernels/backward.backward (the backend's entry, so the dispatch is what users get, with
+    --head-dim among the two-pass head dims), dq, dk, dv and softmax_d poisoned with NaN, bf16 and fp16,
+    causal and not, deterministic and not, over
     shapes with GQA / MQA, seqlen_q != seqlen_k both ways and ragged ends: each gradient against a float64
     reference with flash_attn's rule (ours <= 2 * PyTorch's own low-precision error + 1e-3); deterministic
     calls run twice more and must give the same bits.
-(b) bench: BENCHMARK.md's shapes (batch * seqlen = 16384, 8 heads of 256), triton.testing.do_bench median,
-    TFLOP/s = 10 * b * h * s^2 * d (halved if causal): "one-pass" (split_d with its dQ reduce-adds, the
-    default before two passes), "default" (what a non-deterministic call runs now) and "deterministic".
+(b) bench: BENCHMARK.md's shapes (batch * seqlen = 16384, heads * head_dim = 2048), triton.testing.do_bench
+    median, TFLOP/s = 10 * b * h * s^2 * d (halved if causal): "one-pass" (the Gluon kernel with its dQ
+    reduce-adds), "two-pass" (the pair, deterministic by construction), "default" (what a non-deterministic
+    call runs now) and "deterministic" (what a deterministic call runs now: the pair at d=256, the Triton
+    kernels at d=128).
 """
 from __future__ import annotations
 
@@ -29,10 +35,10 @@ sys.path.insert(0, HERE)
 SHAPES = [(2, 1000, 1000, 4, 4), (1, 777, 1500, 4, 2), (2, 1500, 700, 4, 1), (1, 64, 200, 2, 2), (1, 257, 129, 2, 1)]
 
 
-def run(dout, q, k, v, out, lse, causal, deterministic, one_pass=False, grads=None):
-    """kernels/backward.backward as the backend calls it; one_pass: TWO_PASS_CAUSAL off (and not
-    deterministic), i.e. split_d with its own dQ. grads: (dq, dk, dv, softmax_d) to fill (default: new,
-    NaN-poisoned)."""
+def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grads=None):
+    """kernels/backward.backward as the backend calls it, with gluon_backward.TWO_PASS_HEAD_DIMS set to
+    two_pass_dims for the call (None: as it is; (): no two passes anywhere, so not deterministic means the
+    Gluon kernel with its own dQ). grads: (dq, dk, dv, softmax_d) to fill (default: new, NaN-poisoned)."""
     import torch
 
     from pyflash.kernels import gluon_backward as gb
@@ -44,16 +50,17 @@ def run(dout, q, k, v, out, lse, causal, deterministic, one_pass=False, grads=No
     if grads is None:
         grads = (*(torch.full_like(t, float("nan")) for t in (q, k, v)), torch.full_like(lse, float("nan")))
     dq, dk, dv, softmax_d = grads
-    saved = gb.TWO_PASS_CAUSAL
-    gb.TWO_PASS_CAUSAL = saved and not one_pass
+    saved = gb.TWO_PASS_HEAD_DIMS
+    if two_pass_dims is not None:
+        gb.TWO_PASS_HEAD_DIMS = tuple(two_pass_dims)
     try:
         backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
     finally:
-        gb.TWO_PASS_CAUSAL = saved
+        gb.TWO_PASS_HEAD_DIMS = saved
     return dq, dk, dv, softmax_d
 
 
-def check(spec, causal, dtype_name, deterministic):
+def check(spec, causal, dtype_name, deterministic, head_dim):
     import torch
 
     from gluon_backward_check import _torch_dtype, reference_grads
@@ -61,12 +68,15 @@ def check(spec, causal, dtype_name, deterministic):
     batch, seqlen_q, seqlen_k, heads, heads_k = spec
     dtype = _torch_dtype(dtype_name)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    q, dout = (torch.randn(batch, seqlen_q, heads, 256, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
-    k, v = (torch.randn(batch, seqlen_k, heads_k, 256, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
-    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, 256 ** -0.5, causal, torch.float64)
-    _, _, low = reference_grads(q, k, v, dout, 256 ** -0.5, causal, dtype)
+    q, dout = (torch.randn(batch, seqlen_q, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
+               for _ in range(2))
+    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, generator=gen, device="cuda", dtype=dtype)
+            for _ in range(2))
+    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, head_dim ** -0.5, causal, torch.float64)
+    _, _, low = reference_grads(q, k, v, dout, head_dim ** -0.5, causal, dtype)
     out, lse = ref_out.to(dtype).contiguous(), ref_lse.float().contiguous()
-    first = run(dout, q, k, v, out, lse, causal, deterministic)
+    dims = (head_dim, )
+    first = run(dout, q, k, v, out, lse, causal, deterministic, dims)
     torch.cuda.synchronize()
     ok, parts = True, []
     for name, ours, theirs, exact in zip(("dq", "dk", "dv"), first, low, ref):
@@ -81,37 +91,39 @@ def check(spec, causal, dtype_name, deterministic):
     ok &= good
     parts.append(f"softmax_d {d_err:.1e}{'' if good else ' BAD'}")
     if deterministic:
-        same = all(all(torch.equal(a, b) for a, b in zip(first, run(dout, q, k, v, out, lse, causal, True)))
+        same = all(all(torch.equal(a, b) for a, b in zip(first, run(dout, q, k, v, out, lse, causal, True, dims)))
                    for _ in range(2))
         ok &= same
         parts.append("bitwise repeat " + ("yes" if same else "NO"))
-    print(f"CHECK {'PASS' if ok else 'FAIL'} {dtype_name} {spec} causal={int(causal)} det={int(deterministic)}: "
+    print(f"CHECK {'PASS' if ok else 'FAIL'} {dtype_name} d={head_dim} {spec} causal={int(causal)} "
+          f"det={int(deterministic)}: "
           + ", ".join(parts), flush=True)
     return ok
 
 
-def bench(seqlen, causal, dtype_name):
+def bench(seqlen, causal, dtype_name, head_dim):
     import triton.testing
 
     from gluon_backward_check import bench_inputs
 
     import torch
 
-    flops, q, k, v, dout, out, lse, _ = bench_inputs(seqlen, 256, causal, dtype_name)
+    flops, q, k, v, dout, out, lse, _ = bench_inputs(seqlen, head_dim, causal, dtype_name)
     grads = (*(torch.empty_like(t) for t in (q, k, v)), torch.empty_like(lse))
     times = {}
-    for name, kwargs in (("one-pass", dict(deterministic=False, one_pass=True)),
+    for name, kwargs in (("one-pass", dict(deterministic=False, two_pass_dims=())),
+                         ("two-pass", dict(deterministic=True, two_pass_dims=(head_dim, ))),
                          ("default", dict(deterministic=False)), ("deterministic", dict(deterministic=True))):
         times[name] = triton.testing.do_bench(lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs),  # noqa: B023
                                               warmup=25, rep=100, return_mode="median")
     cells = "  ".join(f"{name} {ms:7.3f} ms {flops / ms * 1e-9:6.1f} TFLOP/s" for name, ms in times.items())
     det = times["default"] / times["deterministic"]
-    gain = times["one-pass"] / times["default"]
-    print(f"BENCH {dtype_name} d=256 s={seqlen} causal={int(causal)}  {cells}  deterministic/default {det:.2f}x  "
-          f"one-pass/default time {gain:.2f}x", flush=True)
+    pair = times["one-pass"] / times["two-pass"]
+    print(f"BENCH {dtype_name} d={head_dim} s={seqlen} causal={int(causal)}  {cells}  deterministic/default "
+          f"{det:.2f}x  one-pass/two-pass time {pair:.2f}x", flush=True)
 
 
-def dq_sweep(seqlen, causal, dtype_name, configs):
+def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
     """The dQ pass alone (kernels/backward.backward(dq_only=True, delta_ready=True)) with each
     "block_m,block_n,warps,stages" of the Triton dQ kernel, and the default pair's kernels one by one."""
     import torch
@@ -122,12 +134,13 @@ def dq_sweep(seqlen, causal, dtype_name, configs):
     from pyflash.kernels.backward import BackwardConfig, backward, backward_config
     from pyflash.params import AttentionParams, Seqlens
 
-    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, 256, causal, dtype_name)
+    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, head_dim, causal, dtype_name)
     params, seqlens = AttentionParams(scale, -1, 0 if causal else -1), Seqlens(q.shape[0], seqlen, seqlen)
     grads = (*(torch.empty_like(t) for t in (q, k, v)), torch.empty_like(lse))
-    run(dout, q, k, v, out, lse, causal, True, grads=grads)  # softmax_d for delta_ready
+    dims = (head_dim, )
+    run(dout, q, k, v, out, lse, causal, True, dims, grads=grads)  # softmax_d for delta_ready
     reference = grads[0].clone()
-    table = backward_config(q, 256, causal)
+    table = backward_config(q, head_dim, causal)
     for text in configs:
         cfg = BackwardConfig(table.dkdv, tuple(int(x) for x in text.split(",")), False, table.tma)
         try:
@@ -145,7 +158,7 @@ def dq_sweep(seqlen, causal, dtype_name, configs):
                   f"{str(error).strip().splitlines()[0][:200]}", flush=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            run(dout, q, k, v, out, lse, causal, True, grads=grads)
+            run(dout, q, k, v, out, lse, causal, True, dims, grads=grads)
         torch.cuda.synchronize()
     for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
         if event.count >= 5 and event.device_time_total > 0:
@@ -163,12 +176,13 @@ def main():
     parser.add_argument("--dq-configs", nargs="+", default=[],
                         help="instead: time the dQ pass alone with these block_m,block_n,warps,stages")
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--head-dim", type=int, default=256, choices=[128, 256])
     args = parser.parse_args()
     if args.dq_configs:
         for dtype_name in args.dtypes:
             for causal in map(bool, args.causal):
                 for seqlen in args.seqlens:
-                    dq_sweep(seqlen, causal, dtype_name, args.dq_configs)
+                    dq_sweep(seqlen, causal, dtype_name, args.dq_configs, args.head_dim)
         return 0
     print(f"device {torch.cuda.get_device_name()}", flush=True)
     failures = 0
@@ -177,13 +191,13 @@ def main():
             for causal in (False, True):
                 for deterministic in (False, True):
                     for spec in SHAPES:
-                        failures += not check(spec, causal, dtype_name, deterministic)
+                        failures += not check(spec, causal, dtype_name, deterministic, args.head_dim)
         print(f"CHECKS: {failures} failed", flush=True)
     if args.only != "check":
         for dtype_name in args.dtypes:
             for causal in map(bool, args.causal):
                 for seqlen in args.seqlens:
-                    bench(seqlen, causal, dtype_name)
+                    bench(seqlen, causal, dtype_name, args.head_dim)
     return 1 if failures else 0
 
 

@@ -28,6 +28,10 @@ CASES = [
     ("d64-causal-acc-own-st3", 64, True, "bf16", (64, 3, False, True, 1, False, True, False, 2)),
     ("d128-causal-dqe", 128, True, "bf16", (64, 2, False, False, 1, False, False, True, 2)),
     ("d128-acc-dqe-fp16", 128, False, "fp16", (64, 2, False, True, 1, False, False, True, 2)),
+    # dK / dV only in the plain layout (gluon_backward.two_pass_config below d=256; not measured yet).
+    ("d128-two-pass", 128, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, True, False)),
+    ("d128-causal-two-pass-fp16", 128, True, "fp16", (64, 2, False, True, 1, False, False, False, 2, False, False,
+                                                      False)),
 ]
 # The deterministic modes (id, head_dim, causal, dtype, DETERMINISTIC) of the default configs. Their
 # turn-taking code spills a few 64-bit values (shared-memory descriptors) that the loop reloads, ~7
@@ -116,9 +120,10 @@ def test_two_pass_configs_are_listed():
     """The configs two_pass() calls run are among the compile-checked cases above."""
     from pyflash.kernels import gluon_backward as gb
 
-    listed = {(causal, tuple(config)) for _, head_dim, causal, _, config in SPLIT_D_CASES if config}
-    for causal in (False, True):
-        assert (causal, tuple(gb.two_pass_config(causal))) in listed
+    listed = {(head_dim, causal, tuple(config)) for _, head_dim, causal, _, config in CASES + SPLIT_D_CASES if config}
+    for head_dim in (128, 256):
+        for causal in (False, True):
+            assert (head_dim, causal, tuple(gb.two_pass_config(head_dim, causal))) in listed
 
 
 def test_head_dim_256_configs_are_split_d():
@@ -134,6 +139,9 @@ def test_head_dim_256_configs_are_split_d():
             assert cfg.split_d, cfg
             assert gb.launch_shape(cfg)[0] == gb.kv_box_rows(cfg) == 64
             assert gb.dq_box_cols(cfg, 256) == 64
-    for bad in (gb.Config(split_d=True, dq_own=True), gb.Config(split_d=True, wgs=3), gb.Config(with_dq=False)):
+    for bad in (gb.Config(split_d=True, dq_own=True), gb.Config(split_d=True, wgs=3),
+                gb.Config(with_dq=False, dq_own=True), gb.Config(with_dq=False, wgs=3, dq_own=True)):
         with pytest.raises(ValueError, match="split_d"):
             gb.launch_shape(bad)
+    # Without dQ the plain layout is fine too (128 keys a CTA).
+    assert gb.launch_shape(gb.Config(with_dq=False))[0] == 128

@@ -443,6 +443,13 @@ if _IMPORT_ERROR is None:
                 _dq_part(ds_w, k_half.slice(part * DQ_COLS, DQ_COLS, dim=1), dq_layout, dq_smem,
                          WG * DQ_BUFS + (t * DQ_PARTS + part) % DQ_BUFS, dq_desc, batch, m0, dq_col + part * DQ_COLS,
                          DQ_BUFS - 1)
+        elif NO_DQ:
+            # dK, dV only (dQ comes from another pass): dS^T stays in registers as dK's A operand; no
+            # exchange between the warpgroups.
+            ds_op = gl.convert_layout(ds, op_layout)
+            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+            mbarrier.arrive(stage_empty.index(stage))
         elif DQ_OWN:
             # dQ += dS_w K_w over this warpgroup's own keys only (full head_dim, its own TMA reduce): no
             # exchange with the other warpgroups. dS^T -> this warpgroup's own dS buffer (the previous
@@ -495,7 +502,7 @@ if _IMPORT_ERROR is None:
             dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
             mbarrier.arrive(stage_empty.index(stage))
 
-        if not DQ_OWN and not SPLIT_D:
+        if not DQ_OWN and not SPLIT_D and not NO_DQ:
             # dQ half: registers -> shared (after the reduce that last read that buffer) -> TMA reduce-add;
             # deterministic: in a fixed order of key blocks per (query block, half), counters[head, m, WG].
             if DETERMINISTIC != 0:
@@ -672,6 +679,8 @@ if _IMPORT_ERROR is None:
             # Each warpgroup reads back only its own dS^T rows, after its own barrier: one buffer each.
             ds_own_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_N_, BLOCK_M], dtype)
             ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_N_, BLOCK_M], ds_own_layout)
+        elif NO_DQ:
+            ds_smem = gl.allocate_shared_memory(dtype, [1, 16, BLOCK_M], ds_layout)  # unused: dS stays in registers
         else:
             ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N_, BLOCK_M], ds_layout)
         # DQ_OWN: a staging buffer per dQ part and warpgroup (DQ_BUFS deep); SPLIT_D: DQ_BUFS per warpgroup,
@@ -822,9 +831,10 @@ class Config(NamedTuple):
     warpgroup's registers), one dO buffer; rotate (non-causal): each key block walks the query blocks from
     its own starting block (rot(j) = j * n_m // n_kblk), so that the CTAs running at once add into
     different dQ tiles instead of all into the same one (the deterministic mode always rotates);
-    with_dq=False (split_d): dK, dV and softmax_d only, dq left alone, for a caller that takes dQ from
-    a pass of its own (kernels/backward.backward(dq_only=True), the Triton dQ kernel); dO then has a ring
-    of num_stages buffers like Q (in the shared memory dQ's staging no longer needs)."""
+    with_dq=False (split_d, or the plain shared-dS layout): dK, dV and softmax_d only, dq left alone, for
+    a caller that takes dQ from a pass of its own (kernels/backward.backward(dq_only=True), the Triton dQ
+    kernel); split_d's dO then has a ring of num_stages buffers like Q (in the shared memory dQ's staging
+    no longer needs), and the plain layout keeps dS^T in registers (no dS buffer, no exchange)."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -856,8 +866,9 @@ def launch_shape(cfg: Config):
     """(keys per CTA, maxnreg of the kernel, setmaxnreg of the consumer worker warpgroups) of a Config:
     wgs consumer warpgroups of WG_N keys each plus the producer's warpgroup share 64K registers."""
     wgs = int(cfg.wgs)
-    if not cfg.with_dq and not cfg.split_d:
-        raise ValueError(f"unsupported Config {cfg}: with_dq=False needs split_d")
+    if not cfg.with_dq and not cfg.split_d and (wgs != 2 or cfg.dq_own or cfg.dq_early):
+        raise ValueError(f"unsupported Config {cfg}: with_dq=False needs split_d or the plain layout (wgs=2, "
+                         "no dq_own, no dq_early)")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
@@ -1089,11 +1100,15 @@ def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
     return head_dim in TWO_PASS_HEAD_DIMS and (deterministic or (causal and TWO_PASS_CAUSAL))
 
 
-def two_pass_config(causal: bool) -> Config:
-    """split_d without dQ for two_pass() calls. acc_init measured 5-8% faster than the plain layout there
-    (bf16, H200, scripts/probe_backward256.py: causal s=4096 2.37 vs 2.55 ms, s=16384 8.42 vs 9.04;
-    non-causal 4.15 vs 4.43), lpt and a second stream for the dQ pass no better (benchmarks/RESULTS.md)."""
-    return Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False)
+def two_pass_config(head_dim: int, causal: bool) -> Config:
+    """The layout without dQ for two_pass() calls. d=256: split_d; acc_init measured 5-8% faster than the
+    plain layout there (bf16, H200, scripts/probe_backward256.py: causal s=4096 2.37 vs 2.55 ms, s=16384
+    8.42 vs 9.04; non-causal 4.15 vs 4.43), lpt and a second stream for the dQ pass no better
+    (benchmarks/RESULTS.md). Other head dims: the plain layout (128 keys a CTA, dS^T in registers), acc_init
+    by analogy (not measured; they are not in TWO_PASS_HEAD_DIMS)."""
+    if head_dim > 128:
+        return Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False)
+    return Config(64, 2, acc_init=True, rotate=not causal, with_dq=False)
 
 
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
@@ -1108,7 +1123,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
                    TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
-    config = two_pass_config(causal) if split_dq else None
+    config = two_pass_config(q.shape[-1], causal) if split_dq else None
     ran = replay_or_record(
         _PLANS, key, named,
         lambda: supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic),
