@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python3 scripts/two_pass_check.py [--only check|bench] [--seqlens 512 4096 16384]
     PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 128   # the pair at d=128 (not a default)
+    PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 64    # d=64: "one-pass" is the Gluon kernel,
+                                                                      # "default" the Triton kernels
 
 Two passes: the Gluon kernel's dK / dV / softmax_d without its dQ work (Config.with_dq=False: split_d at
 d=256, the plain layout below), then the Triton dQ kernel alone (kernels/backward.backward(dq_only=True,
@@ -41,6 +43,7 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
     Gluon kernel with its own dQ). grads: (dq, dk, dv, softmax_d) to fill (default: new, NaN-poisoned)."""
     import torch
 
+    import pyflash.kernels.backward as kernels_backward
     from pyflash.kernels import gluon_backward as gb
     from pyflash.kernels.backward import backward
     from pyflash.params import AttentionParams, Seqlens
@@ -50,13 +53,15 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
     if grads is None:
         grads = (*(torch.full_like(t, float("nan")) for t in (q, k, v)), torch.full_like(lse, float("nan")))
     dq, dk, dv, softmax_d = grads
-    saved = gb.TWO_PASS_HEAD_DIMS
+    saved, saved_gluon = gb.TWO_PASS_HEAD_DIMS, kernels_backward.GLUON_HEAD_DIMS
     if two_pass_dims is not None:
         gb.TWO_PASS_HEAD_DIMS = tuple(two_pass_dims)
+        # d=64 runs the Triton kernels by default: the Gluon kernel (one pass or two) only when asked for.
+        kernels_backward.GLUON_HEAD_DIMS = saved_gluon | {q.shape[-1]}
     try:
         backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
     finally:
-        gb.TWO_PASS_HEAD_DIMS = saved
+        gb.TWO_PASS_HEAD_DIMS, kernels_backward.GLUON_HEAD_DIMS = saved, saved_gluon
     return dq, dk, dv, softmax_d
 
 
@@ -176,7 +181,7 @@ def main():
     parser.add_argument("--dq-configs", nargs="+", default=[],
                         help="instead: time the dQ pass alone with these block_m,block_n,warps,stages")
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--head-dim", type=int, default=256, choices=[128, 256])
+    parser.add_argument("--head-dim", type=int, default=256, choices=[64, 128, 256])
     args = parser.parse_args()
     if args.dq_configs:
         for dtype_name in args.dtypes:
