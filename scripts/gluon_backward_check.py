@@ -95,6 +95,24 @@ def reference_grads(q, k, v, dout, scale, causal, dtype):
     return out.detach(), lse.detach(), grads
 
 
+def check_inputs(spec, causal, dtype_name, seed=0):
+    """A correctness case's inputs on the GPU, spec (batch, seqlen_q, seqlen_k, heads, heads_k, head_dim):
+    (q, k, v, dout, out, lse, ref, low): out (in the input dtype) and lse (fp32) from the float64
+    reference, ref its gradients, low PyTorch's own in the input dtype. Also scripts/two_pass_check.py's."""
+    import torch
+
+    batch, seqlen_q, seqlen_k, heads, heads_k, head_dim = spec
+    dtype = _torch_dtype(dtype_name)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, dout = (torch.randn(batch, seqlen_q, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
+               for _ in range(2))
+    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, generator=gen, device="cuda", dtype=dtype)
+            for _ in range(2))
+    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, head_dim ** -0.5, causal, torch.float64)
+    _, _, low = reference_grads(q, k, v, dout, head_dim ** -0.5, causal, dtype)
+    return q, k, v, dout, ref_out.to(dtype).contiguous(), ref_lse.float().contiguous(), ref, low
+
+
 def check_case(spec, causal, dtype_name, variant, strided=False):
     """spec (batch, seqlen_q, seqlen_k, heads, heads_k, head_dim). strided: through the backend
     contract (gluon_backward.supported / backward) with dq, dk, dv, softmax_d non-contiguous views."""
@@ -104,17 +122,8 @@ def check_case(spec, causal, dtype_name, variant, strided=False):
     from pyflash.params import AttentionParams, Seqlens
 
     batch, seqlen_q, seqlen_k, heads, heads_k, head_dim = spec
-    dtype = _torch_dtype(dtype_name)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, dout = (torch.randn(batch, seqlen_q, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
-               for _ in range(2))
-    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, generator=gen, device="cuda", dtype=dtype)
-            for _ in range(2))
+    q, k, v, dout, out, lse, ref, low = check_inputs(spec, causal, dtype_name)
     scale = head_dim ** -0.5
-    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, scale, causal, torch.float64)
-    _, _, low = reference_grads(q, k, v, dout, scale, causal, dtype)
-    out = ref_out.to(dtype).contiguous()
-    lse = ref_lse.float().contiguous()
     result = dict(ok=True, finite=True)
     if strided:
         def poisoned(t, pad):

@@ -68,18 +68,9 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
 def check(spec, causal, dtype_name, deterministic, head_dim):
     import torch
 
-    from gluon_backward_check import _torch_dtype, reference_grads
+    from gluon_backward_check import check_inputs
 
-    batch, seqlen_q, seqlen_k, heads, heads_k = spec
-    dtype = _torch_dtype(dtype_name)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q, dout = (torch.randn(batch, seqlen_q, heads, head_dim, generator=gen, device="cuda", dtype=dtype)
-               for _ in range(2))
-    k, v = (torch.randn(batch, seqlen_k, heads_k, head_dim, generator=gen, device="cuda", dtype=dtype)
-            for _ in range(2))
-    ref_out, ref_lse, ref = reference_grads(q, k, v, dout, head_dim ** -0.5, causal, torch.float64)
-    _, _, low = reference_grads(q, k, v, dout, head_dim ** -0.5, causal, dtype)
-    out, lse = ref_out.to(dtype).contiguous(), ref_lse.float().contiguous()
+    q, k, v, dout, out, lse, ref, low = check_inputs((*spec, head_dim), causal, dtype_name, seed=1)
     dims = (head_dim, )
     first = run(dout, q, k, v, out, lse, causal, deterministic, dims)
     torch.cuda.synchronize()
