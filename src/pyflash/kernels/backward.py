@@ -467,8 +467,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
              config=None, use_tma=None, kernel=None, dq_only=False, delta_ready=False) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
-    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, not deterministic,
-    and what gluon_backward.supported accepts) and these Triton kernels
+    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, deterministic only at
+    gluon_backward.TWO_PASS_HEAD_DIMS, and what gluon_backward.supported accepts) and these Triton kernels
     elsewhere; "triton" always runs the latter (so does an explicit config or use_tma).
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
