@@ -232,27 +232,6 @@ def test_falls_back_to_smaller_tiles(small_shared_memory):
     assert dq.launched == [dict(BLOCK_M=16, BLOCK_N=16, num_stages=1)]
 
 
-@pytest.mark.parametrize("head_dim, deterministic, expect_gluon", [
-    (256, True, True), (256, False, True), (128, False, True), (128, True, False), (64, False, False)])
-def test_gluon_dispatch(monkeypatch, head_dim, deterministic, expect_gluon):
-    """Which calls kernels/backward.backward offers the Gluon backward (gluon_backward.try_backward, here a
-    stand-in that claims the call): head dims of GLUON_HEAD_DIMS, and deterministic ones only where they run
-    in two passes (TWO_PASS_HEAD_DIMS); the others run these kernels (here: dq filled, not NaN)."""
-    from pyflash.kernels import gluon_backward
-
-    offered = []
-    monkeypatch.setattr(gluon_backward, "try_backward", lambda *args: offered.append(args[-1]) or True)
-    q = torch.randn(1, 17, 2, head_dim, dtype=torch.bfloat16)
-    dout = torch.randn_like(q)
-    out, lse, _ = _grads(q, q, q, dout, torch.float64, softmax_scale=head_dim ** -0.5)
-    params, seqlens = AttentionParams(head_dim ** -0.5, -1, -1), Seqlens(1, 17, 17)
-    dq, dk, dv = (torch.full_like(q, math.nan) for _ in range(3))
-    softmax_d = torch.full_like(lse.float(), math.nan)
-    backward(dout, q, q, q, out.to(q.dtype), lse.float(), dq, dk, dv, softmax_d, params, seqlens, deterministic)
-    assert offered == ([deterministic] if expect_gluon else [])
-    assert dq.isnan().all() == expect_gluon  # the stand-in writes nothing
-
-
 def test_two_pass_rule():
     """gluon_backward.two_pass: deterministic calls at TWO_PASS_HEAD_DIMS, and causal ones while
     TWO_PASS_CAUSAL; never elsewhere. two_pass_config has no dQ work."""

@@ -96,11 +96,12 @@ def test_forward_dispatches_to_gluon_when_supported(monkeypatch):
 
 
 @pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 0), (64, False, 0),
-                                                               (64, True, 0), (256, False, 1), (256, True, 0)])
+                                                               (64, True, 0), (256, False, 1), (256, True, 1)])
 def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, deterministic, expected):
-    """The Gluon backward takes d=128 and d=256 (backward.GLUON_HEAD_DIMS) calls that are not deterministic (its
-    deterministic mode measured slower than the Triton kernels) when its try_backward accepts the call
-    (here a stub that does)."""
+    """The Gluon backward takes d=128 and d=256 (backward.GLUON_HEAD_DIMS) calls when its try_backward
+    accepts the call (here a stub that does); deterministic ones only at d=256, where they run in two
+    passes (gluon_backward.TWO_PASS_HEAD_DIMS; its own deterministic mode measured slower than the Triton
+    kernels)."""
     from pyflash.kernels import backward as module
     from pyflash.kernels import gluon_backward
 
@@ -324,3 +325,61 @@ def test_plans_table_starts_over_past_its_limit():
     assert dict(plans) == {0: 0, 1: "again", 2: 2}
     plans[3] = 3
     assert dict(plans) == {3: 3}
+
+
+def test_direct_launch_passes_what_triton_passes(monkeypatch):
+    """launch._Direct lays out the arguments Triton 3.6's CudaLauncher and its descriptor wrapper
+    (wrap_handle_tensordesc) hand the compiled C launcher: the same list, built from the real Triton code
+    with a stand-in C launcher and descriptor encoder, for a kernel with a tensor, a TMA descriptor, a
+    scalar and a constexpr; a descriptor seen before is not encoded again."""
+    from triton.backends.nvidia import driver as nvidia
+
+    from pyflash.kernels import launch
+
+    encoded = []
+
+    def encode(desc, meta):  # make_tensordesc_arg's output shape: the CUtensorMap, then shape and strides
+        encoded.append(desc)
+        return [("map", desc.base.data_ptr(), tuple(desc.shape), meta["swizzle"]), *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(nvidia, "make_tensordesc_arg", encode)
+    calls = []
+    signature = {"x": "*bf16", "desc": "tensordesc<bf16[64, 32]>", "n": "i32", "BLOCK": "constexpr"}
+    meta = dict(swizzle=3, elem_size=2, elem_type=0, block_size=[64, 32], fp4_padded=False)
+    runner = object.__new__(nvidia.CudaLauncher)  # its __call__ as Triton runs it, on stand-in parts
+    runner.launch = nvidia.wrap_handle_tensordesc(lambda *args: calls.append(args), signature, [meta])
+    runner.num_ctas, runner.launch_cooperative_grid, runner.launch_pdl = 1, False, False
+    runner.global_scratch_size = runner.profile_scratch_size = 0
+    runner.global_scratch_align = runner.profile_scratch_align = 1
+
+    class Kernel:
+        function, packed_metadata, run = "function", "packed", runner
+
+        def launch_metadata(self, grid, stream, *values):
+            return None
+
+    monkeypatch.setattr(launch, "current_stream", lambda: 7)
+    recorded = launch.Recorded(Kernel(), (3, 2, 1), [None, None, 100, 64], slots=(0, 1))
+    x = torch.zeros(8)
+    desc = launch.Descriptor(torch.zeros(4), (128, 32), (32, 1))
+    for direct in (False, True, True):
+        monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
+        recorded(x, desc)
+    through_triton, direct_first, direct_again = calls
+    # Launch metadata and the enter / exit hooks (empty HookChains in Triton 3.6) go as None: the C
+    # launcher then skips them.
+    assert direct_first[10:13] == (None, None, None)
+    assert direct_first[:10] + direct_first[13:] == through_triton[:10] + through_triton[13:]
+    assert direct_again == direct_first
+    assert through_triton[:10] == (3, 2, 1, 7, "function", False, False, None, None, "packed")
+    assert through_triton[13] is x and through_triton[-1] == 64 and len(through_triton) == 13 + 1 + 5 + 2
+    assert len(encoded) == 2  # Triton's path, then the direct path's first call; its second hit the cache
+    # A registered hook sends the replay back through Triton.
+    from triton import knobs
+
+    knobs.runtime.launch_enter_hook.add(print)
+    try:
+        recorded(x, desc)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(print)
+    assert calls[-1][11] is knobs.runtime.launch_enter_hook

@@ -12,6 +12,14 @@ from pyflash.kernels import backward, forward, gluon_backward, gluon_forward, la
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["via-triton", "direct"])
+def direct_launch(request, monkeypatch):
+    """Every test both ways: replays through kernel.run, and through the C launcher itself (launch._Direct,
+    launch.DIRECT_LAUNCH)."""
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", request.param)
+    return request.param
+
+
 def _hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -35,6 +43,9 @@ def _record_then_replay(monkeypatch, runs, call, plan_tables):
     replays = []
     replay = launch.Recorded.__call__
     monkeypatch.setattr(launch.Recorded, "__call__", lambda self, *args: replays.append(1) or replay(self, *args))
+    direct_calls = []
+    direct = launch._Direct.__call__
+    monkeypatch.setattr(launch._Direct, "__call__", lambda self, *args: direct_calls.append(1) or direct(self, *args))
     recorded = []
     for run in runs:
         for table in plan_tables:
@@ -43,6 +54,9 @@ def _record_then_replay(monkeypatch, runs, call, plan_tables):
     replays_recording = len(replays)
     replays.clear()
     replayed = [call(*run) for run in runs]
+    # With launch.DIRECT_LAUNCH replays go through the C launcher itself (those of kernels without scratch
+    # memory: _Direct.build); without it none does.
+    assert bool(direct_calls) == (launch.DIRECT_LAUNCH and bool(replays)), (len(direct_calls), len(replays))
     return recorded, replays_recording, replayed, len(replays)
 
 

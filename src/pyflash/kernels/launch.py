@@ -22,6 +22,14 @@ from typing import NamedTuple, Sequence
 # own launches bit for bit on a GPU; scripts/api_overhead.py --cuda times both). The Gluon kernels'
 # recorded launches are always on.
 RECORD_TRITON = os.environ.get("PYFLASH_RECORD_TRITON", "1") != "0"
+# Replays through the compiled C launcher itself (_Direct): off unless PYFLASH_DIRECT_LAUNCH=1 until it
+# has run on a GPU (tests/gpu/test_recorded_launch_gpu.py runs both ways; scripts/api_overhead.py --cuda
+# times both).
+DIRECT_LAUNCH = os.environ.get("PYFLASH_DIRECT_LAUNCH", "0") == "1"
+# Arguments of the launcher before the kernel's own (Triton 3.6's _BASE_ARGS_FORMAT "iiiKKppOOOOOO"): grid
+# x, y, z, stream, function, cooperative, PDL, global and profile scratch, packed metadata, launch
+# metadata, enter and exit hooks.
+_BASE_ARGS = 13
 
 
 class Plans(dict):
@@ -50,20 +58,106 @@ class Descriptor(NamedTuple):
     padding: str = "zero"
 
 
+class _Direct:
+    """A recorded launch laid out for Triton's compiled C launcher, skipping the Python around it
+    (CudaLauncher.__call__ and the wrapper that turns each host TMA descriptor into a CUtensorMap on every
+    launch, make_tensordesc_arg): the launcher's arguments are built once, and a call writes only its
+    tensors and descriptors into their places. A descriptor's CUtensorMap depends only on its address,
+    shape, strides and padding (and the slot's box and swizzle), so each slot keeps the last few it
+    encoded. ``build`` returns None wherever the launcher is not as Triton 3.6 makes it (then the replay
+    goes through ``kernel.run``)."""
+
+    __slots__ = ("launcher", "template", "places", "caches")
+
+    @staticmethod
+    def build(kernel, grid, values, slots):
+        run = kernel.run
+        inner = getattr(run, "launch", None)
+        if type(run).__name__ != "CudaLauncher" or inner is None or getattr(run, "num_ctas", 1) != 1:
+            return None
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None  # scratch is allocated per launch
+        code = getattr(inner, "__code__", None)
+        if code is None:  # no descriptor argument: the wrapper is the C function itself
+            launcher, indices, metas = inner, (), ()
+        else:
+            cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in inner.__closure__ or ())))
+            if not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= cells.keys():
+                return None
+            launcher, indices = cells["launcher"], sorted(cells["tensordesc_indices"])
+            metas = cells["tensordesc_meta"]
+            if any(meta is None for meta in metas) or len(metas) != len(indices):
+                return None
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+
+        direct = _Direct()
+        direct.launcher = launcher
+        meta_of = dict(zip(indices, metas))
+        template = [grid[0], grid[1], grid[2], None, kernel.function, run.launch_cooperative_grid, run.launch_pdl,
+                    None, None, kernel.packed_metadata, None, None, None]
+        places = {}
+        for index, value in enumerate(values):
+            if index in meta_of:
+                if index not in slots:
+                    return None  # every descriptor of a recorded launch is one of its slots
+                # make_tensordesc_arg: the CUtensorMap, then the shape and strides (the box's rank each).
+                width = 1 + 2 * len(meta_of[index]["block_size"])
+                places[index] = (len(template), width, meta_of[index], make_tensordesc_arg)
+                template.extend([None] * width)
+            else:
+                if index in slots:
+                    places[index] = (len(template), 0, None, None)
+                template.append(value)
+        direct.template = template
+        direct.places = tuple(places[slot] for slot in slots)
+        direct.caches = tuple({} for _ in slots)
+        return direct
+
+    def __call__(self, stream, tensors) -> None:
+        args = self.template.copy()
+        args[3] = stream
+        for (place, width, meta, encode), cache, value in zip(self.places, self.caches, tensors):
+            if not width:
+                args[place] = value
+                continue
+            key = (value.base.data_ptr(), value.shape, value.strides, value.padding)
+            encoded = cache.get(key)
+            if encoded is None:
+                if len(cache) >= 8:
+                    cache.clear()
+                encoded = cache[key] = encode(value, meta)
+            args[place:place + width] = encoded
+        self.launcher(*args)
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook (a HookChain in Triton 3.6, None or a function before) has anything to
+    call: the direct launch passes no hooks and no launch metadata, as the C launcher then skips them."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class Recorded:
     """One launch of a compiled kernel (``record``), replayed with other tensors in ``slots``."""
 
-    __slots__ = ("kernel", "grid", "values", "slots")
+    __slots__ = ("kernel", "grid", "values", "slots", "direct")
 
     def __init__(self, kernel, grid, values, slots):
         self.kernel, self.grid, self.slots = kernel, grid, tuple(slots)
         self.values = list(values)
         for slot in self.slots:
             self.values[slot] = None  # a recorded launch keeps no tensor alive
+        self.direct = None  # _Direct.build's answer once asked; False: not buildable
 
     def __call__(self, *tensors) -> None:
         from triton import knobs
 
+        runtime = knobs.runtime
+        if DIRECT_LAUNCH and not (_hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)):
+            if self.direct is None:
+                self.direct = _Direct.build(self.kernel, self.grid, self.values, self.slots) or False
+            if self.direct:
+                self.direct(current_stream(), tensors)
+                return
         values = self.values.copy()
         for slot, tensor in zip(self.slots, tensors):
             values[slot] = tensor
@@ -107,7 +201,10 @@ def launch_into(launches, fn, grid, args, kwargs, sources) -> None:
         fn[grid](*args, **kwargs)
         return
     recorded = record(fn, grid, args, kwargs, slots=tuple(sources))
-    launches.append(None if recorded is None else Launch(recorded, tuple(sources.values())))
+    # Descriptor sources with tuple shapes and strides (hashable: _Direct's cache keys take them as they are).
+    sources = tuple(source if isinstance(source, str) else (*source[:2], tuple(source[2]), tuple(source[3]))
+                    for source in sources.values())
+    launches.append(None if recorded is None else Launch(recorded, sources))
 
 
 _MISSING = object()
