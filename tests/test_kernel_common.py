@@ -331,7 +331,7 @@ def test_direct_launch_passes_what_triton_passes(monkeypatch):
     """launch._Direct lays out the arguments Triton 3.6's CudaLauncher and its descriptor wrapper
     (wrap_handle_tensordesc) hand the compiled C launcher: the same list, built from the real Triton code
     with a stand-in C launcher and descriptor encoder, for a kernel with a tensor, a TMA descriptor, a
-    scalar and a constexpr; a descriptor seen before is not encoded again."""
+    scalar and a constexpr; a descriptor seen before (shape and strides as lists) is not encoded again."""
     from triton.backends.nvidia import driver as nvidia
 
     from pyflash.kernels import launch
@@ -361,7 +361,8 @@ def test_direct_launch_passes_what_triton_passes(monkeypatch):
     monkeypatch.setattr(launch, "current_stream", lambda: 7)
     recorded = launch.Recorded(Kernel(), (3, 2, 1), [None, None, 100, 64], slots=(0, 1))
     x = torch.zeros(8)
-    desc = launch.Descriptor(torch.zeros(4), (128, 32), (32, 1))
+    # Shape and strides as lists, as Triton's and Gluon's TensorDescriptor keep them.
+    desc = launch.Descriptor(torch.zeros(4), [128, 32], [32, 1])
     for direct in (False, True, True):
         monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
         recorded(x, desc)

@@ -120,7 +120,8 @@ class _Direct:
             if not width:
                 args[place] = value
                 continue
-            key = (value.base.data_ptr(), value.shape, value.strides, value.padding)
+            # Triton's TensorDescriptor keeps its shape and strides as lists: the key takes tuples.
+            key = (value.base.data_ptr(), tuple(value.shape), tuple(value.strides), value.padding)
             encoded = cache.get(key)
             if encoded is None:
                 if len(cache) >= 8:
