@@ -1,15 +1,15 @@
 """The backward in two passes (gluon_backward.two_pass) on an H100/H200: correctness, repeatability, speed.
 
     PYTHONPATH=src python3 scripts/two_pass_check.py [--only check|bench] [--seqlens 512 4096 16384]
-    PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 128   # the pair at d=128 (not a default)
+    PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 128   # d=128: the pair for deterministic calls
     PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 64    # d=64: "one-pass" is the Gluon kernel,
                                                                       # "default" the Triton kernels
 
 Two passes: the Gluon kernel's dK / dV / softmax_d without its dQ work (Config.with_dq=False: split_d at
 d=256, the plain layout below), then the Triton dQ kernel alone (kernels/backward.backward(dq_only=True,
-delta_ready=True)). Deterministic calls at the head dims of gluon_backward.TWO_PASS_HEAD_DIMS (256) take
-them, and causal ones while gluon_backward.TWO_PASS_CAUSAL; this script puts --head-dim among them for
-its two-pass runs.
+delta_ready=True)). Deterministic calls at the head dims of gluon_backward.TWO_PASS_HEAD_DIMS (256) and
+DETERMINISTIC_TWO_PASS_HEAD_DIMS (128, 256) take them, and causal ones at TWO_PASS_HEAD_DIMS while
+gluon_backward.TWO_PASS_CAUSAL; this script puts --head-dim among both for its two-pass runs.
 
 (a) check: through kernels/backward.backward (the backend's entry, so the dispatch is what users get, with
     --head-dim among the two-pass head dims), dq, dk, dv and softmax_d poisoned with NaN, bf16 and fp16,
@@ -20,8 +20,8 @@ its two-pass runs.
 (b) bench: BENCHMARK.md's shapes (batch * seqlen = 16384, heads * head_dim = 2048), triton.testing.do_bench
     median, TFLOP/s = 10 * b * h * s^2 * d (halved if causal): "one-pass" (the Gluon kernel with its dQ
     reduce-adds), "two-pass" (the pair, deterministic by construction), "default" (what a non-deterministic
-    call runs now) and "deterministic" (what a deterministic call runs now: the pair at d=256, the Triton
-    kernels at d=128).
+    call runs now), "deterministic" (what a deterministic call runs now: the pair at d=128 and 256, the
+    Triton kernels at d=64) and "triton-det" (the Triton kernels' deterministic backward).
 """
 from __future__ import annotations
 
@@ -53,15 +53,15 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
     if grads is None:
         grads = (*(torch.full_like(t, float("nan")) for t in (q, k, v)), torch.full_like(lse, float("nan")))
     dq, dk, dv, softmax_d = grads
-    saved, saved_gluon = gb.TWO_PASS_HEAD_DIMS, kernels_backward.GLUON_HEAD_DIMS
+    saved, saved_gluon = (gb.TWO_PASS_HEAD_DIMS, gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS), kernels_backward.GLUON_HEAD_DIMS
     if two_pass_dims is not None:
-        gb.TWO_PASS_HEAD_DIMS = tuple(two_pass_dims)
+        gb.TWO_PASS_HEAD_DIMS = gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS = tuple(two_pass_dims)
         # d=64 runs the Triton kernels by default: the Gluon kernel (one pass or two) only when asked for.
         kernels_backward.GLUON_HEAD_DIMS = saved_gluon | {q.shape[-1]}
     try:
         backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
     finally:
-        gb.TWO_PASS_HEAD_DIMS, kernels_backward.GLUON_HEAD_DIMS = saved, saved_gluon
+        (gb.TWO_PASS_HEAD_DIMS, gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS), kernels_backward.GLUON_HEAD_DIMS = saved, saved_gluon
     return dq, dk, dv, softmax_d
 
 
@@ -109,7 +109,8 @@ def bench(seqlen, causal, dtype_name, head_dim):
     times = {}
     for name, kwargs in (("one-pass", dict(deterministic=False, two_pass_dims=())),
                          ("two-pass", dict(deterministic=True, two_pass_dims=(head_dim, ))),
-                         ("default", dict(deterministic=False)), ("deterministic", dict(deterministic=True))):
+                         ("default", dict(deterministic=False)), ("deterministic", dict(deterministic=True)),
+                         ("triton-det", dict(deterministic=True, two_pass_dims=()))):
         times[name] = triton.testing.do_bench(lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs),  # noqa: B023
                                               warmup=25, rep=100, return_mode="median")
     cells = "  ".join(f"{name} {ms:7.3f} ms {flops / ms * 1e-9:6.1f} TFLOP/s" for name, ms in times.items())

@@ -95,12 +95,12 @@ def test_forward_dispatches_to_gluon_when_supported(monkeypatch):
         module.forward(q, q, q, out, lse, None, params, seqlens, kernel="gluon")
 
 
-@pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 0), (64, False, 0),
+@pytest.mark.parametrize("head_dim, deterministic, expected", [(128, False, 1), (128, True, 1), (64, False, 0),
                                                                (64, True, 0), (256, False, 1), (256, True, 1)])
 def test_backward_dispatches_to_gluon_at_its_head_dims(monkeypatch, head_dim, deterministic, expected):
     """The Gluon backward takes d=128 and d=256 (backward.GLUON_HEAD_DIMS) calls when its try_backward
-    accepts the call (here a stub that does); deterministic ones only at d=256, where they run in two
-    passes (gluon_backward.TWO_PASS_HEAD_DIMS; its own deterministic mode measured slower than the Triton
+    accepts the call (here a stub that does); deterministic ones only where they run in two passes
+    (gluon_backward.two_pass: d=128 and 256; its own deterministic mode measured slower than the Triton
     kernels)."""
     from pyflash.kernels import backward as module
     from pyflash.kernels import gluon_backward

@@ -426,8 +426,8 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 
 # Head dims where the Gluon backward (kernels/gluon_backward.py) runs the calls it supports: it measured
 # faster than these kernels at d=128 (473 vs 396 TFLOP/s at s=4096, causal 420 vs 314), slower at
-# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md). Deterministic calls only at
-# d=256 (two passes: gluon_backward.two_pass): its deterministic mode (dQ tiles in a fixed order of key
+# d=64 (331 vs 373, causal 312 vs 331) on an H100 (benchmarks/RESULTS.md). Deterministic calls only where
+# it has two passes (gluon_backward.two_pass: d=128, 256): its deterministic mode (dQ tiles in a fixed order of key
 # blocks) measured 296 / 255 TFLOP/s against these kernels' 401 / 313 (d=128 s=4096;
 # scripts/deterministic_check.py). At d=256 its split_d layout measured 352 / 274 TFLOP/s against these
 # kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench).
@@ -467,8 +467,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
              config=None, use_tma=None, kernel=None, dq_only=False, delta_ready=False) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
-    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, deterministic only at
-    gluon_backward.TWO_PASS_HEAD_DIMS, and what gluon_backward.supported accepts) and these Triton kernels
+    kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, deterministic only where
+    gluon_backward.two_pass, and what gluon_backward.supported accepts) and these Triton kernels
     elsewhere; "triton" always runs the latter (so does an explicit config or use_tma).
 
     config: a BackwardConfig (or a configs.BACKWARD row) instead of the table's (tuning and tests; no
@@ -491,7 +491,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     # Deterministic calls: the Gluon backward's two passes where it has them (gluon_backward.two_pass), else
     # these kernels (the Gluon kernel's own deterministic mode is slower, above).
     if (kernel is None and config is None and use_tma is None and head_dim in GLUON_HEAD_DIMS and not dq_only
-            and (not deterministic or head_dim in gluon_backward.TWO_PASS_HEAD_DIMS)
+            and (not deterministic or gluon_backward.two_pass(head_dim, params.is_causal, True))
             and gluon_backward.try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens,
                                             deterministic)):
         return

@@ -808,6 +808,11 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # split_d with its dQ reduce-adds (2.37 vs 2.55 ms, bf16 s=4096, H200; benchmarks/RESULTS.md).
 TWO_PASS_HEAD_DIMS = (256,)
 TWO_PASS_CAUSAL = True
+# Deterministic calls also take the two passes at these head dims: at d=128 the pair (the plain layout
+# with_dq=False, then the Triton dQ kernel) measured faster than the Triton kernels' deterministic
+# backward on 10 of 12 rows (bf16 / fp16, s=1024-16384, H200, 2026-12-04; e.g. bf16 s=4096 3.34 vs 3.56 ms,
+# causal 2.05 vs 2.24; causal s=16384 7.92 vs 7.66, 3% slower: benchmarks/RESULTS.md, eighth session).
+DETERMINISTIC_TWO_PASS_HEAD_DIMS = (128, 256)
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
@@ -1095,9 +1100,11 @@ _PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() reje
 
 
 def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
-    """Whether try_backward takes dQ from a pass of its own (TWO_PASS_HEAD_DIMS): deterministic calls, and
-    causal ones while TWO_PASS_CAUSAL."""
-    return head_dim in TWO_PASS_HEAD_DIMS and (deterministic or (causal and TWO_PASS_CAUSAL))
+    """Whether try_backward takes dQ from a pass of its own: deterministic calls at TWO_PASS_HEAD_DIMS and
+    DETERMINISTIC_TWO_PASS_HEAD_DIMS, and at TWO_PASS_HEAD_DIMS causal ones while TWO_PASS_CAUSAL."""
+    if deterministic:
+        return head_dim in TWO_PASS_HEAD_DIMS or head_dim in DETERMINISTIC_TWO_PASS_HEAD_DIMS
+    return head_dim in TWO_PASS_HEAD_DIMS and causal and TWO_PASS_CAUSAL
 
 
 def two_pass_config(head_dim: int, causal: bool) -> Config:
@@ -1105,7 +1112,7 @@ def two_pass_config(head_dim: int, causal: bool) -> Config:
     plain layout there (bf16, H200, scripts/probe_backward256.py: causal s=4096 2.37 vs 2.55 ms, s=16384
     8.42 vs 9.04; non-causal 4.15 vs 4.43), lpt and a second stream for the dQ pass no better
     (benchmarks/RESULTS.md). Other head dims: the plain layout (128 keys a CTA, dS^T in registers), acc_init
-    by analogy (not measured; they are not in TWO_PASS_HEAD_DIMS)."""
+    by analogy (d=128: deterministic calls, DETERMINISTIC_TWO_PASS_HEAD_DIMS)."""
     if head_dim > 128:
         return Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False)
     return Config(64, 2, acc_init=True, rotate=not causal, with_dq=False)
@@ -1120,7 +1127,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
         return False
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
     key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None,
-                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL)
+                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
     config = two_pass_config(q.shape[-1], causal) if split_dq else None
