@@ -813,6 +813,10 @@ TWO_PASS_CAUSAL = True
 # backward on 10 of 12 rows (bf16 / fp16, s=1024-16384, H200, 2026-12-04; e.g. bf16 s=4096 3.34 vs 3.56 ms,
 # causal 2.05 vs 2.24; causal s=16384 7.92 vs 7.66, 3% slower: benchmarks/RESULTS.md, eighth session).
 DETERMINISTIC_TWO_PASS_HEAD_DIMS = (128, 256)
+# Two-pass calls take dQ from the Gluon dQ kernel (kernels/gluon_dq.py, shaped like the forward: S, dP and
+# the previous dQ GEMM in flight together) instead of the Triton dQ kernel: off unless PYFLASH_GLUON_DQ=1
+# until it has run on a GPU (scripts/two_pass_check.py --gluon-dq both checks and times it).
+GLUON_DQ = os.environ.get("PYFLASH_GLUON_DQ", "0") == "1"
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
@@ -998,13 +1002,14 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config: Config = None,
-             dq_accum=None, deterministic: bool = False):
+             dq_accum=None, deterministic: bool = False, gluon_dq: bool = False):
     """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
 
     config: a Config instead of default_config (tuning, tests; with_dq=False leaves dq alone); dq_accum: a
     preallocated fp32 (b, sq, h, d) contiguous buffer (zeroed here); deterministic: dQ added in a fixed
-    order of key blocks (deterministic_mode). Returns the launches as a _Plan (None where the main kernel
-    did not run or a launch was not recorded)."""
+    order of key blocks (deterministic_mode); gluon_dq (with a with_dq=False config): dq from the Gluon dQ
+    kernel (gluon_dq.dq_pass) after the main kernel. Returns the launches as a _Plan (None where the main
+    kernel did not run or a launch was not recorded)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if batch == 0 or num_heads == 0:
@@ -1064,6 +1069,10 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
             dq_accum, dq, seqlen_q, num_heads, scale, dq.stride(0), dq.stride(1), dq.stride(2)),
             dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK, num_warps=4), {0: "dq_accum", 1: "dq"})
+    elif gluon_dq:
+        from pyflash.kernels import gluon_dq as dq_kernel
+
+        launches.append(dq_kernel.dq_pass(dout, q, k, v, softmax_lse, softmax_d, dq, params))
     if None in launches:
         return None
     return _Plan(tuple(launches), tuple(stats.shape), tuple(dq_accum.shape), tuple(counters.shape) if mode else None)
@@ -1122,21 +1131,23 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
     """backward() where supported() accepts the call (True), else nothing (False); the kernels/backward.py
     entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
     recorded launches are replayed with this call's tensors (launch.replay_or_record). Where two_pass(),
-    the kernel leaves dq alone (with_dq=False) and the Triton dQ kernel fills it (recorded the same way)."""
+    the kernel leaves dq alone (with_dq=False) and the Triton dQ kernel fills it (recorded the same way), or
+    with GLUON_DQ the Gluon dQ kernel (part of the plan)."""
     if not AVAILABLE or seqlens.is_varlen or params.dropout_p != 0:
         return False
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
     key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None,
-                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS)
+                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
     config = two_pass_config(q.shape[-1], causal) if split_dq else None
+    gluon_dq = split_dq and GLUON_DQ
     ran = replay_or_record(
         _PLANS, key, named,
         lambda: supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic),
         lambda: backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config,
-                         deterministic=deterministic and not split_dq))
-    if ran and split_dq:
+                         deterministic=deterministic and not split_dq, gluon_dq=gluon_dq))
+    if ran and split_dq and not gluon_dq:
         from pyflash.kernels.backward import backward as triton_backward  # imports this module
 
         triton_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, True,
