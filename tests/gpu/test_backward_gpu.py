@@ -121,6 +121,30 @@ def test_default_path_against_float32(feature, head_dim, dtype):
     torch.testing.assert_close(softmax_d, delta, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gluon_dq", [False, True])
+@pytest.mark.parametrize("feature,head_dim,dtype", [
+    ("plain", 128, torch.bfloat16), ("causal", 128, torch.float16), ("plain", 256, torch.float16),
+    ("causal", 256, torch.bfloat16)])
+def test_deterministic_two_pass_against_float32(monkeypatch, feature, head_dim, dtype, gluon_dq):
+    """Deterministic calls as the API makes them at d=128 / 256: the Gluon dK / dV kernel without dQ, then
+    the Triton dQ kernel or (gluon_backward.GLUON_DQ) the Gluon one; twice, the same bits."""
+    from pyflash.kernels import gluon_backward
+
+    monkeypatch.setattr(gluon_backward, "GLUON_DQ", gluon_dq)
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k = 2, 1000, 1531, 6, 2
+    q, k, v, dout = make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype, seed=5)
+    params = make_params(head_dim, batch, num_heads, **FEATURES[feature])
+    out, lse, ref = reference_grads(q, k, v, dout, params)
+    _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
+    seqlens = Seqlens(batch, seqlen_q, seqlen_k)
+    first = run_backward(dout, q, k, v, out.to(dtype), lse.float(), params, seqlens, True, default_path=True)
+    second = run_backward(dout, q, k, v, out.to(dtype), lse.float(), params, seqlens, True, default_path=True)
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), first, ref, lowp):
+        assert_error_rule(ours, r, lp, name)
+    for name, a, b in zip(("dq", "dk", "dv", "softmax_d"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+
+
 @pytest.mark.parametrize("seqused", [False, True])
 def test_varlen_against_float32(seqused):
     dtype, head_dim, num_heads, num_heads_k = torch.bfloat16, 128, 4, 1
