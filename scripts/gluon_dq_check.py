@@ -183,6 +183,7 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--max-shapes", type=int, default=len(SHAPES), help="check only the first N shapes (a smoke run)")
     parser.add_argument("--configs", nargs="+", default=[],
                         help="check these block_n,stages,num_wg configs too (default config always)")
     args = parser.parse_args()
@@ -193,11 +194,11 @@ def main():
         for head_dim in args.head_dims:
             for dtype_name in args.dtypes:
                 for causal in map(bool, args.causal):
-                    for spec in SHAPES:
+                    for spec in SHAPES[:args.max_shapes]:
                         for config in configs:
                             failures += not check(spec, causal, dtype_name, head_dim, config)
                     if head_dim in (128, 256):
-                        for spec in SHAPES[:3]:
+                        for spec in SHAPES[:min(3, args.max_shapes)]:
                             failures += not check_full(spec, causal, dtype_name, head_dim)
         print(f"CHECKS: {failures} failed", flush=True)
     if args.only in (None, "bench"):
