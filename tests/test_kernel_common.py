@@ -258,7 +258,9 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     monkeypatch.setattr(gb, "AVAILABLE", True)
     monkeypatch.setattr(gb, "_PLANS", {})
     monkeypatch.setattr(gb, "supported", fake_supported)
-    monkeypatch.setattr(gb, "backward", lambda *args, **kwargs: backward_calls.append(kwargs) or plan)
+    configs = []
+    monkeypatch.setattr(gb, "backward", lambda *args, **kwargs: backward_calls.append(kwargs) or configs.append(
+        args[12]) or plan)
 
     def call(head_dim=128, deterministic=False):
         q = torch.randn(1, 17, 2, head_dim)
@@ -282,8 +284,14 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     assert counters.shape == (2, 1, 2) and counters.dtype == torch.int32 and not counters.any()
     assert all(d.base is t for d, t in zip(main[:4], (q, dout, k, v)))
     assert main[4].base is accum and main[5].base is stats
+    # A deterministic call is a key of its own and runs two passes (gluon_backward.two_pass at d=128): the
+    # kernel without dQ (with_dq=False, its own deterministic mode off), then a dQ pass (here the Gluon one,
+    # GLUON_DQ, part of the plan; the Triton one would run after it).
+    monkeypatch.setattr(gb, "GLUON_DQ", True)
     assert call(deterministic=True)[1] and len(supported_calls) == 2 and len(backward_calls) == 2
-    assert backward_calls[-1]["deterministic"] is True and backward_calls[0]["deterministic"] is False
+    assert backward_calls[0] == dict(deterministic=False, gluon_dq=False)
+    assert backward_calls[-1] == dict(deterministic=False, gluon_dq=True)
+    assert configs[0] is None and configs[-1] == gb.two_pass_config(128, True) and not configs[-1].with_dq
     assert not call(head_dim=64)[1] and not call(head_dim=64)[1]
     assert supported_calls.count(torch.Size([1, 17, 2, 64])) == 1 and len(backward_calls) == 2
 
