@@ -9,7 +9,7 @@ from gluon_offline import assert_clean, run_reports
 pytest.importorskip("triton.experimental.gluon")
 pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
-# (id, head_dim, causal, dtype, Config fields (block_n, num_stages, num_wg) or None: the default)
+# (id, head_dim, causal, dtype, Config fields (block_n, num_stages, num_wg[, pingpong]) or None: the default)
 CASES = [
     ("d64", 64, False, "bf16", None),
     ("d64-causal-fp16", 64, True, "fp16", None),
@@ -20,6 +20,8 @@ CASES = [
     ("d128-causal-one-warpgroup", 128, True, "bf16", (64, 3, 1)),
     ("d256-one-warpgroup-bn64", 256, False, "bf16", (64, 2, 1)),
     ("d64-bn128", 64, False, "bf16", (128, 2, 2)),
+    ("d128-causal-pingpong", 128, True, "bf16", (64, 3, 2, True)),
+    ("d256-pingpong-fp16", 256, False, "fp16", (32, 2, 2, True)),
 ]
 
 _CHILD = r"""

@@ -43,28 +43,31 @@ if _IMPORT_ERROR is None:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from pyflash.kernels.gluon_forward import _load_kv, _tile_range
+    from pyflash.kernels.gluon_forward import _load_kv, _pingpong_pass, _pingpong_wait, _tile_range
 
 LOG2E = math.log2(math.e)
 SM90_MAX_SHARED = 232448
 
 
 class Config(NamedTuple):
-    """Key block size, K / V ring depth, consumer warpgroups (64 query rows each)."""
+    """Key block size, K / V ring depth, consumer warpgroups (64 query rows each), and pingpong (two
+    warpgroups): they take turns issuing their GEMMs of a key block, as the forward's do, so that one's
+    element-wise work runs under the other's GEMMs (not measured yet, so off by default)."""
 
     block_n: int
     num_stages: int
     num_wg: int = 2
+    pingpong: bool = False
 
 
 def config_label(cfg: Config) -> str:
-    return f"bn{cfg.block_n}-st{cfg.num_stages}-wg{cfg.num_wg}"
+    return f"bn{cfg.block_n}-st{cfg.num_stages}-wg{cfg.num_wg}{'-pp' if cfg.pingpong else ''}"
 
 
 def shared_bytes(head_dim: int, cfg: Config, element_size: int = 2) -> int:
     """Shared memory of a launch: Q and dO per warpgroup, the K / V ring, barriers."""
     tiles = 2 * cfg.num_wg * WG_M * head_dim + 2 * cfg.num_stages * cfg.block_n * head_dim
-    return tiles * element_size + 8 * (cfg.num_wg + 4 * cfg.num_stages)
+    return tiles * element_size + 8 * (2 * cfg.num_wg + 4 * cfg.num_stages)
 
 
 def default_config(head_dim: int, causal: bool) -> Config:
@@ -84,8 +87,8 @@ def tuning_candidates(head_dim: int):
     # registers, 788 B with two at 168): d=64 only.
     for block_n in (32, 64, 128) if head_dim <= 64 else (32, 64):
         for stages in (2, 3, 4):
-            for num_wg in (1, 2):
-                cfg = Config(block_n, stages, num_wg)
+            for num_wg, pingpong in ((1, False), (2, False), (2, True)):
+                cfg = Config(block_n, stages, num_wg, pingpong)
                 if shared_bytes(head_dim, cfg) + 2048 <= SM90_MAX_SHARED:
                     cands[config_label(cfg)] = cfg
     return cands
@@ -124,23 +127,27 @@ if _IMPORT_ERROR is None:
         return gl.exp2(s * score_scale - lse2[:, None])
 
     @gluon.jit
-    def _dq_step(t, dq, ds, q, do, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lse2, delta, col_offs,
-                 lo_blk, row_hi, score_scale,
+    def _dq_step(t, dq, ds, turn_count, q, do, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, lse2, delta,
+                 col_offs, lo_blk, row_hi, score_scale,
                  s_layout: gl.constexpr, ds_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 NUM_STAGES: gl.constexpr, MASKED: gl.constexpr):
-        """Key block t >= 1: S_t, dP_t and dQ += dS_{t-1} K_{t-1} in flight together; returns dQ and dS_t."""
+                 NUM_STAGES: gl.constexpr, MASKED: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+        """Key block t >= 1: S_t, dP_t and dQ += dS_{t-1} K_{t-1} in flight together (PINGPONG: issued in
+        this warpgroup's turn); returns dQ, dS_t and the turn count."""
         WG_ROWS: gl.constexpr = q.shape[0]
         stage = t % NUM_STAGES
         prev = (t - 1) % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
         mbarrier.wait(k_ready.index(stage), phase)
+        mbarrier.wait(v_ready.index(stage), phase)
         k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
+        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         s_tok = warpgroup_mma(q, k_t.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout),
                               use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(stage), phase)
         dp_tok = warpgroup_mma(do, v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         dq_tok = warpgroup_mma(ds, k_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         # wgmma groups retire in order: two outstanding means S_t is done.
         s = warpgroup_mma_wait(2, deps=(s_tok, ))
         p = _probs(s, lse2, col_offs, (lo_blk + t) * BLOCK_N, row_hi, score_scale, MASKED)
@@ -149,15 +156,15 @@ if _IMPORT_ERROR is None:
         ds_new = p * (dp - delta[:, None])
         dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
         mbarrier.arrive(k_empty.index(prev))
-        return dq, gl.convert_layout(ds_new.to(q.dtype), ds_layout)
+        return dq, gl.convert_layout(ds_new.to(q.dtype), ds_layout), turn_count
 
     @gluon.jit
-    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
+    def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
                      dq_ptr, stride_qb, stride_qm, stride_qh, lse_ptr, d_ptr, stride_lb, stride_lh, stride_lm,
                      stride_db, stride_dh, stride_dm, batch, head, start_m, seqlen_q, seqlen_k,
                      lo_blk, n_mid, n_blocks, score_scale, scale,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
-                     WG_ROWS: gl.constexpr, CAUSAL: gl.constexpr):
+                     WG_ROWS: gl.constexpr, CAUSAL: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -188,11 +195,13 @@ if _IMPORT_ERROR is None:
 
         # Block 0 on its own, through the mask (the diagonal, the ragged end, or rows that see no key).
         mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(v_ready.index(0), 0)
+        turn_count = _pingpong_wait(turn, 0, WG, PINGPONG)
         s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                               gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(0), 0)
         dp_tok = warpgroup_mma(do, v_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         p = _probs(s, lse2, col_offs, lo_blk * BLOCK_N, row_hi, score_scale, True)
         dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
@@ -202,15 +211,19 @@ if _IMPORT_ERROR is None:
 
         # Blocks [1, n_mid): every row sees them whole; [n_mid, n_blocks): diagonal / ragged end.
         for t in range(1, n_mid):
-            dq, ds = _dq_step(t, dq, ds, q, do, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lse2, delta,
-                              col_offs, lo_blk, row_hi, score_scale, s_layout, ds_layout, BLOCK_N, HEAD_DIM,
-                              NUM_STAGES, False)
+            dq, ds, turn_count = _dq_step(t, dq, ds, turn_count, q, do, k_smem, v_smem, k_ready, k_empty, v_ready,
+                                          v_empty, turn, lse2, delta, col_offs, lo_blk, row_hi, score_scale,
+                                          s_layout, ds_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, False, WG, NUM_WG,
+                                          PINGPONG)
         for t in range(gl.maximum(n_mid, 1), n_blocks):
-            dq, ds = _dq_step(t, dq, ds, q, do, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lse2, delta,
-                              col_offs, lo_blk, row_hi, score_scale, s_layout, ds_layout, BLOCK_N, HEAD_DIM,
-                              NUM_STAGES, True)
+            dq, ds, turn_count = _dq_step(t, dq, ds, turn_count, q, do, k_smem, v_smem, k_ready, k_empty, v_ready,
+                                          v_empty, turn, lse2, delta, col_offs, lo_blk, row_hi, score_scale,
+                                          s_layout, ds_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, True, WG, NUM_WG,
+                                          PINGPONG)
         last = (n_blocks - 1) % NUM_STAGES
+        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
         dq_tok = warpgroup_mma(ds, k_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
         dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
         mbarrier.arrive(k_empty.index(last))
 
@@ -226,7 +239,8 @@ if _IMPORT_ERROR is None:
                    stride_qb, stride_qm, stride_qh, stride_lb, stride_lh, stride_lm, stride_db, stride_dh, stride_dm,
                    seqlen_q, seqlen_k, num_heads, head_group, score_scale, scale,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_WG: gl.constexpr,
-                   CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                   PRODUCER_REGS: gl.constexpr):
         """Grid (query tiles, batch * heads), one tile of 64 * NUM_WG rows per CTA, the last (under causal
         masking the heaviest) tiles first."""
         WG_ROWS: gl.constexpr = q_desc.block_type.shape[1]
@@ -244,43 +258,47 @@ if _IMPORT_ERROR is None:
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(NUM_WG):
             mbarrier.init(q_ready.index(w), count=1)
+            mbarrier.init(turn.index(w), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
             mbarrier.init(v_empty.index(i), count=NUM_WG)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(0))  # consumer 0 issues first
         fence_async_shared()
 
         # (Gluon wants the partitions' argument tuples spelled out.)
         if NUM_WG == 2:
             gl.warp_specialize([
-                (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
+                (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
                                 dq_ptr, stride_qb, stride_qm, stride_qh, lse_ptr, d_ptr, stride_lb, stride_lh,
                                 stride_lm, stride_db, stride_dh, stride_dm, batch, head, start_m, seqlen_q, seqlen_k,
                                 lo_blk, n_mid, n_blocks, score_scale, scale,
-                                BLOCK_N, HEAD_DIM, NUM_STAGES, 0, WG_ROWS, CAUSAL)),
-                (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
+                                BLOCK_N, HEAD_DIM, NUM_STAGES, 0, WG_ROWS, CAUSAL, NUM_WG, PINGPONG)),
+                (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
                                 dq_ptr, stride_qb, stride_qm, stride_qh, lse_ptr, d_ptr, stride_lb, stride_lh,
                                 stride_lm, stride_db, stride_dh, stride_dm, batch, head, start_m, seqlen_q, seqlen_k,
                                 lo_blk, n_mid, n_blocks, score_scale, scale,
-                                BLOCK_N, HEAD_DIM, NUM_STAGES, 1, WG_ROWS, CAUSAL)),
+                                BLOCK_N, HEAD_DIM, NUM_STAGES, 1, WG_ROWS, CAUSAL, NUM_WG, PINGPONG)),
                 (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, k_ready,
                                 k_empty, v_ready, v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
                                 BLOCK_N, NUM_STAGES, WG_ROWS, NUM_WG)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty,
+                (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, k_empty, v_ready, v_empty, turn,
                                 dq_ptr, stride_qb, stride_qm, stride_qh, lse_ptr, d_ptr, stride_lb, stride_lh,
                                 stride_lm, stride_db, stride_dh, stride_dm, batch, head, start_m, seqlen_q, seqlen_k,
                                 lo_blk, n_mid, n_blocks, score_scale, scale,
-                                BLOCK_N, HEAD_DIM, NUM_STAGES, 0, WG_ROWS, CAUSAL)),
+                                BLOCK_N, HEAD_DIM, NUM_STAGES, 0, WG_ROWS, CAUSAL, NUM_WG, PINGPONG)),
                 (_dq_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_ready, k_ready,
                                 k_empty, v_ready, v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
                                 BLOCK_N, NUM_STAGES, WG_ROWS, NUM_WG)),
@@ -304,7 +322,7 @@ def dq_pass(dout, q, k, v, softmax_lse, softmax_d, dq, params, config: Config = 
             *softmax_lse.stride(), *softmax_d.stride(), seqlen_q, seqlen_k, num_heads, num_heads // num_heads_k,
             scale * LOG2E, scale)
     constexprs = dict(BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, NUM_WG=cfg.num_wg,
-                      CAUSAL=causal, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4,
+                      CAUSAL=causal, PINGPONG=bool(cfg.pingpong and cfg.num_wg == 2), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4,
                       maxnreg=maxnreg)
     sources = (*(("desc", name, tuple(d.shape), tuple(d.strides)) for name, d in descs.items()), "dq", "softmax_lse",
                "softmax_d")
@@ -334,7 +352,7 @@ def compile_sm90(head_dim: int, config: Config, dtype: str = "bf16", causal: boo
     config = Config(*config)
     maxnreg, consumer_regs, producer_regs = _register_budget(config.num_wg)
     constexprs = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, NUM_STAGES=config.num_stages, NUM_WG=config.num_wg,
-                      CAUSAL=causal, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
+                      CAUSAL=causal, PINGPONG=bool(config.pingpong and config.num_wg == 2), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
     sig = kernel_signature(head_dim, config.block_n, dtype)
     names = list(sig)
     # As a typical launch specialises them: torch's pointers 16-byte aligned, the last strides 1.
