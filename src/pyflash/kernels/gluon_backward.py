@@ -815,7 +815,7 @@ TWO_PASS_CAUSAL = True
 DETERMINISTIC_TWO_PASS_HEAD_DIMS = (128, 256)
 # Two-pass calls take dQ from the Gluon dQ kernel (kernels/gluon_dq.py, shaped like the forward: S, dP and
 # the previous dQ GEMM in flight together) instead of the Triton dQ kernel: off unless PYFLASH_GLUON_DQ=1
-# until it has run on a GPU (scripts/two_pass_check.py --gluon-dq both checks and times it).
+# until it has run on a GPU (scripts/gluon_dq_check.py checks and times it).
 GLUON_DQ = os.environ.get("PYFLASH_GLUON_DQ", "0") == "1"
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100

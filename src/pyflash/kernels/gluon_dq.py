@@ -26,14 +26,13 @@ strides, rows past seqlen_q never.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from pyflash.kernels.aot import ptxas_stats
-from pyflash.kernels.gluon_forward import (PRODUCER_REGS, WG_M, _IMPORT_ERROR, descriptor, register_budget,
-                                          smem_layout)
+from pyflash.kernels.gluon_forward import (LOG2E, PRODUCER_REGS, SM90_MAX_SHARED, WG_M, _IMPORT_ERROR, descriptor,
+                                          register_budget, smem_layout)
 from pyflash.kernels.launch import Launch, record
 
 if _IMPORT_ERROR is None:
@@ -44,9 +43,6 @@ if _IMPORT_ERROR is None:
                                                                   warpgroup_mma_wait)
 
     from pyflash.kernels.gluon_forward import _load_kv, _pingpong_pass, _pingpong_wait, _tile_range
-
-LOG2E = math.log2(math.e)
-SM90_MAX_SHARED = 232448
 
 
 class Config(NamedTuple):
