@@ -1,6 +1,11 @@
 """The Gluon dQ kernel (kernels/gluon_dq.py) on an H100/H200: correctness, then speed against the Triton dQ pass.
 
     cd scripts; PYTHONPATH=../src python3 gluon_dq_check.py [--only check|bench|sweep] [--head-dims 128 256]
+        [--timeout 90] [--budget 540]
+
+Each job (a mode at one head dim, dtype and causal setting; a sweep candidate at one seqlen) runs in a child
+process under a watchdog (child_jobs.run_child): a barrier mistake hangs rather than fails, and one hung
+config must not eat the device call. Jobs past --budget seconds are skipped and reported.
 
 (a) check: gluon_dq.dq_pass alone (dq poisoned with NaN, softmax_d = rowsum(dO * O) of the float64
     reference) over shapes with GQA / MQA, seqlen_q != seqlen_k both ways and ragged ends, bf16 and fp16,
@@ -148,7 +153,8 @@ def bench(seqlen, causal, dtype_name, head_dim):
           f"{times['det-gluon-dq'] / times['default']:.2f}x", flush=True)
 
 
-def sweep(seqlen, causal, dtype_name, head_dim):
+def sweep(seqlen, causal, dtype_name, head_dim, label):
+    """The dQ pass alone with the tuning candidate ``label``, against the Triton dQ pass's result."""
     import torch
     import triton.testing
 
@@ -158,24 +164,73 @@ def sweep(seqlen, causal, dtype_name, head_dim):
     params, _ = _params(q, k, causal)
     dq, _, _, softmax_d = grads
     reference = dq.clone()
-    for label, cfg in gluon_dq.tuning_candidates(head_dim).items():
-        try:
-            fn = lambda: gluon_dq.dq_pass(dout, q, k, v, lse, softmax_d, dq, params, cfg)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            diff = (dq.float() - reference.float()).abs().max().item()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            print(f"SWEEP {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {label:14s} {ms:7.3f} ms "
-                  f"(max|diff| vs Triton dQ {diff:.1e})", flush=True)
-        except Exception as error:  # noqa: BLE001 - a config that fails must not hide the others
-            print(f"SWEEP {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {label:14s} ERROR "
-                  f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}", flush=True)
+    cfg = gluon_dq.tuning_candidates(head_dim)[label]
+    fn = lambda: gluon_dq.dq_pass(dout, q, k, v, lse, softmax_d, dq, params, cfg)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    diff = (dq.float() - reference.float()).abs().max().item()
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    print(f"SWEEP {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {label:14s} {ms:7.3f} ms "
+          f"(max|diff| vs Triton dQ {diff:.1e})", flush=True)
 
 
-def main():
+def child(job) -> int:
+    """One job in this (child) process: its CHECK / BENCH / SWEEP lines; exit status 1 on a failed check."""
     import torch
 
     from pyflash.kernels import gluon_dq
+
+    head_dim, dtype_name, causal = job["head_dim"], job["dtype"], bool(job["causal"])
+    failures = 0
+    if job["mode"] == "check":
+        configs = [None, *(gluon_dq.Config(*fields) for fields in job["configs"])]
+        for spec in SHAPES[:job["max_shapes"]]:
+            for config in configs:
+                failures += not check(spec, causal, dtype_name, head_dim, config)
+        if head_dim in (128, 256):
+            for spec in SHAPES[:min(3, job["max_shapes"])]:
+                failures += not check_full(spec, causal, dtype_name, head_dim)
+    elif job["mode"] == "bench":
+        for seqlen in job["seqlens"]:
+            bench(seqlen, causal, dtype_name, head_dim)
+    else:
+        sweep(job["seqlen"], causal, dtype_name, head_dim, job["label"])
+    torch.cuda.synchronize()
+    return 1 if failures else 0
+
+
+def build_jobs(args):
+    """[(label, job, timeout)]: one child process per (mode, head dim, dtype, causal), and per sweep candidate."""
+    from pyflash.kernels import gluon_dq
+
+    jobs = []
+    for mode in ("check", "bench") if args.only is None else (args.only, ):
+        for head_dim in args.head_dims:
+            if mode == "bench" and head_dim == 64:
+                continue  # no two-pass backward at d=64
+            for dtype_name in args.dtypes:
+                for causal in args.causal:
+                    job = dict(mode=mode, head_dim=head_dim, dtype=dtype_name, causal=causal)
+                    name = f"{mode} d={head_dim} {dtype_name} causal={causal}"
+                    if mode == "check":
+                        job.update(max_shapes=args.max_shapes,
+                                   configs=[list(map(int, text.split(","))) for text in args.configs])
+                        jobs.append((name, job, args.timeout))
+                    elif mode == "bench":
+                        jobs.append((name, dict(job, seqlens=args.seqlens), args.timeout * 2))
+                    else:
+                        for seqlen in args.seqlens:
+                            for label in gluon_dq.tuning_candidates(head_dim):
+                                jobs.append((f"{name} s={seqlen} {label}", dict(job, seqlen=seqlen, label=label),
+                                             args.timeout))
+    return jobs
+
+
+def main():
+    import json
+    import time
+
+    from child_jobs import run_child
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["check", "bench", "sweep"])
@@ -185,37 +240,35 @@ def main():
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-shapes", type=int, default=len(SHAPES), help="check only the first N shapes (a smoke run)")
     parser.add_argument("--configs", nargs="+", default=[],
-                        help="check these block_n,stages,num_wg configs too (default config always)")
+                        help="check these block_n,stages[,num_wg[,pingpong]] configs too (default config always)")
+    parser.add_argument("--timeout", type=int, default=90,
+                        help="seconds per child process (bench: twice that); a barrier mistake hangs, not fails")
+    parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"device {torch.cuda.get_device_name()}", flush=True)
-    failures = 0
-    if args.only in (None, "check"):
-        configs = [None, *(gluon_dq.Config(*map(int, text.split(","))) for text in args.configs)]
-        for head_dim in args.head_dims:
-            for dtype_name in args.dtypes:
-                for causal in map(bool, args.causal):
-                    for spec in SHAPES[:args.max_shapes]:
-                        for config in configs:
-                            failures += not check(spec, causal, dtype_name, head_dim, config)
-                    if head_dim in (128, 256):
-                        for spec in SHAPES[:min(3, args.max_shapes)]:
-                            failures += not check_full(spec, causal, dtype_name, head_dim)
-        print(f"CHECKS: {failures} failed", flush=True)
-    if args.only in (None, "bench"):
-        for head_dim in args.head_dims:
-            if head_dim == 64:
-                continue  # no two-pass backward at d=64
-            for dtype_name in args.dtypes:
-                for causal in map(bool, args.causal):
-                    for seqlen in args.seqlens:
-                        bench(seqlen, causal, dtype_name, head_dim)
-    if args.only == "sweep":
-        for head_dim in args.head_dims:
-            for dtype_name in args.dtypes:
-                for causal in map(bool, args.causal):
-                    for seqlen in args.seqlens:
-                        sweep(seqlen, causal, dtype_name, head_dim)
-    return 1 if failures else 0
+    if args.child:
+        return child(json.loads(args.child))
+
+    start = time.time()
+    counts = dict(PASS=0, FAIL=0)
+    bad = {}
+    for label, job, timeout in build_jobs(args):
+        left = args.budget - (time.time() - start)
+        if left < 15:
+            print(f"== {label}: SKIPPED (budget of {args.budget} s spent)", flush=True)
+            bad[label] = "skipped"
+            continue
+        status, output, elapsed = run_child(__file__, job, min(timeout, int(left)))
+        for line in output.splitlines():
+            print(f"  {line}", flush=True)
+            for tag in counts:
+                counts[tag] += line.startswith(f"CHECK {tag} ")
+        print(f"== {label}: {status} [{elapsed:.0f}s]", flush=True)
+        if status != "ok":
+            bad[label] = status
+    print(f"== done in {time.time() - start:.0f}s: CHECK PASS {counts['PASS']} FAIL {counts['FAIL']}; "
+          f"jobs not ok: {len(bad)}" + (f" {bad}" if bad else ""), flush=True)
+    return 1 if counts["FAIL"] or bad else 0
 
 
 if __name__ == "__main__":
