@@ -9,7 +9,7 @@ on the CPU this way: each line is a configuration and the hash of its SASS instr
 (nvdisasm of the cubin, instruction addresses stripped), so equal lines mean the GPU runs the same
 instructions as the tree that was measured. PTX is no use for this: it carries source line numbers.
 The configurations are the backward's and forward's defaults plus the backward's tuning variants
-with their own code paths (dq_own, the deterministic modes).
+with their own code paths (dq_own, the deterministic modes), and the dQ kernel's (kernels/gluon_dq.py).
 """
 import hashlib
 import os
@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
 
 from pyflash.kernels import gluon_backward as gb  # noqa: E402
+from pyflash.kernels import gluon_dq as gd  # noqa: E402
 from pyflash.kernels import gluon_forward as gf  # noqa: E402
 
 INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*)")
@@ -62,6 +63,17 @@ def forward_cases():
             config = gf.default_config(head_dim, causal, 4096, 4096)
             yield f"forward d={head_dim} causal={int(causal)} s=4096 default", (head_dim, config, "bf16",
                                                                                 dict(has_right=causal))
+    # Short causal rows take the persistent grid (PERSISTENT_MAX_SEQLEN_K).
+    yield "forward d=128 causal=1 s=512 default", (128, gf.default_config(128, True, 512, 512), "bf16",
+                                                   dict(has_right=True))
+
+
+def dq_cases():
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            yield f"dq d={head_dim} causal={int(causal)} default", (head_dim, gd.default_config(head_dim, causal),
+                                                                    "bf16", causal)
+    yield "dq d=128 causal=1 bn64-st3-wg2-pp", (128, gd.Config(64, 3, 2, True), "bf16", True)
 
 
 def main():
@@ -69,6 +81,8 @@ def main():
         print(f"{label:48s} {fingerprint(gb.compile_sm90(*args))}", flush=True)
     for label, (head_dim, config, dtype, flags) in forward_cases():
         print(f"{label:48s} {fingerprint(gf.compile_sm90(head_dim, config, dtype, **flags))}", flush=True)
+    for label, args in dq_cases():
+        print(f"{label:48s} {fingerprint(gd.compile_sm90(*args))}", flush=True)
 
 
 if __name__ == "__main__":
