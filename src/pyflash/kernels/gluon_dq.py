@@ -42,7 +42,8 @@ if _IMPORT_ERROR is None:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from pyflash.kernels.gluon_forward import _load_kv, _pingpong_pass, _pingpong_wait, _tile_range
+    from pyflash.kernels.gluon_forward import (_load_kv, _pingpong_pass, _pingpong_wait, _ring_barriers,
+                                              _tile_range)
 
 
 class Config(NamedTuple):
@@ -255,18 +256,10 @@ if _IMPORT_ERROR is None:
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(NUM_WG):
             mbarrier.init(q_ready.index(w), count=1)
             mbarrier.init(turn.index(w), count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=NUM_WG)
+        k_ready, k_empty, v_ready, v_empty = _ring_barriers(NUM_STAGES, NUM_WG)
         if PINGPONG:
             mbarrier.arrive(turn.index(0))  # consumer 0 issues first
         fence_async_shared()

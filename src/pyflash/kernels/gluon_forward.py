@@ -86,6 +86,21 @@ PRODUCER_REGS = 24
 if _IMPORT_ERROR is None:
 
     @gluon.jit
+    def _ring_barriers(NUM_STAGES: gl.constexpr, NUM_WG: gl.constexpr):
+        """The K / V ring's barriers, initialised: (k_ready, k_empty, v_ready, v_empty); ready completes
+        with the producer's TMA load, empty with one arrive per consumer warpgroup."""
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=NUM_WG)
+            mbarrier.init(v_empty.index(i), count=NUM_WG)
+        return k_ready, k_empty, v_ready, v_empty
+
+    @gluon.jit
     def _load_kv(desc, smem, ready, empty, batch, row, kv_col, i, NUM_STAGES: gl.constexpr):
         """The i-th K (or V) tile of the ring (i counts every block this CTA has loaded) into stage
         i % NUM_STAGES once the consumers have released that stage."""
@@ -495,19 +510,11 @@ if _IMPORT_ERROR is None:
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for w in gl.static_range(NUM_WG):
             mbarrier.init(q_ready.index(w), count=1)
             mbarrier.init(q_empty.index(w), count=1)
             mbarrier.init(turn.index(w), count=1)
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=NUM_WG)
+        k_ready, k_empty, v_ready, v_empty = _ring_barriers(NUM_STAGES, NUM_WG)
         if PINGPONG:
             mbarrier.arrive(turn.index(0))  # consumer 0 issues first
         fence_async_shared()
