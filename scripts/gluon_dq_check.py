@@ -40,7 +40,8 @@ def _params(q, k, causal):
 
 
 def _full_backward(dout, q, k, v, out, lse, causal, deterministic, gluon_dq, grads=None):
-    """kernels/backward.backward as the backend calls it, with gluon_backward.GLUON_DQ = gluon_dq."""
+    """kernels/backward.backward as the backend calls it, with the Gluon dQ kernel at every two-pass head
+    dim (gluon_dq) or at none."""
     import torch
 
     from pyflash.kernels import gluon_backward as gb
@@ -50,7 +51,7 @@ def _full_backward(dout, q, k, v, out, lse, causal, deterministic, gluon_dq, gra
     if grads is None:
         grads = (*(torch.full_like(t, float("nan")) for t in (q, k, v)), torch.full_like(lse, float("nan")))
     saved = gb.GLUON_DQ
-    gb.GLUON_DQ = gluon_dq
+    gb.GLUON_DQ = gb.GLUON_DQ_HEAD_DIMS if gluon_dq else ()
     try:
         backward(dout, q, k, v, out, lse, *grads, params, seqlens, deterministic)
     finally:

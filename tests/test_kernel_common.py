@@ -287,7 +287,7 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     # A deterministic call is a key of its own and runs two passes (gluon_backward.two_pass at d=128): the
     # kernel without dQ (with_dq=False, its own deterministic mode off), then a dQ pass (here the Gluon one,
     # GLUON_DQ, part of the plan; the Triton one would run after it).
-    monkeypatch.setattr(gb, "GLUON_DQ", True)
+    monkeypatch.setattr(gb, "GLUON_DQ", (128,))
     assert call(deterministic=True)[1] and len(supported_calls) == 2 and len(backward_calls) == 2
     assert backward_calls[0] == dict(deterministic=False, gluon_dq=False)
     assert backward_calls[-1] == dict(deterministic=False, gluon_dq=True)

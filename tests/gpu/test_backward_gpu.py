@@ -130,7 +130,7 @@ def test_deterministic_two_pass_against_float32(monkeypatch, feature, head_dim, 
     the Triton dQ kernel or (gluon_backward.GLUON_DQ) the Gluon one; twice, the same bits."""
     from pyflash.kernels import gluon_backward
 
-    monkeypatch.setattr(gluon_backward, "GLUON_DQ", gluon_dq)
+    monkeypatch.setattr(gluon_backward, "GLUON_DQ", gluon_backward.GLUON_DQ_HEAD_DIMS if gluon_dq else ())
     batch, seqlen_q, seqlen_k, num_heads, num_heads_k = 2, 1000, 1531, 6, 2
     q, k, v, dout = make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype, seed=5)
     params = make_params(head_dim, batch, num_heads, **FEATURES[feature])

@@ -813,10 +813,13 @@ TWO_PASS_CAUSAL = True
 # backward on 10 of 12 rows (bf16 / fp16, s=1024-16384, H200, 2026-12-04; e.g. bf16 s=4096 3.34 vs 3.56 ms,
 # causal 2.05 vs 2.24; causal s=16384 7.92 vs 7.66, 3% slower: benchmarks/RESULTS.md, eighth session).
 DETERMINISTIC_TWO_PASS_HEAD_DIMS = (128, 256)
-# Two-pass calls take dQ from the Gluon dQ kernel (kernels/gluon_dq.py, shaped like the forward: S, dP and
-# the previous dQ GEMM in flight together) instead of the Triton dQ kernel: off unless PYFLASH_GLUON_DQ=1
-# until it has run on a GPU (scripts/gluon_dq_check.py checks and times it).
-GLUON_DQ = os.environ.get("PYFLASH_GLUON_DQ", "0") == "1"
+# Two-pass calls at these head dims take dQ from the Gluon dQ kernel (kernels/gluon_dq.py, shaped like the
+# forward: S, dP and the previous dQ GEMM in flight together) instead of the Triton dQ kernel. At d=128 it
+# measured 0.68-0.79x the Triton dQ kernel's time, at d=256 1.03-1.35x (bf16 s=1024-16384, H100, 2026-12-07,
+# scripts/gluon_dq_check.py; benchmarks/RESULTS.md, eleventh session). PYFLASH_GLUON_DQ=1: every two-pass
+# head dim, 0: none.
+GLUON_DQ_HEAD_DIMS = (128, 256)
+GLUON_DQ = {"1": GLUON_DQ_HEAD_DIMS, "0": ()}.get(os.environ.get("PYFLASH_GLUON_DQ", ""), (128,))
 MAX_GRID_Y = 65535
 SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on H100
 ROW_BLOCK = 64  # rows per program of the preprocess / convert kernels
@@ -1132,7 +1135,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
     entry. A call like an earlier one (launch.call_key) skips supported() and Triton's launch path: its
     recorded launches are replayed with this call's tensors (launch.replay_or_record). Where two_pass(),
     the kernel leaves dq alone (with_dq=False) and the Triton dQ kernel fills it (recorded the same way), or
-    with GLUON_DQ the Gluon dQ kernel (part of the plan)."""
+    at a head dim in GLUON_DQ the Gluon dQ kernel (part of the plan)."""
     if not AVAILABLE or seqlens.is_varlen or params.dropout_p != 0:
         return False
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
@@ -1141,7 +1144,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
     config = two_pass_config(q.shape[-1], causal) if split_dq else None
-    gluon_dq = split_dq and GLUON_DQ
+    gluon_dq = split_dq and q.shape[-1] in GLUON_DQ
     ran = replay_or_record(
         _PLANS, key, named,
         lambda: supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, deterministic),

@@ -22,10 +22,10 @@ from typing import NamedTuple, Sequence
 # own launches bit for bit on a GPU; scripts/api_overhead.py --cuda times both). The Gluon kernels'
 # recorded launches are always on.
 RECORD_TRITON = os.environ.get("PYFLASH_RECORD_TRITON", "1") != "0"
-# Replays through the compiled C launcher itself (_Direct): off unless PYFLASH_DIRECT_LAUNCH=1 until it
-# has run on a GPU (tests/gpu/test_recorded_launch_gpu.py runs both ways; scripts/api_overhead.py --cuda
-# times both).
-DIRECT_LAUNCH = os.environ.get("PYFLASH_DIRECT_LAUNCH", "0") == "1"
+# Replays through the compiled C launcher itself (_Direct): on unless PYFLASH_DIRECT_LAUNCH=0
+# (tests/gpu/test_recorded_launch_gpu.py runs both ways: 26 passed on an H100, 2026-12-07; scripts/api_overhead.py
+# --cuda times both: mha_fwd 123 -> 97 us, mha_bwd 255 -> 191 us per call there; benchmarks/RESULTS.md).
+DIRECT_LAUNCH = os.environ.get("PYFLASH_DIRECT_LAUNCH", "1") != "0"
 # Arguments of the launcher before the kernel's own (Triton 3.6's _BASE_ARGS_FORMAT "iiiKKppOOOOOO"): grid
 # x, y, z, stream, function, cooperative, PDL, global and profile scratch, packed metadata, launch
 # metadata, enter and exit hooks.
