@@ -123,17 +123,19 @@ def cuda_main(calls: int, profile: bool) -> None:
                                                          None, 0.0, None, True, -1, -1, False, res64[5], res64[6]),
                                  calls, sync)))
     launch.RECORD_TRITON = default
-    # Replays through the C launcher itself (launch.DIRECT_LAUNCH, off by default until GPU-checked).
+    # Replays through the C launcher itself (launch.DIRECT_LAUNCH, on by default) or through Triton's
+    # launcher wrapper: the rows above ran the default, these the other way.
     direct = launch.DIRECT_LAUNCH
-    launch.DIRECT_LAUNCH = True
+    launch.DIRECT_LAUNCH = not direct
+    other = f"DIRECT_LAUNCH={int(not direct)}"
     for causal in (False, True):
         fwd = lambda: pyflash.mha_fwd(q, k, v, None, None, 0.0, None, causal, -1, -1, False, None)  # noqa: E731
-        rows.append((f"pyflash.mha_fwd causal={causal}, DIRECT_LAUNCH=1", per_call_us(fwd, calls, sync)))
+        rows.append((f"pyflash.mha_fwd causal={causal}, {other}", per_call_us(fwd, calls, sync)))
         res = fwd()
         bwd = lambda: pyflash.mha_bwd(dout, q, k, v, res[0], res[4], None, None, None, None, 0.0, None,  # noqa: E731
                                       causal, -1, -1, False, res[5], res[6])
-        rows.append((f"pyflash.mha_bwd causal={causal}, DIRECT_LAUNCH=1", per_call_us(bwd, calls, sync)))
-    rows.append(("flash_attn_with_kvcache (q (1, 1, 8, 128), cache 4000 of 4096, hk 2), DIRECT_LAUNCH=1",
+        rows.append((f"pyflash.mha_bwd causal={causal}, {other}", per_call_us(bwd, calls, sync)))
+    rows.append(("flash_attn_with_kvcache (q (1, 1, 8, 128), cache 4000 of 4096, hk 2), " + other,
                  per_call_us(lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=cache_seqlens),
                              calls, sync)))
     launch.DIRECT_LAUNCH = direct
