@@ -294,6 +294,17 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     assert configs[0] is None and configs[-1] == gb.two_pass_config(128, True) and not configs[-1].with_dq
     assert not call(head_dim=64)[1] and not call(head_dim=64)[1]
     assert supported_calls.count(torch.Size([1, 17, 2, 64])) == 1 and len(backward_calls) == 2
+    # At a two-pass head dim outside GLUON_DQ (d=256 here) the kernel leaves dQ to the Triton dQ pass, which
+    # runs after it.
+    from pyflash.kernels import backward as triton_module
+
+    triton_calls = []
+    monkeypatch.setattr(triton_module, "backward", lambda *args, **kwargs: triton_calls.append(kwargs))
+    monkeypatch.setattr(gb, "supported", lambda *args: True)
+    assert call(head_dim=256, deterministic=True)[1] and len(backward_calls) == 3
+    assert backward_calls[-1] == dict(deterministic=False, gluon_dq=False)
+    assert configs[-1] == gb.two_pass_config(256, True)
+    assert triton_calls == [dict(kernel="triton", dq_only=True, delta_ready=True)]
 
 
 def test_triton_backward_plan_replay_builds_buffers_and_descriptors():
