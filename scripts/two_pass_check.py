@@ -4,6 +4,8 @@
     PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 128   # d=128: the pair for deterministic calls
     PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 64    # d=64: "one-pass" is the Gluon kernel,
                                                                       # "default" the Triton kernels
+    PYTHONPATH=src python3 scripts/two_pass_check.py --head-dim 128 --dtypes bf16 --seqlens 4096 16384 \
+        --first-configs num_stages=3 num_stages=4        # the first pass alone, per Config override
 
 Two passes: the Gluon kernel's dK / dV / softmax_d without its dQ work (Config.with_dq=False: split_d at
 d=256, the plain layout below), then the Triton dQ kernel alone (kernels/backward.backward(dq_only=True,
@@ -163,6 +165,49 @@ def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
                   f"{event.device_time_total / 5 / 1e3:8.3f} ms  {event.key[:60]}", flush=True)
 
 
+def first_sweep(seqlen, causal, dtype_name, configs, head_dim):
+    """The first pass alone (the Gluon kernel without dQ: gluon_backward.two_pass_config) with each
+    "field=value,..." override of that Config (e.g. num_stages=3 or num_stages=3,lpt=1), against the
+    default; dK and dV must keep the default's bits (the overrides change no arithmetic order)."""
+    import torch
+    import triton.testing
+
+    from gluon_backward_check import bench_inputs
+    from pyflash.kernels import gluon_backward as gb
+
+    flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, head_dim, causal, dtype_name)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    softmax_d = torch.empty_like(lse)
+    base = gb.two_pass_config(head_dim, causal)
+    reference = None
+    for text in ["default", *configs]:
+        fields = {} if text == "default" else {name: int(value) for name, value in
+                                               (item.split("=") for item in text.split(","))}
+        try:
+            cfg = base._replace(**fields)
+
+            def fn(cfg=cfg):
+                gb.backward_gluon(dout, q, k, v, out, lse, scale, causal, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d,
+                                  config=cfg)
+
+            dk.fill_(float("nan"))
+            dv.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            if reference is None:
+                reference = (dk.clone(), dv.clone())
+            same = torch.equal(dk, reference[0]) and torch.equal(dv, reference[1])
+            finite = bool(torch.isfinite(dk).all().item() and torch.isfinite(dv).all().item())
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            # The first pass does 4 of the backward's 5 GEMMs (dQ's is the second pass's).
+            print(f"FIRST {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {text:24s} {ms:7.3f} ms "
+                  f"{0.8 * flops / ms * 1e-9:6.1f} TFLOP/s (dk, dv {'same bits as the default' if same else 'DIFFER'}"
+                  f"{'' if finite else ', NOT FINITE'})", flush=True)
+        except Exception as error:  # noqa: BLE001 - a config that does not fit must not hide the others
+            print(f"FIRST {dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {text:24s} ERROR "
+                  f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}", flush=True)
+
+
 def main():
     import torch
 
@@ -172,9 +217,18 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     parser.add_argument("--dq-configs", nargs="+", default=[],
                         help="instead: time the dQ pass alone with these block_m,block_n,warps,stages")
+    parser.add_argument("--first-configs", nargs="+", default=[],
+                        help="instead: time the first pass alone with these overrides of two_pass_config "
+                             "(field=value,...; e.g. num_stages=3)")
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--head-dim", type=int, default=256, choices=[64, 128, 256])
     args = parser.parse_args()
+    if args.first_configs:
+        for dtype_name in args.dtypes:
+            for causal in map(bool, args.causal):
+                for seqlen in args.seqlens:
+                    first_sweep(seqlen, causal, dtype_name, args.first_configs, args.head_dim)
+        return 0
     if args.dq_configs:
         for dtype_name in args.dtypes:
             for causal in map(bool, args.causal):
