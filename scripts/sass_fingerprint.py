@@ -55,6 +55,11 @@ def backward_cases():
                                                   "bf16", 0)
     yield "backward d=128 deterministic 1", (128, False, None, "bf16", 1)
     yield "backward d=128 causal deterministic 2", (128, True, None, "bf16", 2)
+    # The first pass of the two-pass backward (gluon_backward.two_pass_config: no dQ).
+    for head_dim in (128, 256):
+        for causal in (False, True):
+            yield (f"backward d={head_dim} causal={int(causal)} two-pass",
+                   (head_dim, causal, gb.two_pass_config(head_dim, causal), "bf16", 0))
 
 
 def forward_cases():

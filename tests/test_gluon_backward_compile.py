@@ -57,6 +57,11 @@ SPLIT_D_CASES = [
     ("d256-two-pass", 256, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, True, True, False)),
     ("d256-causal-two-pass-fp16", 256, True, "fp16", (64, 2, False, True, 1, False, False, False, 2, True, False,
                                                       False)),
+    # coop: S^T / P^T in warpgroup 0, dP^T / dS^T in warpgroup 1, exchanged through shared memory.
+    ("d256-causal-two-pass-coop", 256, True, "bf16", (64, 2, False, True, 1, False, False, False, 2, True, False,
+                                                      False, True)),
+    ("d256-two-pass-coop-fp16", 256, False, "fp16", (64, 2, False, False, 1, False, False, False, 2, True, True,
+                                                     False, True)),
 ]
 SPLIT_D_MAX_SPILL = 96
 
@@ -66,7 +71,7 @@ from pyflash.kernels import gluon_backward as gb
 for case_id, head_dim, causal, dtype, config, deterministic in json.loads(sys.argv[1]):
     try:
         report = gb.offline_report(head_dim, causal, config, dtype, deterministic)
-        report.pop("ptx")
+        report["wgmma"] = report.pop("ptx").count("wgmma.mma_async")
     except Exception:
         report = dict(error=traceback.format_exc())
     print("REPORT " + json.dumps(dict(id=case_id, **report)), flush=True)
@@ -96,6 +101,27 @@ def test_gluon_backward_head_dim_256_compiles(reports, case_id):
     assert_clean(found[case_id], case_id, SPLIT_D_MAX_SPILL)
 
 
+def test_coop_issues_each_gemm_once(reports):
+    """split_d issues S^T and dP^T in both warpgroups; coop in one each: per warpgroup one 64 x 64 x 256
+    GEMM (16 k-steps) and its halves of dV and dK (64 x 128 x 64: 4 k-steps each)."""
+    found, errors = reports
+    for case_id in ("d256-causal-two-pass-coop", "d256-two-pass-coop-fp16", "d256-causal-two-pass-fp16"):
+        assert case_id in found, f"no report for {case_id}: {errors}"
+    per_wg = 256 // 16 + 2 * (64 // 16)
+    assert found["d256-causal-two-pass-coop"]["wgmma"] == found["d256-two-pass-coop-fp16"]["wgmma"] == 2 * per_wg
+    assert found["d256-causal-two-pass-fp16"]["wgmma"] == 2 * (per_wg + 256 // 16)
+
+
+def test_coop_needs_split_d_without_dq():
+    from pyflash.kernels import gluon_backward as gb
+
+    base = gb.two_pass_config(256, True)._replace(coop=True)
+    assert gb.launch_shape(base)[0] == 64
+    for bad in (base._replace(with_dq=True), base._replace(split_d=False), base._replace(split_mask=True)):
+        with pytest.raises(ValueError, match="coop needs split_d"):
+            gb.launch_shape(bad)
+
+
 @pytest.mark.parametrize("case_id", [case[0] for case in DETERMINISTIC_CASES])
 def test_gluon_backward_deterministic_compiles(reports, case_id):
     found, errors = reports
@@ -120,10 +146,11 @@ def test_two_pass_configs_are_listed():
     """The configs two_pass() calls run are among the compile-checked cases above."""
     from pyflash.kernels import gluon_backward as gb
 
-    listed = {(head_dim, causal, tuple(config)) for _, head_dim, causal, _, config in CASES + SPLIT_D_CASES if config}
+    listed = {(head_dim, causal, gb.Config(*config)) for _, head_dim, causal, _, config in CASES + SPLIT_D_CASES
+              if config}
     for head_dim in (128, 256):
         for causal in (False, True):
-            assert (head_dim, causal, tuple(gb.two_pass_config(head_dim, causal))) in listed
+            assert (head_dim, causal, gb.two_pass_config(head_dim, causal)) in listed
 
 
 def test_head_dim_256_configs_are_split_d():

@@ -79,7 +79,10 @@ both warpgroups' dV GEMMs have read it, refilled under the rest of the step), Q 
 memory. K and V are taken from their buffers through an index the compiler cannot fold (an inline-asm
 zero), so their wgmma descriptors are rebuilt each step rather than hoisted and spilled. Its cost at
 s=4096 (H200, scripts/probe_backward256.py): 4.48 ms, of which the dQ reduce-adds (twice the traffic
-per FLOP of the 128-key layout) take 1.16 ms and all of dQ 1.8 ms.
+per FLOP of the 128-key layout) take 1.16 ms and all of dQ 1.8 ms. Without dQ (two_pass_config), coop
+(Config.coop, _coop_step; not yet run on a GPU) computes S^T in warpgroup 0 and dP^T in warpgroup 1 only,
+and hands P^T and dS^T across through the two dS buffers: 4 GEMM units a step instead of 6, for four
+mbarrier hand-offs a step.
 
 rotate (non-causal, Config.rotate): key block j walks the query blocks from rot(j) = j * n_m // n_kblk
 and wraps around, so that the CTAs running at once add into different dQ tiles (the deterministic
@@ -519,6 +522,105 @@ if _IMPORT_ERROR is None:
         return dk, dv
 
     @gluon.jit
+    def _coop_step(t, dk, dv, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready, do_ready, stage_empty, xchg,
+                   key0, kbias, qk_scale, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, WG: gl.constexpr, MASKED: gl.constexpr, KEY_BIAS: gl.constexpr,
+                   ACC_INIT: gl.constexpr):
+        """One query block of split_d without dQ (Config.coop): warpgroup 0 computes S^T and P^T, warpgroup
+        1 dP^T and dS^T = P^T (dP^T - delta), each once; P^T crosses through ds_smem[0] and dS^T through
+        ds_smem[1], and each warpgroup takes its half of dV's and dK's columns from there (SS wgmma). The
+        arithmetic is split_d's (P rounded before dS, the same GEMMs): the same bits. xchg (one arrive
+        each, one phase a step): [0] P^T written (0 -> 1), [1] dS^T written (1 -> 0), [2] P^T free again
+        (1 -> 0: its read of P^T and its dV GEMM are done), [3] dS^T free again (0 -> 1: its dK GEMM is done);
+        fresh barriers pass the first "free" waits (parity 1)."""
+        HALF: gl.constexpr = HEAD_DIM // 2
+        WG_ROWS: gl.constexpr = k_w.shape[1]
+        dtype: gl.constexpr = q_smem.dtype
+        # Buffers indexed by a zero the compiler cannot see through (as in _step: no hoisted descriptors).
+        zero = gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
+        p_buf = ds_smem.index(zero)
+        ds_buf = ds_smem.index(1 + zero)
+        stage = t % NUM_STAGES
+        phase = (t // NUM_STAGES) & 1
+        xphase = t & 1
+        q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        q_b = q.slice(WG * HALF, HALF, dim=1)
+        do_b = do.slice(WG * HALF, HALF, dim=1)
+        stats = st_smem.index(stage)._reinterpret(gl.float32, [4 * BLOCK_M],
+                                                  gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        row_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        mbarrier.wait(q_ready.index(stage), phase)
+        if WG == 0:
+            k_t = k_w.index(zero)
+            if ACC_INIT:
+                nlse = stats.slice(0, BLOCK_M).load(row_layout)
+                if MASKED:
+                    queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
+                    keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
+                    s_init = gl.where(queries[None, :] >= keys[:, None], nlse[None, :], float("-inf"))
+                elif KEY_BIAS:
+                    s_init = kbias[:, None] + nlse[None, :]
+                else:
+                    s_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + nlse[None, :]
+                s_tok = warpgroup_mma(k_t, q.permute((1, 0)), s_init, use_acc=True, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s_tok, ))
+                p = gl.exp2(s * qk_scale)
+            else:
+                s_tok = warpgroup_mma(k_t, q.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
+                                      use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s_tok, ))
+                lse2 = stats.slice(0, BLOCK_M).load(row_layout)
+                if KEY_BIAS:
+                    p = gl.exp2(s * qk_scale - (lse2[None, :] - kbias[:, None]))
+                else:
+                    p = gl.exp2(s * qk_scale - lse2[None, :])
+                if MASKED:
+                    queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
+                    keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
+                    p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
+            mbarrier.wait(xchg.index(2), xphase ^ 1)
+            p_buf.store(p.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(xchg.index(0))
+            mbarrier.wait(do_ready.index(stage), phase)
+            dv_tok = warpgroup_mma(p_buf, do_b, dv, is_async=True)
+            mbarrier.wait(xchg.index(1), xphase)
+            dk_tok = warpgroup_mma(ds_buf, q_b, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(xchg.index(3))
+        else:
+            v_t = v_w.index(zero)
+            mbarrier.wait(do_ready.index(stage), phase)
+            if ACC_INIT:
+                ndelta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
+                dp_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + ndelta[None, :]
+                dp_tok = warpgroup_mma(v_t, do.permute((1, 0)), dp_init, use_acc=True, is_async=True)
+            else:
+                dp_tok = warpgroup_mma(v_t, do.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
+                                       use_acc=False, is_async=True)
+            dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
+            mbarrier.wait(xchg.index(0), xphase)
+            p = p_buf.load(s_layout)
+            if ACC_INIT:
+                ds = (p.to(gl.float32) * dp).to(dtype)
+            else:
+                delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
+                ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
+            mbarrier.wait(xchg.index(3), xphase ^ 1)
+            ds_buf.store(ds)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(xchg.index(1))
+            dv_tok = warpgroup_mma(p_buf, do_b, dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_buf, q_b, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(xchg.index(2))
+        mbarrier.arrive(stage_empty.index(stage))
+        return dk, dv
+
+    @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, do_ready,
                   stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                   stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
@@ -526,7 +628,7 @@ if _IMPORT_ERROR is None:
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
                   NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr,
-                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr):
+                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr):
         WG_ROWS: gl.constexpr = 64
         BLOCK_N_: gl.constexpr = WG_ROWS if SPLIT_D else NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -586,6 +688,11 @@ if _IMPORT_ERROR is None:
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
                                    CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
+        elif COOP:
+            for t in range(0, group * n_steps):
+                dk, dv = _coop_step(t, dk, dv, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready, do_ready,
+                                    stage_empty, ds_ready, key0, kbias, qk_scale, s_layout, BLOCK_M, HEAD_DIM,
+                                    NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
@@ -619,7 +726,7 @@ if _IMPORT_ERROR is None:
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
                          DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False,
-                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False):
+                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False, COOP: gl.constexpr = False):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -692,15 +799,16 @@ if _IMPORT_ERROR is None:
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         stage_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        # COOP: four one-arrive barriers of the P^T / dS^T exchange (_coop_step).
+        ds_ready = gl.allocate_shared_memory(gl.int64, [4 if COOP else 2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_ready.index(0), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
             mbarrier.init(stage_empty.index(i), count=NUM_WG)  # one arrive per consumer warpgroup
-        for i in gl.static_range(2):
+        for i in gl.static_range(4 if COOP else 2):
             # Shared dS: both halves written; SPLIT_D: ds_ready[0] is the dO buffer's "free" barrier.
-            mbarrier.init(ds_ready.index(i), count=2)
+            mbarrier.init(ds_ready.index(i), count=1 if COOP else 2)
         fence_async_shared()
 
         if NUM_WG == 3:
@@ -710,19 +818,19 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
@@ -735,13 +843,13 @@ if _IMPORT_ERROR is None:
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)),
+                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
@@ -846,7 +954,10 @@ class Config(NamedTuple):
     with_dq=False (split_d, or the plain shared-dS layout): dK, dV and softmax_d only, dq left alone, for
     a caller that takes dQ from a pass of its own (kernels/backward.backward(dq_only=True), the Triton dQ
     kernel); split_d's dO then has a ring of num_stages buffers like Q (in the shared memory dQ's staging
-    no longer needs), and the plain layout keeps dS^T in registers (no dS buffer, no exchange)."""
+    no longer needs), and the plain layout keeps dS^T in registers (no dS buffer, no exchange);
+    coop (split_d, with_dq=False, no split_mask): warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and
+    dS^T, each once instead of both in both warpgroups (4 GEMM units a step instead of 6), P^T and dS^T
+    crossing through the two dS buffers (_coop_step); not yet run on a GPU, so no default takes it."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -860,6 +971,7 @@ class Config(NamedTuple):
     split_d: bool = False
     rotate: bool = False
     with_dq: bool = True
+    coop: bool = False
 
 
 def kv_box_rows(cfg: Config) -> int:
@@ -881,6 +993,8 @@ def launch_shape(cfg: Config):
     if not cfg.with_dq and not cfg.split_d and (wgs != 2 or cfg.dq_own or cfg.dq_early):
         raise ValueError(f"unsupported Config {cfg}: with_dq=False needs split_d or the plain layout (wgs=2, "
                          "no dq_own, no dq_early)")
+    if cfg.coop and (not cfg.split_d or cfg.with_dq or cfg.split_mask):
+        raise ValueError(f"unsupported Config {cfg}: coop needs split_d, with_dq=False and no split_mask")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
@@ -1066,7 +1180,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
-        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, num_warps=4, maxnreg=maxnreg),
+        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=bool(cfg.coop), num_warps=4,
+        maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     if with_dq:
         launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
@@ -1225,7 +1340,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
                       DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
                       SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal),
-                      NO_DQ=not cfg.with_dq)
+                      NO_DQ=not cfg.with_dq, COOP=bool(cfg.coop))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
