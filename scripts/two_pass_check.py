@@ -223,17 +223,13 @@ def main():
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--head-dim", type=int, default=256, choices=[64, 128, 256])
     args = parser.parse_args()
-    if args.first_configs:
+    # A sweep of one pass alone instead of the checks and the bench.
+    sweep, configs = (first_sweep, args.first_configs) if args.first_configs else (dq_sweep, args.dq_configs)
+    if configs:
         for dtype_name in args.dtypes:
             for causal in map(bool, args.causal):
                 for seqlen in args.seqlens:
-                    first_sweep(seqlen, causal, dtype_name, args.first_configs, args.head_dim)
-        return 0
-    if args.dq_configs:
-        for dtype_name in args.dtypes:
-            for causal in map(bool, args.causal):
-                for seqlen in args.seqlens:
-                    dq_sweep(seqlen, causal, dtype_name, args.dq_configs, args.head_dim)
+                    sweep(seqlen, causal, dtype_name, configs, args.head_dim)
         return 0
     print(f"device {torch.cuda.get_device_name()}", flush=True)
     failures = 0

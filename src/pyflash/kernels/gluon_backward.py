@@ -316,6 +316,42 @@ if _IMPORT_ERROR is None:
         _dq_reduce(dq, dq_smem, index, dq_desc, batch, m0, col, PENDING)
 
     @gluon.jit
+    def _s_init(stats, key0, kbias, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, WG_ROWS: gl.constexpr,
+                MASKED: gl.constexpr, KEY_BIAS: gl.constexpr):
+        """ACC_INIT: S^T's initial accumulator, -lse / scale per query (-inf where masked, the key bias
+        added where KEY_BIAS)."""
+        row_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        nlse = stats.slice(0, BLOCK_M).load(row_layout)
+        if MASKED:
+            queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
+            keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
+            s_init = gl.where(queries[None, :] >= keys[:, None], nlse[None, :], float("-inf"))
+        elif KEY_BIAS:
+            s_init = kbias[:, None] + nlse[None, :]
+        else:
+            s_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + nlse[None, :]
+        return s_init
+
+    @gluon.jit
+    def _probs_t(s, stats, key0, kbias, qk_scale, s_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                 WG_ROWS: gl.constexpr, MASKED: gl.constexpr, KEY_BIAS: gl.constexpr):
+        """Without ACC_INIT: P^T = exp2(S^T * scale * log2(e) - lse * log2(e)) (the key bias added where
+        KEY_BIAS; 0 where masked)."""
+        row_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        lse2 = stats.slice(0, BLOCK_M).load(row_layout)
+        if KEY_BIAS:
+            p = gl.exp2(s * qk_scale - (lse2[None, :] - kbias[:, None]))
+        else:
+            p = gl.exp2(s * qk_scale - lse2[None, :])
+        if MASKED:
+            # The query positions come from shared memory (the third stats row, as floats): an iota
+            # here would be hoisted out of the loop by the compiler and hold 16-32 registers throughout.
+            queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
+            keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
+            p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
+        return p
+
+    @gluon.jit
     def _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
               stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale, rot, counters, rank_a,
               rank_b, n_m, s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
@@ -370,15 +406,7 @@ if _IMPORT_ERROR is None:
             # The row statistics enter through the wgmma accumulators (use_acc): S^T starts at
             # -lse / scale (-inf where masked), dP^T at -delta. Their registers are live only here,
             # before the GEMMs, instead of across the element-wise work at the register peak.
-            nlse = stats.slice(0, BLOCK_M).load(row_layout)
-            if MASKED:
-                queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
-                keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
-                s_init = gl.where(queries[None, :] >= keys[:, None], nlse[None, :], float("-inf"))
-            elif KEY_BIAS:
-                s_init = kbias[:, None] + nlse[None, :]
-            else:
-                s_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + nlse[None, :]
+            s_init = _s_init(stats, key0, kbias, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
             s_tok = warpgroup_mma(k_w, q.permute((1, 0)), s_init, use_acc=True, is_async=True)
             ndelta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
             dp_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + ndelta[None, :]
@@ -394,17 +422,7 @@ if _IMPORT_ERROR is None:
                                    use_acc=False, is_async=True)
             # wgmma groups retire in order: one outstanding means S^T is done, dP^T may still run.
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
-            lse2 = stats.slice(0, BLOCK_M).load(row_layout)
-            if KEY_BIAS:
-                p = gl.exp2(s * qk_scale - (lse2[None, :] - kbias[:, None]))
-            else:
-                p = gl.exp2(s * qk_scale - lse2[None, :])
-            if MASKED:
-                # The query positions come from shared memory (the third stats row, as floats): an iota
-                # here would be hoisted out of the loop by the compiler and hold 16-32 registers throughout.
-                queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
-                keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
-                p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
+            p = _probs_t(s, stats, key0, kbias, qk_scale, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
         p = p.to(dtype)  # dS below uses the rounded P too, as PyTorch's softmax backward does: fewer registers
         p_op = gl.convert_layout(p, op_layout)
         dv_tok = warpgroup_mma(p_op, do_b, dv, is_async=True)
@@ -554,15 +572,7 @@ if _IMPORT_ERROR is None:
         if WG == 0:
             k_t = k_w.index(zero)
             if ACC_INIT:
-                nlse = stats.slice(0, BLOCK_M).load(row_layout)
-                if MASKED:
-                    queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
-                    keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
-                    s_init = gl.where(queries[None, :] >= keys[:, None], nlse[None, :], float("-inf"))
-                elif KEY_BIAS:
-                    s_init = kbias[:, None] + nlse[None, :]
-                else:
-                    s_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + nlse[None, :]
+                s_init = _s_init(stats, key0, kbias, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
                 s_tok = warpgroup_mma(k_t, q.permute((1, 0)), s_init, use_acc=True, is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s_tok, ))
                 p = gl.exp2(s * qk_scale)
@@ -570,15 +580,7 @@ if _IMPORT_ERROR is None:
                 s_tok = warpgroup_mma(k_t, q.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
                                       use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s_tok, ))
-                lse2 = stats.slice(0, BLOCK_M).load(row_layout)
-                if KEY_BIAS:
-                    p = gl.exp2(s * qk_scale - (lse2[None, :] - kbias[:, None]))
-                else:
-                    p = gl.exp2(s * qk_scale - lse2[None, :])
-                if MASKED:
-                    queries = stats.slice(2 * BLOCK_M, BLOCK_M).load(row_layout)
-                    keys = (key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, s_layout))).to(gl.float32)
-                    p = gl.where(queries[None, :] >= keys[:, None], p, 0.0)
+                p = _probs_t(s, stats, key0, kbias, qk_scale, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
             mbarrier.wait(xchg.index(2), xphase ^ 1)
             p_buf.store(p.to(dtype))
             fence_async_shared()
