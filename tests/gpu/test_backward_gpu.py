@@ -145,9 +145,10 @@ def test_deterministic_two_pass_against_float32(monkeypatch, feature, head_dim, 
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
 
 
+@pytest.mark.parametrize("coop", [1, 2])
 @pytest.mark.parametrize("causal,dtype", [(False, torch.float16), (True, torch.bfloat16)])
 @pytest.mark.parametrize("acc_init", [False, True])
-def test_coop_first_pass_matches_split_d(causal, dtype, acc_init):
+def test_coop_first_pass_matches_split_d(causal, dtype, acc_init, coop):
     """gluon_backward.Config.coop (S^T and dP^T once each, P^T and dS^T crossing between the warpgroups
     through shared memory) against the split_d first pass it would replace (d=256, no dQ): the same
     arithmetic, so dK and dV with the same bits; both against float32 (GQA, seqlen_q != seqlen_k)."""
@@ -160,15 +161,15 @@ def test_coop_first_pass_matches_split_d(causal, dtype, acc_init):
     _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
     base = gb.two_pass_config(head_dim, causal)._replace(acc_init=acc_init)
     grads = {}
-    for coop in (False, True):
+    for variant in (0, coop):
         dk, dv = (torch.full_like(t, math.nan) for t in (k, v))
         gb.backward_gluon(dout, q, k, v, out.to(dtype), lse.float(), params.softmax_scale, causal, dk=dk, dv=dv,
-                          config=base._replace(coop=coop))
-        grads[coop] = (dk, dv)
-    for name, ours, r, lp in zip(("dk", "dv"), grads[True], ref[1:], lowp[1:]):
+                          config=base._replace(coop=variant))
+        grads[variant] = (dk, dv)
+    for name, ours, r, lp in zip(("dk", "dv"), grads[coop], ref[1:], lowp[1:]):
         assert_error_rule(ours, r, lp, name)
-    for name, a, b in zip(("dk", "dv"), grads[True], grads[False]):
-        assert torch.equal(a, b), f"coop {name} differs from split_d's"
+    for name, a, b in zip(("dk", "dv"), grads[coop], grads[0]):
+        assert torch.equal(a, b), f"coop={coop} {name} differs from split_d's"
 
 
 @pytest.mark.parametrize("seqused", [False, True])

@@ -540,17 +540,47 @@ if _IMPORT_ERROR is None:
         return dk, dv
 
     @gluon.jit
-    def _coop_step(t, dk, dv, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready, do_ready, stage_empty, xchg,
-                   key0, kbias, qk_scale, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+    def _coop_issue(t, k_w, v_w, q_smem, do_smem, st_smem, q_ready, do_ready, key0, kbias,
+                    s_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    WG: gl.constexpr, MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr):
+        """Config.coop: warpgroup WG's first GEMM of step t, issued (asynchronous; its token): S^T = K Q^T
+        in warpgroup 0, dP^T = V dO^T in warpgroup 1 (ACC_INIT: from -lse / scale and -delta)."""
+        WG_ROWS: gl.constexpr = k_w.shape[1]
+        zero = gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [t], dtype=gl.int32, is_pure=False, pack=1)
+        stage = t % NUM_STAGES
+        phase = (t // NUM_STAGES) & 1
+        stats = st_smem.index(stage)._reinterpret(gl.float32, [4 * BLOCK_M],
+                                                  gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout)
+        mbarrier.wait(q_ready.index(stage), phase)  # Q and the row statistics
+        if WG == 0:
+            if ACC_INIT:
+                init = _s_init(stats, key0, kbias, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
+            q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            tok = warpgroup_mma(k_w.index(zero), q.permute((1, 0)), init, use_acc=ACC_INIT, is_async=True)
+        else:
+            if ACC_INIT:
+                init = init + stats.slice(BLOCK_M, BLOCK_M).load(gl.SliceLayout(0, s_layout))[None, :]
+            mbarrier.wait(do_ready.index(stage), phase)
+            do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            tok = warpgroup_mma(v_w.index(zero), do.permute((1, 0)), init, use_acc=ACC_INIT, is_async=True)
+        return tok
+
+    @gluon.jit
+    def _coop_step(t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready, do_ready, stage_empty,
+                   xchg, key0, kbias, qk_scale, s_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr, WG: gl.constexpr, MASKED: gl.constexpr, KEY_BIAS: gl.constexpr,
-                   ACC_INIT: gl.constexpr):
-        """One query block of split_d without dQ (Config.coop): warpgroup 0 computes S^T and P^T, warpgroup
-        1 dP^T and dS^T = P^T (dP^T - delta), each once; P^T crosses through ds_smem[0] and dS^T through
+                   ACC_INIT: gl.constexpr, PREFETCH: gl.constexpr):
+        """One query block of split_d without dQ (Config.coop), given this warpgroup's finished first GEMM
+        (_coop_issue: S^T in warpgroup 0, dP^T in warpgroup 1, each computed once): warpgroup 0 makes
+        P^T, warpgroup 1 dS^T = P^T (dP^T - delta); P^T crosses through ds_smem[0] and dS^T through
         ds_smem[1], and each warpgroup takes its half of dV's and dK's columns from there (SS wgmma). The
-        arithmetic is split_d's (P rounded before dS, the same GEMMs): the same bits. xchg (one arrive
-        each, one phase a step): [0] P^T written (0 -> 1), [1] dS^T written (1 -> 0), [2] P^T free again
-        (1 -> 0: its read of P^T and its dV GEMM are done), [3] dS^T free again (0 -> 1: its dK GEMM is done);
-        fresh barriers pass the first "free" waits (parity 1)."""
+        arithmetic is split_d's (P rounded before dS, the same GEMMs): the same bits. PREFETCH (coop=2):
+        the first GEMM of step t + 1 is issued before this step's dV / dK GEMMs, so that it runs under the
+        other warpgroup's element-wise work; returned finished (else ``first`` comes back).
+        xchg (one arrive each, one phase a step): [0] P^T written (0 -> 1), [1] dS^T written (1 -> 0),
+        [2] P^T free again (1 -> 0: its read of P^T and its dV GEMM are done), [3] dS^T free again (0 -> 1:
+        its dK GEMM is done); fresh barriers pass the first "free" waits (parity 1)."""
         HALF: gl.constexpr = HEAD_DIM // 2
         WG_ROWS: gl.constexpr = k_w.shape[1]
         dtype: gl.constexpr = q_smem.dtype
@@ -561,66 +591,49 @@ if _IMPORT_ERROR is None:
         stage = t % NUM_STAGES
         phase = (t // NUM_STAGES) & 1
         xphase = t & 1
-        q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-        do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
-        q_b = q.slice(WG * HALF, HALF, dim=1)
-        do_b = do.slice(WG * HALF, HALF, dim=1)
+        q_b = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
+        do_b = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]).slice(WG * HALF, HALF, dim=1)
         stats = st_smem.index(stage)._reinterpret(gl.float32, [4 * BLOCK_M],
                                                   gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        row_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-        mbarrier.wait(q_ready.index(stage), phase)
         if WG == 0:
-            k_t = k_w.index(zero)
             if ACC_INIT:
-                s_init = _s_init(stats, key0, kbias, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
-                s_tok = warpgroup_mma(k_t, q.permute((1, 0)), s_init, use_acc=True, is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s_tok, ))
-                p = gl.exp2(s * qk_scale)
+                p = gl.exp2(first * qk_scale)
             else:
-                s_tok = warpgroup_mma(k_t, q.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
-                                      use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(0, deps=(s_tok, ))
-                p = _probs_t(s, stats, key0, kbias, qk_scale, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
+                p = _probs_t(first, stats, key0, kbias, qk_scale, s_layout, BLOCK_M, WG_ROWS, MASKED, KEY_BIAS)
             mbarrier.wait(xchg.index(2), xphase ^ 1)
             p_buf.store(p.to(dtype))
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(xchg.index(0))
-            mbarrier.wait(do_ready.index(stage), phase)
-            dv_tok = warpgroup_mma(p_buf, do_b, dv, is_async=True)
-            mbarrier.wait(xchg.index(1), xphase)
-            dk_tok = warpgroup_mma(ds_buf, q_b, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            mbarrier.arrive(xchg.index(3))
         else:
-            v_t = v_w.index(zero)
-            mbarrier.wait(do_ready.index(stage), phase)
-            if ACC_INIT:
-                ndelta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
-                dp_init = gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout) + ndelta[None, :]
-                dp_tok = warpgroup_mma(v_t, do.permute((1, 0)), dp_init, use_acc=True, is_async=True)
-            else:
-                dp_tok = warpgroup_mma(v_t, do.permute((1, 0)), gl.zeros([WG_ROWS, BLOCK_M], gl.float32, s_layout),
-                                       use_acc=False, is_async=True)
-            dp = warpgroup_mma_wait(0, deps=(dp_tok, ))
             mbarrier.wait(xchg.index(0), xphase)
             p = p_buf.load(s_layout)
             if ACC_INIT:
-                ds = (p.to(gl.float32) * dp).to(dtype)
+                ds = (p.to(gl.float32) * first).to(dtype)
             else:
-                delta = stats.slice(BLOCK_M, BLOCK_M).load(row_layout)
-                ds = (p.to(gl.float32) * (dp - delta[None, :])).to(dtype)
+                delta = stats.slice(BLOCK_M, BLOCK_M).load(gl.SliceLayout(0, s_layout))
+                ds = (p.to(gl.float32) * (first - delta[None, :])).to(dtype)
             mbarrier.wait(xchg.index(3), xphase ^ 1)
             ds_buf.store(ds)
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(xchg.index(1))
-            dv_tok = warpgroup_mma(p_buf, do_b, dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_buf, q_b, dk, is_async=True)
+        if PREFETCH:
+            nxt_tok = _coop_issue(t + 1, k_w, v_w, q_smem, do_smem, st_smem, q_ready, do_ready, key0, kbias, s_layout,
+                                  BLOCK_M, HEAD_DIM, NUM_STAGES, WG, MASKED, KEY_BIAS, ACC_INIT)
+        mbarrier.wait(do_ready.index(stage), phase)
+        dv_tok = warpgroup_mma(p_buf, do_b, dv, is_async=True)
+        if WG == 0:
+            mbarrier.wait(xchg.index(1), xphase)
+        dk_tok = warpgroup_mma(ds_buf, q_b, dk, is_async=True)
+        if PREFETCH:
+            nxt, dv, dk = warpgroup_mma_wait(0, deps=(nxt_tok, dv_tok, dk_tok))
+        else:
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            mbarrier.arrive(xchg.index(2))
+            nxt = first
+        mbarrier.arrive(xchg.index(3 if WG == 0 else 2))
         mbarrier.arrive(stage_empty.index(stage))
-        return dk, dv
+        return dk, dv, nxt
 
     @gluon.jit
     def _consumer(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, do_ready,
@@ -690,11 +703,28 @@ if _IMPORT_ERROR is None:
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
                                    CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
-        elif COOP:
+        elif COOP == 1:
             for t in range(0, group * n_steps):
-                dk, dv = _coop_step(t, dk, dv, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready, do_ready,
-                                    stage_empty, ds_ready, key0, kbias, qk_scale, s_layout, BLOCK_M, HEAD_DIM,
-                                    NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT)
+                first = warpgroup_mma_wait(0, deps=(_coop_issue(t, k_w, v_w, q_smem, do_smem, st_smem, q_ready,
+                                                                do_ready, key0, kbias, s_layout, BLOCK_M, HEAD_DIM,
+                                                                NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT), ))
+                dk, dv, first = _coop_step(t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready,
+                                           do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout, BLOCK_M,
+                                           HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, False)
+        elif COOP == 2:
+            # Every step issues the next one's first GEMM; the last does not (group * n_steps >= 1: every
+            # key block has a query block that sees it, seqlen_q > 0 here).
+            n_total = group * n_steps
+            first = warpgroup_mma_wait(0, deps=(_coop_issue(0, k_w, v_w, q_smem, do_smem, st_smem, q_ready, do_ready,
+                                                            key0, kbias, s_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG,
+                                                            CAUSAL, not CAUSAL, ACC_INIT), ))
+            for t in range(0, n_total - 1):
+                dk, dv, first = _coop_step(t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready,
+                                           do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout, BLOCK_M,
+                                           HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, True)
+            dk, dv, first = _coop_step(n_total - 1, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem,
+                                       q_ready, do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout,
+                                       BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, False)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
@@ -728,7 +758,7 @@ if _IMPORT_ERROR is None:
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
                          DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False,
-                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False, COOP: gl.constexpr = False):
+                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False, COOP: gl.constexpr = 0):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -959,7 +989,8 @@ class Config(NamedTuple):
     no longer needs), and the plain layout keeps dS^T in registers (no dS buffer, no exchange);
     coop (split_d, with_dq=False, no split_mask): warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and
     dS^T, each once instead of both in both warpgroups (4 GEMM units a step instead of 6), P^T and dS^T
-    crossing through the two dS buffers (_coop_step); not yet run on a GPU, so no default takes it."""
+    crossing through the two dS buffers (_coop_step); coop=2: each step issues the next step's S^T / dP^T
+    before its dV / dK GEMMs. Not yet run on a GPU, so no default takes either."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -973,7 +1004,7 @@ class Config(NamedTuple):
     split_d: bool = False
     rotate: bool = False
     with_dq: bool = True
-    coop: bool = False
+    coop: int = 0
 
 
 def kv_box_rows(cfg: Config) -> int:
@@ -1182,7 +1213,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
-        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=bool(cfg.coop), num_warps=4,
+        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=int(cfg.coop), num_warps=4,
         maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     if with_dq:
@@ -1342,7 +1373,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
                       DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
                       SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal),
-                      NO_DQ=not cfg.with_dq, COOP=bool(cfg.coop))
+                      NO_DQ=not cfg.with_dq, COOP=int(cfg.coop))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
