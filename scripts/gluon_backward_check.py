@@ -4,6 +4,7 @@
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --quick    # fewer shapes, s=4096 only
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep    # speed of tuning_candidates, s=4096
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --candidates default,acc,acc-dq2
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --candidates default,ps --seqlens 512,1024
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --only check --candidates acc,acc-dq2  # their correctness
 
 --sweep ends with a ranking per (head_dim, causal): every timed label by TFLOP/s, with its ratio to the
@@ -351,6 +352,7 @@ CHECK_SHAPES = ([2, 1000, 1000, 3, 3], [1, 77, 77, 2, 2], [2, 300, 517, 4, 2], [
 
 
 HEAD_DIMS = (64, 128)  # --head-dims
+SWEEP_SEQLENS = (4096, )  # --seqlens (--sweep)
 
 
 def candidate_check_jobs(wanted):
@@ -375,18 +377,18 @@ def build_jobs(quick, sweep, wanted=None, chunk=3):
         if "default" not in wanted:
             return jobs
     if sweep:
-        # Speed only, s=4096: per (head_dim, causal) one job with the default config, cuDNN and the Triton
-        # backward, then the candidates a few per child (a hang loses only its chunk).
-        for head_dim, causal in itertools.product(HEAD_DIMS, (False, True)):
-            tag = f"d={head_dim} causal={int(causal)} s=4096"
+        # Speed only (SWEEP_SEQLENS): per (head_dim, causal, seqlen) one job with the default config, cuDNN and
+        # the Triton backward, then the candidates a few per child (a hang loses only its chunk).
+        for head_dim, causal, seqlen in itertools.product(HEAD_DIMS, (False, True), SWEEP_SEQLENS):
+            tag = f"d={head_dim} causal={int(causal)} s={seqlen}"
             if wanted is None or "default" in wanted:
-                jobs.append((f"bench {tag}", dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=4096,
+                jobs.append((f"bench {tag}", dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen,
                                                   variants=[("", {})]), None))
             variants = sweep_variants(head_dim, causal, wanted)
             for i in range(0, len(variants), chunk):
                 part = variants[i:i + chunk]
                 jobs.append((f"bench {tag} {' '.join(label for label, _ in part)}",
-                             dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=4096, variants=part,
+                             dict(kind="bench", head_dim=head_dim, causal=causal, seqlen=seqlen, variants=part,
                                   baselines=False), 120))
         return jobs
     for head_dim, causal, dtype in itertools.product(HEAD_DIMS, (False, True), DTYPE_NAMES):
@@ -417,17 +419,20 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="three shapes per config, one seqlen in the benchmark")
     parser.add_argument("--sweep", action="store_true",
-                        help="speed only at s=4096: default config, cuDNN, Triton and gluon_backward.tuning_candidates")
+                        help="speed only (at --seqlens): default config, cuDNN, Triton and "
+                             "gluon_backward.tuning_candidates")
     parser.add_argument("--candidates", help="comma-separated candidate labels for --sweep ('default' for the "
                                              "default/cuDNN/Triton job), e.g. default,acc,acc-dq2")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per child process (watchdog)")
     parser.add_argument("--budget", type=int, default=540, help="seconds for the whole run; later jobs are skipped")
     parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
     parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (64, 128, 256)")
+    parser.add_argument("--seqlens", default="4096", help="comma-separated seqlens of --sweep (default 4096)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global HEAD_DIMS
+    global HEAD_DIMS, SWEEP_SEQLENS
     HEAD_DIMS = tuple(int(d) for d in args.head_dims.split(","))
+    SWEEP_SEQLENS = tuple(int(s) for s in args.seqlens.split(","))
     if args.child:
         child(json.loads(args.child))
         return 0

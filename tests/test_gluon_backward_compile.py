@@ -69,6 +69,21 @@ SPLIT_D_CASES = [
                                                       False, 2)),
 ]
 SPLIT_D_MAX_SPILL = 96
+# persistent (one CTA per SM looping over key-block tiles): clean at d=64 and without dQ; at d=128 with dQ
+# the tile loop's scalars push the consumers past their 240 registers: 68-96 B spilled, one store and two
+# loads of them per step of ~2 us (the rest around tiles). Not yet run on a GPU.
+PERSISTENT_CASES = [
+    ("d64-persistent", 64, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False, True, 0,
+                                           True), 0),
+    ("d64-causal-persistent-lpt-fp16", 64, True, "fp16", (64, 2, False, False, 1, True, False, False, 2, False,
+                                                          False, True, 0, True), 0),
+    ("d128-causal-two-pass-persistent", 128, True, "bf16", (64, 2, False, True, 1, True, False, False, 2, False,
+                                                            False, False, 0, True), 0),
+    ("d128-persistent", 128, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False, True, 0,
+                                             True), 128),
+    ("d128-causal-persistent-lpt-fp16", 128, True, "fp16", (64, 2, False, False, 1, True, False, False, 2, False,
+                                                            False, True, 0, True), 128),
+]
 
 _CHILD = r"""
 import json, sys, traceback
@@ -86,6 +101,7 @@ for case_id, head_dim, causal, dtype, config, deterministic in json.loads(sys.ar
 @pytest.fixture(scope="module")
 def reports():
     cases = [(*case, 0) for case in CASES + SPLIT_D_CASES]
+    cases += [(*case[:5], 0) for case in PERSISTENT_CASES]
     cases += [(case_id, head_dim, causal, dtype, None, mode)
               for case_id, head_dim, causal, dtype, mode in DETERMINISTIC_CASES]
     return run_reports(_CHILD, cases)
@@ -177,3 +193,32 @@ def test_head_dim_256_configs_are_split_d():
             gb.launch_shape(bad)
     # Without dQ the plain layout is fine too (128 keys a CTA).
     assert gb.launch_shape(gb.Config(with_dq=False))[0] == 128
+
+
+@pytest.mark.parametrize("case_id,max_spill", [(case[0], case[5]) for case in PERSISTENT_CASES])
+def test_gluon_backward_persistent_compiles(reports, case_id, max_spill):
+    found, errors = reports
+    assert case_id in found, f"no report for {case_id}: {errors}"
+    assert_clean(found[case_id], case_id, max_spill)
+
+
+def test_persistent_keeps_one_loop_body(reports):
+    """The persistent grid wraps the same steps in a tile loop: as many GEMMs in the code as one tile per CTA."""
+    found, errors = reports
+    pairs = (("d128-persistent", "d128-default"), ("d64-persistent", "d64-default"),
+             ("d128-causal-two-pass-persistent", "d128-two-pass"))
+    for persistent, plain in pairs:
+        assert persistent in found and plain in found, f"no report for {persistent} / {plain}: {errors}"
+        assert found[persistent]["wgmma"] == found[plain]["wgmma"] > 0, (persistent, plain)
+
+
+def test_persistent_needs_the_shared_ds_layout():
+    from pyflash.kernels import gluon_backward as gb
+
+    base = gb.Config(persistent=True)
+    assert gb.launch_shape(base)[0] == 128
+    assert gb.launch_shape(base._replace(with_dq=False))[0] == 128
+    for bad in (base._replace(split_d=True), base._replace(split_mask=True), base._replace(wgs=3, dq_own=True),
+                gb.two_pass_config(256, True)._replace(coop=1, persistent=True)):
+        with pytest.raises(ValueError, match="persistent needs"):
+            gb.launch_shape(bad)

@@ -172,6 +172,39 @@ def test_coop_first_pass_matches_split_d(causal, dtype, acc_init, coop):
         assert torch.equal(a, b), f"coop={coop} {name} differs from split_d's"
 
 
+@pytest.mark.parametrize("head_dim,causal,dtype,with_dq", [
+    (64, False, torch.bfloat16, True), (64, True, torch.float16, True), (128, False, torch.float16, True),
+    (128, True, torch.bfloat16, True), (128, True, torch.bfloat16, False), (128, False, torch.bfloat16, False)])
+def test_persistent_matches_one_tile_per_cta(head_dim, causal, dtype, with_dq):
+    """gluon_backward.Config.persistent (one CTA per SM looping over key-block tiles, the Q / dO ring and its
+    barriers running on across tiles) against the same config with one tile per CTA: each key block's steps
+    are the same arithmetic in the same order, so dK and dV with the same bits; dQ (TMA reduce-adds in
+    another order) and all three against float32. 384 tiles: several per CTA on any Hopper card; GQA,
+    seqlen_q != seqlen_k, ragged ends."""
+    from pyflash.kernels import gluon_backward as gb
+
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k = 4, 700, 1531, 16, 8
+    q, k, v, dout = make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype, seed=11)
+    params = make_params(head_dim, batch, num_heads, **FEATURES["causal" if causal else "plain"])
+    out, lse, ref = reference_grads(q, k, v, dout, params)
+    _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
+    base = gb.Config(acc_init=not causal, lpt=causal, with_dq=with_dq)
+    grads = {}
+    for persistent in (False, True):
+        dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
+        gb.backward_gluon(dout, q, k, v, out.to(dtype), lse.float(), params.softmax_scale, causal, dq=dq, dk=dk,
+                          dv=dv, config=base._replace(persistent=persistent))
+        grads[persistent] = (dq, dk, dv)
+    names = ("dq", "dk", "dv") if with_dq else ("dk", "dv")
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), grads[True], ref, lowp):
+        if name in names:
+            assert_error_rule(ours, r, lp, name)
+    if not with_dq:
+        assert grads[True][0].isnan().all(), "with_dq=False wrote dq"
+    for name, a, b in zip(("dk", "dv"), grads[True][1:], grads[False][1:]):
+        assert torch.equal(a, b), f"persistent {name} differs from one tile per CTA"
+
+
 @pytest.mark.parametrize("seqused", [False, True])
 def test_varlen_against_float32(seqused):
     dtype, head_dim, num_heads, num_heads_k = torch.bfloat16, 128, 4, 1

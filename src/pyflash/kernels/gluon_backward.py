@@ -162,10 +162,8 @@ if _IMPORT_ERROR is None:
                                                   src.handle)
 
     @gluon.jit
-    def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
-                  q_ready, do_ready, stage_empty, do_free, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps,
-                  n_total, rot, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  KV_BOXES: gl.constexpr, ROTATE: gl.constexpr, ONE_DO: gl.constexpr):
+    def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, batch, start_n, kv_col, KV_BOXES: gl.constexpr):
+        """K and V of the CTA's key block (one barrier, transaction count)."""
         if KV_BOXES == 1:
             mbarrier.expect(kv_ready.index(0), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [batch, start_n, kv_col], kv_ready.index(0), k_smem)
@@ -179,30 +177,112 @@ if _IMPORT_ERROR is None:
                                                 k_smem.index(i))
                 tma.async_copy_global_to_shared(v_desc, [batch, start_n + i * rows, kv_col], kv_ready.index(0),
                                                 v_smem.index(i))
-        # Steps run over the query heads of the kv head's group (GQA), each over its query blocks.
-        for t in range(n_total):
-            stage = t % NUM_STAGES
-            # Fresh mbarriers count as having completed the phase before phase 0.
-            phase = ((t // NUM_STAGES) & 1) ^ 1
-            head = head0 + t // n_steps
-            m0 = (m_lo + _step_block(t, n_steps, rot, ROTATE)) * BLOCK_M
-            col = head * HEAD_DIM
-            mbarrier.wait(stage_empty.index(stage), phase)
-            # Q_i with the stats rows of its queries: both are needed to form P.
-            mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + st_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [batch, m0, col], q_ready.index(stage), q_smem.index(stage))
-            tma.async_copy_global_to_shared(st_desc, [batch * num_heads + head, 0, m0], q_ready.index(stage),
-                                            st_smem.index(stage))
-            if ONE_DO:
-                # One dO buffer: dO_i goes in once both warpgroups' dV GEMMs of step i - 1 have read it
-                # (do_free), under the rest of that step (dK, dQ).
-                mbarrier.wait(do_free.index(0), (t & 1) ^ 1)
-                mbarrier.expect(do_ready.index(0), do_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(0), do_smem.index(0))
-            else:
-                mbarrier.expect(do_ready.index(stage), do_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage),
-                                                do_smem.index(stage))
+
+    @gluon.jit
+    def _load_step(g, t, q_desc, do_desc, st_desc, q_smem, do_smem, st_smem, q_ready, do_ready, stage_empty, do_free,
+                   batch, head0, num_heads, m_lo, n_steps, rot, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, ROTATE: gl.constexpr, ONE_DO: gl.constexpr):
+        """Q, dO and the stats rows of step t of the tile into ring position g (t without a persistent grid)."""
+        stage = g % NUM_STAGES
+        # Fresh mbarriers count as having completed the phase before phase 0.
+        phase = ((g // NUM_STAGES) & 1) ^ 1
+        head = head0 + t // n_steps
+        m0 = (m_lo + _step_block(t, n_steps, rot, ROTATE)) * BLOCK_M
+        col = head * HEAD_DIM
+        mbarrier.wait(stage_empty.index(stage), phase)
+        # Q_i with the stats rows of its queries: both are needed to form P.
+        mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes + st_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, m0, col], q_ready.index(stage), q_smem.index(stage))
+        tma.async_copy_global_to_shared(st_desc, [batch * num_heads + head, 0, m0], q_ready.index(stage),
+                                        st_smem.index(stage))
+        if ONE_DO:
+            # One dO buffer: dO_i goes in once both warpgroups' dV GEMMs of step i - 1 have read it
+            # (do_free), under the rest of that step (dK, dQ).
+            mbarrier.wait(do_free.index(0), (g & 1) ^ 1)
+            mbarrier.expect(do_ready.index(0), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(0), do_smem.index(0))
+        else:
+            mbarrier.expect(do_ready.index(stage), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [batch, m0, col], do_ready.index(stage), do_smem.index(stage))
+
+    @gluon.jit
+    def _producer(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem, kv_ready,
+                  q_ready, do_ready, stage_empty, do_free, batch, head0, num_heads, kv_col, start_n, m_lo, n_steps,
+                  n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k, num_tiles, n_kblk,
+                  BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  KV_BOXES: gl.constexpr, ROTATE: gl.constexpr, ONE_DO: gl.constexpr, CAUSAL: gl.constexpr,
+                  PERSISTENT: gl.constexpr, LPT: gl.constexpr):
+        if PERSISTENT:
+            # Per tile: the first NUM_STAGES steps' Q / dO as the previous tile's last steps free their stages,
+            # then K / V once both consumers are done with the previous tile's (kv_empty), then the rest.
+            BLOCK_N_: gl.constexpr = k_desc.block_type.shape[1] * KV_BOXES
+            group = num_heads // num_heads_k
+            ring = 0
+            tile_iter = 0
+            for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+                t_blk, t_bhk = _tile_coords(tile, n_kblk, num_tiles // n_kblk, LPT)
+                t_start, t_batch, t_head_k, t_head0, t_kv_col, t_m_lo, t_steps, t_masked, t_rot = _tile_info(
+                    t_blk, t_bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
+                t_total = group * t_steps
+                n_early = gl.minimum(t_total, NUM_STAGES)
+                for t in range(0, n_early):
+                    _load_step(ring + t, t, q_desc, do_desc, st_desc, q_smem, do_smem, st_smem, q_ready, do_ready,
+                               stage_empty, do_free, t_batch, t_head0, num_heads, t_m_lo, t_steps, t_rot, BLOCK_M,
+                               HEAD_DIM, NUM_STAGES, ROTATE, ONE_DO)
+                mbarrier.wait(kv_empty.index(0), (tile_iter & 1) ^ 1)
+                _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, t_batch, t_start, t_kv_col, KV_BOXES)
+                for t in range(n_early, t_total):
+                    _load_step(ring + t, t, q_desc, do_desc, st_desc, q_smem, do_smem, st_smem, q_ready, do_ready,
+                               stage_empty, do_free, t_batch, t_head0, num_heads, t_m_lo, t_steps, t_rot, BLOCK_M,
+                               HEAD_DIM, NUM_STAGES, ROTATE, ONE_DO)
+                ring += t_total
+                tile_iter += 1
+        else:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, batch, start_n, kv_col, KV_BOXES)
+            # Steps run over the query heads of the kv head's group (GQA), each over its query blocks.
+            for t in range(n_total):
+                _load_step(t, t, q_desc, do_desc, st_desc, q_smem, do_smem, st_smem, q_ready, do_ready, stage_empty,
+                           do_free, batch, head0, num_heads, m_lo, n_steps, rot, BLOCK_M, HEAD_DIM, NUM_STAGES, ROTATE,
+                           ONE_DO)
+
+    @gluon.jit
+    def _tile_coords(tile, n_kblk, batch_heads_k, LPT: gl.constexpr):
+        """Persistent grid: tile -> (key block, batch * kv head). LPT (causal): key blocks slowest, so that the
+        heaviest (first) key block of every head comes before any second one; else the key blocks of a head
+        next to each other (its Q / dO shared in L2)."""
+        if LPT:
+            n_blk = tile // batch_heads_k
+            bhk = tile - n_blk * batch_heads_k
+        else:
+            bhk = tile // n_kblk
+            n_blk = tile - bhk * n_kblk
+        return n_blk, bhk
+
+    @gluon.jit
+    def _tile_info(n_blk, bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M: gl.constexpr,
+                   BLOCK_N_: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr):
+        """The scalars of key block n_blk of (batch, kv head) bhk: (start_n, batch, head_k, head0 (its first
+        query head), kv_col, m_lo, n_steps, n_masked, rot). Query blocks from m_lo on see the block (causal:
+        bottom-right alignment, query i sees keys j <= i + seqlen_k - seqlen_q, so from the block holding the
+        first query that sees the block's first key); the first n_masked of them cross the diagonal (those
+        before the first query that sees the block's last key). rot: the first query block of ROTATE's walk."""
+        start_n = n_blk * BLOCK_N_
+        batch = bhk // num_heads_k
+        head_k = bhk % num_heads_k
+        head0 = head_k * (num_heads // num_heads_k)
+        n_m = gl.cdiv(seqlen_q, BLOCK_M)
+        if CAUSAL:
+            diag = seqlen_k - seqlen_q
+            m_lo = gl.minimum(gl.maximum(start_n - diag, 0) // BLOCK_M, n_m)
+            n_steps = n_m - m_lo
+            n_masked = gl.minimum(n_steps, gl.maximum(gl.cdiv(gl.maximum(start_n + BLOCK_N_ - 1 - diag, 0),
+                                                              BLOCK_M) - m_lo, 0))
+        else:
+            m_lo = 0
+            n_steps = n_m
+            n_masked = 0
+        rot = (n_blk * n_m) // gl.cdiv(seqlen_k, BLOCK_N_)
+        return start_n, batch, head_k, head0, head_k * HEAD_DIM, m_lo, n_steps, n_masked, rot
 
     @gluon.jit
     def _step_block(t, n_steps, rot, ROTATE: gl.constexpr):
@@ -352,14 +432,16 @@ if _IMPORT_ERROR is None:
         return p
 
     @gluon.jit
-    def _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
+    def _step(t, ring, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc, q_ready, do_ready,
               stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps, qk_scale, rot, counters, rank_a,
               rank_b, n_m, s_layout: gl.constexpr, dq_layout: gl.constexpr, op_layout: gl.constexpr,
               BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
               MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
               DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
               SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr):
-        """One query block: dV, dK += ..., dQ partial reduced into global memory (not with NO_DQ)."""
+        """One query block (step t of the tile): dV, dK += ..., dQ partial reduced into global memory (not with
+        NO_DQ). ring: steps of earlier tiles of this CTA (persistent grid; else 0): the ring stages, barrier
+        phases and staging buffers run on across tiles (index g = ring + t), the coordinates come from t."""
         HALF: gl.constexpr = HEAD_DIM // 2
         if SPLIT_D:
             # k_w, v_w are the [1, rows, HEAD_DIM] K / V buffers, indexed here by a zero the compiler cannot
@@ -376,13 +458,14 @@ if _IMPORT_ERROR is None:
         DQ_COLS: gl.constexpr = dq_desc.block_type.shape[2]  # the host's dq_box_cols
         DQ_PARTS: gl.constexpr = (HALF // DQ_COLS) if SPLIT_D else (HEAD_DIM // DQ_COLS if DQ_OWN else 1)
         dtype: gl.constexpr = q_smem.dtype
-        stage = t % NUM_STAGES
-        phase = (t // NUM_STAGES) & 1
+        g = t + ring
+        stage = g % NUM_STAGES
+        phase = (g // NUM_STAGES) & 1
         # SPLIT_D with dQ keeps one dO buffer (the producer refills it once both warpgroups' dV GEMMs are
         # done); without dQ the shared memory of dQ's staging holds a dO ring like Q's.
         ONE_DO: gl.constexpr = SPLIT_D and not NO_DQ
         do_stage = 0 if ONE_DO else stage
-        do_phase = (t & 1) if ONE_DO else phase
+        do_phase = (g & 1) if ONE_DO else phase
         m_idx = m_lo + _step_block(t, n_steps, rot, ROTATE)
         m0 = m_idx * BLOCK_M
         dq_col = (head0 + t // n_steps) * HEAD_DIM + (0 if DQ_OWN else WG * HALF)
@@ -456,13 +539,13 @@ if _IMPORT_ERROR is None:
             dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
             # dP^T and dV, the only readers of dO, are done: the producer may refill its buffer.
             mbarrier.arrive(ds_ready.index(0))
-            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + (t * DQ_PARTS) % DQ_BUFS, dq_desc, batch, m0, dq_col,
+            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + (g * DQ_PARTS) % DQ_BUFS, dq_desc, batch, m0, dq_col,
                        DQ_BUFS - 1)
             dk = warpgroup_mma_wait(0, deps=(dk_tok, ))
             mbarrier.arrive(stage_empty.index(stage))
             for part in gl.static_range(1, DQ_PARTS):
                 _dq_part(ds_w, k_half.slice(part * DQ_COLS, DQ_COLS, dim=1), dq_layout, dq_smem,
-                         WG * DQ_BUFS + (t * DQ_PARTS + part) % DQ_BUFS, dq_desc, batch, m0, dq_col + part * DQ_COLS,
+                         WG * DQ_BUFS + (g * DQ_PARTS + part) % DQ_BUFS, dq_desc, batch, m0, dq_col + part * DQ_COLS,
                          DQ_BUFS - 1)
         elif NO_DQ:
             # dK, dV only (dQ comes from another pass): dS^T stays in registers as dK's A operand; no
@@ -480,7 +563,7 @@ if _IMPORT_ERROR is None:
             ds_w.store(ds)
             fence_async_shared()
             gl.thread_barrier()
-            base = WG * DQ_PARTS * DQ_BUFS + (t % DQ_BUFS) * DQ_PARTS
+            base = WG * DQ_PARTS * DQ_BUFS + (g % DQ_BUFS) * DQ_PARTS
             dq_tok = warpgroup_mma(ds_w.permute((1, 0)), k_w.slice(0, DQ_COLS, dim=1),
                                    gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False,
                                    is_async=True)
@@ -496,13 +579,13 @@ if _IMPORT_ERROR is None:
                          batch, m0, dq_col + part * DQ_COLS, DQ_PARTS * DQ_BUFS - 1)
         elif DQ_EARLY:
             # The dS exchange first, then dQ before dK: dK (reads Q) runs under the dQ store below.
-            buf = t % 2
+            buf = g % 2
             ds_buf = ds_smem.index(buf)
             ds_buf.slice(WG * WG_ROWS, WG_ROWS, dim=0).store(ds)
             fence_async_shared()
             mbarrier.arrive(ds_ready.index(buf))
             ds_op = gl.convert_layout(ds, op_layout)
-            mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
+            mbarrier.wait(ds_ready.index(buf), (g // 2) & 1)
             dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half,
                                    gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
@@ -512,12 +595,12 @@ if _IMPORT_ERROR is None:
             dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
 
             # dS^T rows of this warpgroup into the shared buffer; then dQ over both warpgroups' keys.
-            buf = t % 2
+            buf = g % 2
             ds_buf = ds_smem.index(buf)
             ds_buf.slice(WG * WG_ROWS, WG_ROWS, dim=0).store(ds)
             fence_async_shared()
             mbarrier.arrive(ds_ready.index(buf))
-            mbarrier.wait(ds_ready.index(buf), (t // 2) & 1)
+            mbarrier.wait(ds_ready.index(buf), (g // 2) & 1)
             dq_tok = warpgroup_mma(ds_buf.permute((1, 0)), k_half,
                                    gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False, is_async=True)
             dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
@@ -530,10 +613,10 @@ if _IMPORT_ERROR is None:
                 rank = _turn_rank(m_idx, rank_a, rank_b, n_m, BLOCK_M, 2 * k_w.shape[0], CAUSAL, DETERMINISTIC)
                 counter = _turn_counter(counters, t, m_lo, n_steps, n_m, rot, WG, ROTATE)
                 prev = _turn_counter(counters, gl.maximum(t - 1, 0), m_lo, n_steps, n_m, rot, WG, ROTATE)
-                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1, counter,
+                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + g % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1, counter,
                            rank, prev, t > 0, True)
             else:
-                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + t % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1)
+                _dq_reduce(dq, dq_smem, WG * DQ_BUFS + g % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1)
             if DQ_EARLY:
                 dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
                 mbarrier.arrive(stage_empty.index(stage))
@@ -640,10 +723,53 @@ if _IMPORT_ERROR is None:
                   stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                   stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                   start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, kblk, n_kblk, n_m, diag,
+                  kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles,
                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
                   NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr,
-                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr):
+                  SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr,
+                  PERSISTENT: gl.constexpr, LPT: gl.constexpr):
+        """A consumer warpgroup: its key block's steps and dK / dV (_consumer_tile); PERSISTENT: those of
+        every tile of this CTA (_tile_coords), the ring running on across tiles."""
+        if PERSISTENT:
+            BLOCK_N_: gl.constexpr = NUM_WG * 64
+            ring = 0
+            tile_iter = 0
+            for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+                t_blk, t_bhk = _tile_coords(tile, n_kblk, num_tiles // n_kblk, LPT)
+                t_start, t_batch, t_head_k, t_head0, t_kv_col, t_m_lo, t_steps, t_masked, t_rot = _tile_info(
+                    t_blk, t_bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
+                _consumer_tile(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                               do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                               stride_dvb, stride_dvn, stride_dvh, t_batch, t_head_k, t_head0, group, seqlen_k,
+                               t_start, t_m_lo, t_steps, t_masked, qk_scale, softmax_scale, t_rot, counters, t_blk,
+                               n_kblk, n_m, diag, ring, tile_iter & 1, kv_empty, BLOCK_M, HEAD_DIM, NUM_STAGES, WG,
+                               CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC,
+                               SPLIT_D, ROTATE, NO_DQ, COOP, True)
+                ring += group * t_steps
+                tile_iter += 1
+        else:
+            _consumer_tile(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                           do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                           stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                           start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, kblk, n_kblk,
+                           n_m, diag, 0, 0, kv_empty, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, SPLIT_MASK, ACC_INIT,
+                           DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, False)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer_tile(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                       do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                       stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                       start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, kblk, n_kblk, n_m,
+                       diag, ring, kv_phase, kv_empty, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                       ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
+                       DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr, SPLIT_D: gl.constexpr,
+                       ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr, PERSISTENT: gl.constexpr):
+        """One key block (tile) of a consumer warpgroup: its steps (ring positions from ring on; kv_ready's
+        phase kv_phase), then dK / dV stored. PERSISTENT: K and V are released (kv_empty) once its last step
+        is done, so that the producer loads the next tile's under this tile's epilogue."""
         WG_ROWS: gl.constexpr = 64
         BLOCK_N_: gl.constexpr = WG_ROWS if SPLIT_D else NUM_WG * WG_ROWS
         HALF: gl.constexpr = HEAD_DIM // 2
@@ -687,19 +813,21 @@ if _IMPORT_ERROR is None:
         rank_a, rank_b = _turn_params(kblk, n_kblk, diag, BLOCK_M, BLOCK_N_, CAUSAL, DETERMINISTIC)
         dk = gl.zeros([WG_ROWS, DKV_COLS], gl.float32, kv_layout)
         dv = gl.zeros([WG_ROWS, DKV_COLS], gl.float32, kv_layout)
-        mbarrier.wait(kv_ready.index(0), 0)
+        mbarrier.wait(kv_ready.index(0), kv_phase)
         if SPLIT_MASK:
             # Diagonal steps through the mask, the rest without it (two copies of the loop body).
             for g in range(group):
                 for t in range(g * n_steps, g * n_steps + n_masked):
-                    dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
-                                   q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
+                    dk, dv = _step(t, ring, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem,
+                                   dq_desc, q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo,
+                                   n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
                                    CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
                 for t in range(g * n_steps + n_masked, (g + 1) * n_steps):
-                    dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
-                                   q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
+                    dk, dv = _step(t, ring, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem,
+                                   dq_desc, q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo,
+                                   n_steps,
                                    qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                    BLOCK_M, HEAD_DIM, NUM_STAGES, WG, False, False, ACC_INIT, DQ_BUFS, DQ_OWN, DQ_EARLY,
                                    CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
@@ -728,11 +856,14 @@ if _IMPORT_ERROR is None:
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
-                dk, dv = _step(t, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
+                dk, dv = _step(t, ring, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem, dq_desc,
                                q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo, n_steps,
                                qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout, op_layout,
                                BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, DQ_BUFS, DQ_OWN,
                                DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
+        if PERSISTENT:
+            # Every GEMM of this warpgroup that reads K or V has been waited for (_step).
+            mbarrier.arrive(kv_empty.index(0))
 
         # Epilogue: dK (times the softmax scale), dV from registers through their strides, rows past the end dropped.
         rows = key0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, kv_layout))
@@ -747,7 +878,6 @@ if _IMPORT_ERROR is None:
             # The last step's turn (_dq_reduce passes each earlier one on at the next step).
             if group * n_steps > 0:
                 _turn_pass(_turn_counter(counters, group * n_steps - 1, m_lo, n_steps, n_m, rot, WG, ROTATE))
-        tma.store_wait(0)
 
     @gluon.jit
     def _backward_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, st_desc, dk_ptr, dv_ptr, counters_ptr,
@@ -758,7 +888,8 @@ if _IMPORT_ERROR is None:
                          DQ_BUFS: gl.constexpr, LPT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
                          DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False,
-                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False, COOP: gl.constexpr = 0):
+                         ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False, COOP: gl.constexpr = 0,
+                         PERSISTENT: gl.constexpr = False, num_tiles=0):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -771,32 +902,15 @@ if _IMPORT_ERROR is None:
         else:
             n_blk = gl.program_id(0)
             bhk = gl.program_id(1)
-        start_n = n_blk * BLOCK_N_
-        batch = bhk // num_heads_k
-        head_k = bhk % num_heads_k
+        start_n, batch, head_k, head0, kv_col, m_lo, n_steps, n_masked, rot = _tile_info(
+            n_blk, bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
         group = num_heads // num_heads_k
-        head0 = head_k * group
-        kv_col = head_k * HEAD_DIM
         n_m = gl.cdiv(seqlen_q, BLOCK_M)
-        if CAUSAL:
-            # Bottom-right alignment: query i sees keys j <= i + seqlen_k - seqlen_q. Query blocks from
-            # the one holding the first query that sees this block's first key; those before the first
-            # query that sees the block's last key cross the diagonal.
-            diag = seqlen_k - seqlen_q
-            m_lo = gl.minimum(gl.maximum(start_n - diag, 0) // BLOCK_M, n_m)
-            n_steps = n_m - m_lo
-            n_masked = gl.minimum(n_steps, gl.maximum(gl.cdiv(gl.maximum(start_n + BLOCK_N_ - 1 - diag, 0),
-                                                              BLOCK_M) - m_lo, 0))
-        else:
-            m_lo = 0
-            n_steps = n_m
-            n_masked = 0
         n_total = group * n_steps
         # ROTATE (non-causal): key block j starts at query block rot(j) and wraps around, so that the
         # CTAs running at once reduce into different dQ tiles (and, deterministic, in a fixed order).
         # Deterministic dQ (see _turn_rank): one int32 counter per (batch * head, query block, warpgroup).
         n_kblk = gl.cdiv(seqlen_k, BLOCK_N_)
-        rot = (n_blk * n_m) // n_kblk
         diag_k = seqlen_k - seqlen_q
         counters = counters_ptr + (batch * num_heads + head0).to(gl.int64) * n_m * 2
 
@@ -833,6 +947,12 @@ if _IMPORT_ERROR is None:
         stage_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         # COOP: four one-arrive barriers of the P^T / dS^T exchange (_coop_step).
         ds_ready = gl.allocate_shared_memory(gl.int64, [4 if COOP else 2, 1], mbarrier.MBarrierLayout())
+        if PERSISTENT:
+            # Consumers -> producer: both are done with the tile's K and V.
+            kv_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(kv_empty.index(0), count=NUM_WG)
+        else:
+            kv_empty = kv_ready  # never used
         mbarrier.init(kv_ready.index(0), count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(q_ready.index(i), count=1)
@@ -849,24 +969,28 @@ if _IMPORT_ERROR is None:
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
-                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
+                             n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
-                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
+                             n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
-                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
+                             n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
-                             start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                             NUM_WG if KV_SPLIT else 1, ROTATE, ONE_DO)),
+                             start_n, m_lo, n_steps, n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k,
+                             num_tiles, n_kblk, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1, ROTATE,
+                             ONE_DO, CAUSAL, PERSISTENT, LPT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -874,18 +998,21 @@ if _IMPORT_ERROR is None:
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
-                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
+                             n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
-                             n_m, diag_k, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS,
-                             NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP)),
+                             n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
-                             start_n, m_lo, n_steps, n_total, rot, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                             NUM_WG if KV_SPLIT else 1, ROTATE, ONE_DO)),
+                             start_n, m_lo, n_steps, n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k,
+                             num_tiles, n_kblk, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1, ROTATE,
+                             ONE_DO, CAUSAL, PERSISTENT, LPT)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -990,7 +1117,13 @@ class Config(NamedTuple):
     coop (split_d, with_dq=False, no split_mask): warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and
     dS^T, each once instead of both in both warpgroups (4 GEMM units a step instead of 6), P^T and dS^T
     crossing through the two dS buffers (_coop_step); coop=2: each step issues the next step's S^T / dP^T
-    before its dV / dK GEMMs. Not yet run on a GPU, so no default takes either."""
+    before its dV / dK GEMMs. Not yet run on a GPU, so no default takes either;
+    persistent (two warpgroups sharing dS or with_dq=False; not split_d, split_mask, coop or deterministic): a
+    grid of one CTA per SM, each looping over key-block tiles (_tile_coords: with lpt, causal, every head's
+    first key block before any second one), the Q / dO ring and its barriers running on across tiles: the
+    next tile's first Q / dO load under this tile's last steps, its K / V under this tile's dK / dV epilogue
+    (aimed at short sequences, where a CTA's prologue and epilogue are a large part of its time; not yet
+    run on a GPU)."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -1005,6 +1138,7 @@ class Config(NamedTuple):
     rotate: bool = False
     with_dq: bool = True
     coop: int = 0
+    persistent: bool = False
 
 
 def kv_box_rows(cfg: Config) -> int:
@@ -1028,6 +1162,8 @@ def launch_shape(cfg: Config):
                          "no dq_own, no dq_early)")
     if cfg.coop and (not cfg.split_d or cfg.with_dq or cfg.split_mask):
         raise ValueError(f"unsupported Config {cfg}: coop needs split_d, with_dq=False and no split_mask")
+    if cfg.persistent and (cfg.split_d or cfg.split_mask or cfg.coop or wgs != 2):
+        raise ValueError(f"unsupported Config {cfg}: persistent needs wgs=2, no split_d, split_mask or coop")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
@@ -1061,7 +1197,8 @@ def default_config(head_dim: int, causal: bool, fp16: bool = False) -> Config:
 
 def tuning_candidates(head_dim: int, causal: bool):
     """{label: Config} worth timing against default_config (scripts/gluon_backward_check.py --sweep);
-    each compiles without spills within Hopper's shared memory (scripts/gluon_backward_compile.py --sweep)."""
+    each compiles within Hopper's shared memory without spills (scripts/gluon_backward_compile.py --sweep),
+    but the persistent ones at d=128 (68-96 B: tests/test_gluon_backward_compile.py)."""
     if head_dim == 256:
         # split_d only (the other layouts do not fit registers / shared memory at d=256).
         cands = {"sd": Config(split_d=True), "acc-sd": Config(acc_init=True, split_d=True)}
@@ -1085,6 +1222,9 @@ def tuning_candidates(head_dim: int, causal: bool):
                       "acc-dq2-lpt": Config(acc_init=True, dq_bufs=2, lpt=True)})
         if head_dim <= 64:
             cands.update({"split": Config(split_mask=True), "acc-split": Config(acc_init=True, split_mask=True)})
+    # The persistent grid (aimed at short sequences); under causal masking heaviest key blocks first (lpt).
+    cands.update({"ps": Config(persistent=True, lpt=causal), "acc-ps": Config(acc_init=True, persistent=True,
+                                                                              lpt=causal)})
     return cands
 
 
@@ -1195,7 +1335,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     dq_own = bool(cfg.dq_own)
     n_blocks = triton.cdiv(seqlen_k, block_n)
     mode = deterministic_mode(n_blocks, q.device) if deterministic else 0
-    if mode and (dq_own or cfg.split_d or cfg.lpt or int(cfg.wgs) != 2):
+    if mode and (dq_own or cfg.split_d or cfg.lpt or cfg.persistent or int(cfg.wgs) != 2):
         raise ValueError(f"the deterministic backward needs two warpgroups sharing dS, no lpt: {cfg}")
     n_m = triton.cdiv(seqlen_q, cfg.block_m)
     counters = torch.zeros((batch * num_heads, n_m, 2), dtype=torch.int32, device=q.device) if mode else stats
@@ -1205,7 +1345,11 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                                      [1, cfg.block_m, dq_box_cols(cfg, head_dim)]),
                  stats=descriptor(stats, [1, 4, cfg.block_m]))
     lpt = bool(cfg.lpt and causal)
-    grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
+    num_tiles = n_blocks * batch * num_heads_k
+    if cfg.persistent:
+        grid = (min(num_tiles, multiprocessor_count(q.device)), )
+    else:
+        grid = (batch * num_heads_k, n_blocks) if lpt else (n_blocks, batch * num_heads_k)
     launch_into(launches, _backward_kernel, grid, (
         *descs.values(), dk, dv, counters, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
         dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k, scale * LOG2E, scale), dict(
@@ -1213,8 +1357,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
-        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=int(cfg.coop), num_warps=4,
-        maxnreg=maxnreg),
+        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=int(cfg.coop),
+        **(dict(PERSISTENT=True, num_tiles=num_tiles) if cfg.persistent else {}), num_warps=4, maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     if with_dq:
         launch_into(launches, _dq_convert_kernel, (triton.cdiv(seqlen_q, ROW_BLOCK), batch * num_heads), (
@@ -1373,7 +1517,7 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
                       DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
                       SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal),
-                      NO_DQ=not cfg.with_dq, COOP=int(cfg.coop))
+                      NO_DQ=not cfg.with_dq, COOP=int(cfg.coop), PERSISTENT=bool(cfg.persistent))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
