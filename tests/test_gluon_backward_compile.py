@@ -69,9 +69,9 @@ SPLIT_D_CASES = [
                                                       False, 2)),
 ]
 SPLIT_D_MAX_SPILL = 96
-# persistent (one CTA per SM looping over key-block tiles): clean at d=64 and without dQ; at d=128 with dQ
-# the tile loop's scalars push the consumers past their 240 registers: 68-96 B spilled, one store and two
-# loads of them per step of ~2 us (the rest around tiles). Not yet run on a GPU.
+# persistent (one CTA per SM looping over key-block tiles): clean at d=64 and without dQ (d=128, d=256's first
+# pass); at d=128 with dQ the tile loop's scalars push the consumers past their 240 registers: 68-96 B
+# spilled, one store and two loads of them per step of ~2 us (the rest around tiles). Not yet run on a GPU.
 PERSISTENT_CASES = [
     ("d64-persistent", 64, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False, True, 0,
                                            True), 0),
@@ -79,6 +79,10 @@ PERSISTENT_CASES = [
                                                           False, True, 0, True), 0),
     ("d128-causal-two-pass-persistent", 128, True, "bf16", (64, 2, False, True, 1, True, False, False, 2, False,
                                                             False, False, 0, True), 0),
+    ("d256-causal-two-pass-persistent-lpt", 256, True, "bf16", (64, 2, False, True, 1, True, False, False, 2, True,
+                                                                False, False, 0, True), 0),
+    ("d256-two-pass-persistent-fp16", 256, False, "fp16", (64, 2, False, True, 1, False, False, False, 2, True, True,
+                                                           False, 0, True), 0),
     ("d128-persistent", 128, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False, True, 0,
                                              True), 128),
     ("d128-causal-persistent-lpt-fp16", 128, True, "fp16", (64, 2, False, False, 1, True, False, False, 2, False,
@@ -206,19 +210,20 @@ def test_persistent_keeps_one_loop_body(reports):
     """The persistent grid wraps the same steps in a tile loop: as many GEMMs in the code as one tile per CTA."""
     found, errors = reports
     pairs = (("d128-persistent", "d128-default"), ("d64-persistent", "d64-default"),
-             ("d128-causal-two-pass-persistent", "d128-two-pass"))
+             ("d128-causal-two-pass-persistent", "d128-two-pass"), ("d256-two-pass-persistent-fp16", "d256-two-pass"))
     for persistent, plain in pairs:
         assert persistent in found and plain in found, f"no report for {persistent} / {plain}: {errors}"
         assert found[persistent]["wgmma"] == found[plain]["wgmma"] > 0, (persistent, plain)
 
 
-def test_persistent_needs_the_shared_ds_layout():
+def test_persistent_needs_two_warpgroups_one_loop():
     from pyflash.kernels import gluon_backward as gb
 
     base = gb.Config(persistent=True)
     assert gb.launch_shape(base)[0] == 128
     assert gb.launch_shape(base._replace(with_dq=False))[0] == 128
-    for bad in (base._replace(split_d=True), base._replace(split_mask=True), base._replace(wgs=3, dq_own=True),
+    assert gb.launch_shape(gb.two_pass_config(256, True)._replace(persistent=True))[0] == 64
+    for bad in (base._replace(split_mask=True), base._replace(wgs=3, dq_own=True),
                 gb.two_pass_config(256, True)._replace(coop=1, persistent=True)):
         with pytest.raises(ValueError, match="persistent needs"):
             gb.launch_shape(bad)

@@ -732,7 +732,7 @@ if _IMPORT_ERROR is None:
         """A consumer warpgroup: its key block's steps and dK / dV (_consumer_tile); PERSISTENT: those of
         every tile of this CTA (_tile_coords), the ring running on across tiles."""
         if PERSISTENT:
-            BLOCK_N_: gl.constexpr = NUM_WG * 64
+            BLOCK_N_: gl.constexpr = 64 if SPLIT_D else NUM_WG * 64
             ring = 0
             tile_iter = 0
             for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
@@ -1118,7 +1118,7 @@ class Config(NamedTuple):
     dS^T, each once instead of both in both warpgroups (4 GEMM units a step instead of 6), P^T and dS^T
     crossing through the two dS buffers (_coop_step); coop=2: each step issues the next step's S^T / dP^T
     before its dV / dK GEMMs. Not yet run on a GPU, so no default takes either;
-    persistent (two warpgroups sharing dS or with_dq=False; not split_d, split_mask, coop or deterministic): a
+    persistent (wgs=2; not split_mask, coop or deterministic; at d=256 clean without dQ only): a
     grid of one CTA per SM, each looping over key-block tiles (_tile_coords: with lpt, causal, every head's
     first key block before any second one), the Q / dO ring and its barriers running on across tiles: the
     next tile's first Q / dO load under this tile's last steps, its K / V under this tile's dK / dV epilogue
@@ -1162,8 +1162,8 @@ def launch_shape(cfg: Config):
                          "no dq_own, no dq_early)")
     if cfg.coop and (not cfg.split_d or cfg.with_dq or cfg.split_mask):
         raise ValueError(f"unsupported Config {cfg}: coop needs split_d, with_dq=False and no split_mask")
-    if cfg.persistent and (cfg.split_d or cfg.split_mask or cfg.coop or wgs != 2):
-        raise ValueError(f"unsupported Config {cfg}: persistent needs wgs=2, no split_d, split_mask or coop")
+    if cfg.persistent and (cfg.split_mask or cfg.coop or wgs != 2):
+        raise ValueError(f"unsupported Config {cfg}: persistent needs wgs=2, no split_mask or coop")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
