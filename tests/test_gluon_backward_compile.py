@@ -83,6 +83,8 @@ PERSISTENT_CASES = [
                                                                 False, False, 0, True), 0),
     ("d256-two-pass-persistent-fp16", 256, False, "fp16", (64, 2, False, True, 1, False, False, False, 2, True, True,
                                                            False, 0, True), 0),
+    ("d256-causal-two-pass-coop2-persistent", 256, True, "bf16", (64, 2, False, True, 1, True, False, False, 2,
+                                                                  True, False, False, 2, True), 0),
     ("d128-persistent", 128, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False, True, 0,
                                              True), 128),
     ("d128-causal-persistent-lpt-fp16", 128, True, "fp16", (64, 2, False, False, 1, True, False, False, 2, False,
@@ -223,7 +225,7 @@ def test_persistent_needs_two_warpgroups_one_loop():
     assert gb.launch_shape(base)[0] == 128
     assert gb.launch_shape(base._replace(with_dq=False))[0] == 128
     assert gb.launch_shape(gb.two_pass_config(256, True)._replace(persistent=True))[0] == 64
-    for bad in (base._replace(split_mask=True), base._replace(wgs=3, dq_own=True),
-                gb.two_pass_config(256, True)._replace(coop=1, persistent=True)):
+    assert gb.launch_shape(gb.two_pass_config(256, True)._replace(persistent=True, coop=2))[0] == 64
+    for bad in (base._replace(split_mask=True), base._replace(wgs=3, dq_own=True)):
         with pytest.raises(ValueError, match="persistent needs"):
             gb.launch_shape(bad)

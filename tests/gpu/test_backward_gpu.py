@@ -172,16 +172,19 @@ def test_coop_first_pass_matches_split_d(causal, dtype, acc_init, coop):
         assert torch.equal(a, b), f"coop={coop} {name} differs from split_d's"
 
 
-@pytest.mark.parametrize("head_dim,causal,dtype,with_dq", [
-    (64, False, torch.bfloat16, True), (64, True, torch.float16, True), (128, False, torch.float16, True),
-    (128, True, torch.bfloat16, True), (128, True, torch.bfloat16, False), (128, False, torch.bfloat16, False),
-    (256, True, torch.bfloat16, False), (256, False, torch.float16, False)])
-def test_persistent_matches_one_tile_per_cta(head_dim, causal, dtype, with_dq):
+@pytest.mark.parametrize("head_dim,causal,dtype,with_dq,coop", [
+    (64, False, torch.bfloat16, True, 0), (64, True, torch.float16, True, 0),
+    (128, False, torch.float16, True, 0), (128, True, torch.bfloat16, True, 0),
+    (128, True, torch.bfloat16, False, 0), (128, False, torch.bfloat16, False, 0),
+    (256, True, torch.bfloat16, False, 0), (256, False, torch.float16, False, 0),
+    (256, True, torch.bfloat16, False, 2)])
+def test_persistent_matches_one_tile_per_cta(head_dim, causal, dtype, with_dq, coop):
     """gluon_backward.Config.persistent (one CTA per SM looping over key-block tiles, the Q / dO ring and its
     barriers running on across tiles) against the same config with one tile per CTA: each key block's steps
     are the same arithmetic in the same order, so dK and dV with the same bits; dQ (TMA reduce-adds in
     another order) and all three against float32. 384 tiles (768 at d=256, split_d without dQ: the first pass
-    of the two-pass backward): several per CTA on any Hopper card; GQA, seqlen_q != seqlen_k, ragged ends."""
+    of the two-pass backward; also with coop): several per CTA on any Hopper card; GQA, seqlen_q != seqlen_k,
+    ragged ends."""
     from pyflash.kernels import gluon_backward as gb
 
     batch, seqlen_q, seqlen_k, num_heads, num_heads_k = 4, 700, 1531, 16, 8
@@ -189,7 +192,7 @@ def test_persistent_matches_one_tile_per_cta(head_dim, causal, dtype, with_dq):
     params = make_params(head_dim, batch, num_heads, **FEATURES["causal" if causal else "plain"])
     out, lse, ref = reference_grads(q, k, v, dout, params)
     _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
-    base = gb.Config(acc_init=not causal, lpt=causal, with_dq=with_dq, split_d=head_dim == 256)
+    base = gb.Config(acc_init=not causal, lpt=causal, with_dq=with_dq, split_d=head_dim == 256, coop=coop)
     grads = {}
     for persistent in (False, True):
         dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))

@@ -833,24 +833,24 @@ if _IMPORT_ERROR is None:
                                    CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
         elif COOP == 1:
             for t in range(0, group * n_steps):
-                first = warpgroup_mma_wait(0, deps=(_coop_issue(t, k_w, v_w, q_smem, do_smem, st_smem, q_ready,
+                first = warpgroup_mma_wait(0, deps=(_coop_issue(ring + t, k_w, v_w, q_smem, do_smem, st_smem, q_ready,
                                                                 do_ready, key0, kbias, s_layout, BLOCK_M, HEAD_DIM,
                                                                 NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT), ))
-                dk, dv, first = _coop_step(t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready,
-                                           do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout, BLOCK_M,
-                                           HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, False)
+                dk, dv, first = _coop_step(ring + t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem,
+                                           q_ready, do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout,
+                                           BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, False)
         elif COOP == 2:
             # Every step issues the next one's first GEMM; the last does not (group * n_steps >= 1: every
             # key block has a query block that sees it, seqlen_q > 0 here).
             n_total = group * n_steps
-            first = warpgroup_mma_wait(0, deps=(_coop_issue(0, k_w, v_w, q_smem, do_smem, st_smem, q_ready, do_ready,
-                                                            key0, kbias, s_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG,
-                                                            CAUSAL, not CAUSAL, ACC_INIT), ))
+            first = warpgroup_mma_wait(0, deps=(_coop_issue(ring, k_w, v_w, q_smem, do_smem, st_smem, q_ready,
+                                                            do_ready, key0, kbias, s_layout, BLOCK_M, HEAD_DIM,
+                                                            NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT), ))
             for t in range(0, n_total - 1):
-                dk, dv, first = _coop_step(t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem, q_ready,
-                                           do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout, BLOCK_M,
-                                           HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, True)
-            dk, dv, first = _coop_step(n_total - 1, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem,
+                dk, dv, first = _coop_step(ring + t, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem,
+                                           q_ready, do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout,
+                                           BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, True)
+            dk, dv, first = _coop_step(ring + n_total - 1, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem,
                                        q_ready, do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout,
                                        BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, False)
         else:
@@ -1118,7 +1118,7 @@ class Config(NamedTuple):
     dS^T, each once instead of both in both warpgroups (4 GEMM units a step instead of 6), P^T and dS^T
     crossing through the two dS buffers (_coop_step); coop=2: each step issues the next step's S^T / dP^T
     before its dV / dK GEMMs. Not yet run on a GPU, so no default takes either;
-    persistent (wgs=2; not split_mask, coop or deterministic; at d=256 clean without dQ only): a
+    persistent (wgs=2; not split_mask or deterministic; at d=256 clean without dQ only): a
     grid of one CTA per SM, each looping over key-block tiles (_tile_coords: with lpt, causal, every head's
     first key block before any second one), the Q / dO ring and its barriers running on across tiles: the
     next tile's first Q / dO load under this tile's last steps, its K / V under this tile's dK / dV epilogue
@@ -1162,8 +1162,8 @@ def launch_shape(cfg: Config):
                          "no dq_own, no dq_early)")
     if cfg.coop and (not cfg.split_d or cfg.with_dq or cfg.split_mask):
         raise ValueError(f"unsupported Config {cfg}: coop needs split_d, with_dq=False and no split_mask")
-    if cfg.persistent and (cfg.split_mask or cfg.coop or wgs != 2):
-        raise ValueError(f"unsupported Config {cfg}: persistent needs wgs=2, no split_mask or coop")
+    if cfg.persistent and (cfg.split_mask or wgs != 2):
+        raise ValueError(f"unsupported Config {cfg}: persistent needs wgs=2, no split_mask")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
