@@ -12,7 +12,7 @@ set -u
 LOGS=${OUT:-$PWD/gluon_dq_logs}
 mkdir -p "$LOGS"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv; git rev-parse HEAD; git status --short | head -5; } \
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv; git rev-parse HEAD; git status --short | head; } \
     > "$LOGS/gpu.txt" 2>&1
 cat "$LOGS/gpu.txt"
 echo "== pytest -k 'coop or persistent'"
