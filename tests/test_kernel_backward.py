@@ -234,20 +234,21 @@ def test_falls_back_to_smaller_tiles(small_shared_memory):
 
 def test_two_pass_rule():
     """gluon_backward.two_pass: deterministic calls at TWO_PASS_HEAD_DIMS and
-    DETERMINISTIC_TWO_PASS_HEAD_DIMS, causal ones at TWO_PASS_HEAD_DIMS while TWO_PASS_CAUSAL; never
-    elsewhere. two_pass_config has no dQ work."""
+    DETERMINISTIC_TWO_PASS_HEAD_DIMS, causal ones at TWO_PASS_HEAD_DIMS while TWO_PASS_CAUSAL, the others
+    there while TWO_PASS_NONCAUSAL; never elsewhere. two_pass_config has no dQ work (d=256: coop)."""
     from pyflash.kernels import gluon_backward as gb
 
     for head_dim in (64, 128, 256):
         for causal in (False, True):
             for deterministic in (False, True):
-                expect = (head_dim in gb.TWO_PASS_HEAD_DIMS and (deterministic or (causal and gb.TWO_PASS_CAUSAL))
+                by_mask = gb.TWO_PASS_CAUSAL if causal else gb.TWO_PASS_NONCAUSAL
+                expect = (head_dim in gb.TWO_PASS_HEAD_DIMS and (deterministic or by_mask)
                           or deterministic and head_dim in gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS)
                 assert gb.two_pass(head_dim, causal, deterministic) == expect
-    assert 256 in gb.TWO_PASS_HEAD_DIMS and gb.two_pass(256, False, True) and not gb.two_pass(256, False, False)
+    assert 256 in gb.TWO_PASS_HEAD_DIMS and gb.two_pass(256, False, True) and gb.two_pass(256, False, False)
     assert gb.two_pass(128, False, True) and gb.two_pass(128, True, True)
     assert not gb.two_pass(128, False, False) and not gb.two_pass(128, True, False) and not gb.two_pass(64, True, True)
     for head_dim in (128, 256):
         for causal in (False, True):
             cfg = gb.two_pass_config(head_dim, causal)
-            assert not cfg.with_dq and cfg.split_d == (head_dim == 256)
+            assert not cfg.with_dq and cfg.split_d == (head_dim == 256) and cfg.coop == (head_dim == 256)

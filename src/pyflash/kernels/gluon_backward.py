@@ -1075,6 +1075,10 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # split_d with its dQ reduce-adds (2.37 vs 2.55 ms, bf16 s=4096, H200; benchmarks/RESULTS.md).
 TWO_PASS_HEAD_DIMS = (256,)
 TWO_PASS_CAUSAL = True
+# Non-causal calls too since the first pass takes coop (two_pass_config): at s=1024 / 4096 / 16384 its 0.611 /
+# 2.047 / 7.104 ms plus the Triton dQ pass's 0.488 / 1.583 / 6.675 against one-pass split_d's 1.217 / 4.288 /
+# 15.242 ms (bf16, H100, 2026-12-07; benchmarks/RESULTS.md, eleventh and twelfth sessions).
+TWO_PASS_NONCAUSAL = True
 # Deterministic calls also take the two passes at these head dims: at d=128 the pair (the plain layout
 # with_dq=False, then the Triton dQ kernel) measured faster than the Triton kernels' deterministic
 # backward on 10 of 12 rows (bf16 / fp16, s=1024-16384, H200, 2026-12-04; e.g. bf16 s=4096 3.34 vs 3.56 ms,
@@ -1426,10 +1430,11 @@ _PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() reje
 
 def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
     """Whether try_backward takes dQ from a pass of its own: deterministic calls at TWO_PASS_HEAD_DIMS and
-    DETERMINISTIC_TWO_PASS_HEAD_DIMS, and at TWO_PASS_HEAD_DIMS causal ones while TWO_PASS_CAUSAL."""
+    DETERMINISTIC_TWO_PASS_HEAD_DIMS, and at TWO_PASS_HEAD_DIMS causal ones while TWO_PASS_CAUSAL, the others while
+    TWO_PASS_NONCAUSAL."""
     if deterministic:
         return head_dim in TWO_PASS_HEAD_DIMS or head_dim in DETERMINISTIC_TWO_PASS_HEAD_DIMS
-    return head_dim in TWO_PASS_HEAD_DIMS and causal and TWO_PASS_CAUSAL
+    return head_dim in TWO_PASS_HEAD_DIMS and (TWO_PASS_CAUSAL if causal else TWO_PASS_NONCAUSAL)
 
 
 def two_pass_config(head_dim: int, causal: bool, seqlen_k: int = None) -> Config:
@@ -1441,7 +1446,7 @@ def two_pass_config(head_dim: int, causal: bool, seqlen_k: int = None) -> Config
     persistent grid up to TWO_PASS_PERSISTENT_MAX_SEQLEN_K (the first pass has no dQ, so deterministic
     calls may take it too)."""
     if head_dim > 128:
-        cfg = Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False)
+        cfg = Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False, coop=1)
     else:
         cfg = Config(64, 2, acc_init=True, rotate=not causal, with_dq=False)
     return _short_rows(cfg, TWO_PASS_PERSISTENT_MAX_SEQLEN_K, head_dim, causal, seqlen_k)
@@ -1457,7 +1462,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
         return False
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
     key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None,
-                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ)
+                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, TWO_PASS_NONCAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
     config = two_pass_config(q.shape[-1], causal, k.shape[1]) if split_dq else None
