@@ -229,22 +229,3 @@ def test_persistent_needs_two_warpgroups_one_loop():
     for bad in (base._replace(split_mask=True), base._replace(wgs=3, dq_own=True)):
         with pytest.raises(ValueError, match="persistent needs"):
             gb.launch_shape(bad)
-
-
-def test_short_rows_take_the_persistent_grid_where_listed(monkeypatch):
-    """default_config / two_pass_config put a call on the persistent grid (lpt under causal masking) only where
-    their table lists its (head_dim, causal) and its seqlen_k is known and within the limit."""
-    from pyflash.kernels import gluon_backward as gb
-
-    assert not gb.default_config(128, True, False, 512).persistent  # nothing listed until measured
-    monkeypatch.setattr(gb, "PERSISTENT_MAX_SEQLEN_K", {(128, True): 1024})
-    monkeypatch.setattr(gb, "TWO_PASS_PERSISTENT_MAX_SEQLEN_K", {(256, False): 512})
-    short = gb.default_config(128, True, False, 1024)
-    assert short == gb.default_config(128, True)._replace(persistent=True, lpt=True)
-    for head_dim, causal, seqlen_k in ((128, True, 1025), (128, True, None), (128, False, 512), (64, True, 512)):
-        assert not gb.default_config(head_dim, causal, False, seqlen_k).persistent, (head_dim, causal, seqlen_k)
-    first = gb.two_pass_config(256, False, 300)
-    assert first.persistent and not first.lpt and not first.with_dq
-    assert not gb.two_pass_config(256, False, 513).persistent and not gb.two_pass_config(256, True, 300).persistent
-    gb.launch_shape(short)
-    gb.launch_shape(first)

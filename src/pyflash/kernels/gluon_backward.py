@@ -1181,30 +1181,10 @@ def launch_shape(cfg: Config):
     raise ValueError(f"unsupported Config {cfg}: wgs must be 2, or 3 with dq_own")
 
 
-# Longest key sequence, per (head_dim, causal), whose calls take the persistent grid (Config.persistent, with
-# lpt under causal masking): the one-kernel backward (default_config) and the first of two passes
-# (two_pass_config). Empty until it is measured on a GPU (scripts/persistent_device_call.sh).
-PERSISTENT_MAX_SEQLEN_K = {}
-TWO_PASS_PERSISTENT_MAX_SEQLEN_K = {}
-
-
-def _short_rows(cfg: Config, table, head_dim: int, causal: bool, seqlen_k) -> Config:
-    """cfg on the persistent grid where table lists (head_dim, causal) and seqlen_k (None: unknown) is within it."""
-    limit = table.get((head_dim, bool(causal)))
-    if limit is None or seqlen_k is None or seqlen_k > limit:
-        return cfg
-    return cfg._replace(persistent=True, lpt=bool(causal))
-
-
-def default_config(head_dim: int, causal: bool, fp16: bool = False, seqlen_k: int = None) -> Config:
+def default_config(head_dim: int, causal: bool, fp16: bool = False) -> Config:
     """Ranked on an H100 by scripts/gluon_backward_check.py --sweep (benchmarks/RESULTS.md): without a
     mask the stats as accumulator start values (acc_init) measured 507 vs 468-480 TFLOP/s at d=128
-    s=4096; under causal masking no variant beat the plain one (403-418). seqlen_k (None: unknown, or a
-    deterministic call, which has no persistent mode): the persistent grid up to PERSISTENT_MAX_SEQLEN_K."""
-    return _short_rows(_default_config(head_dim, causal, fp16), PERSISTENT_MAX_SEQLEN_K, head_dim, causal, seqlen_k)
-
-
-def _default_config(head_dim: int, causal: bool, fp16: bool) -> Config:
+    s=4096; under causal masking no variant beat the plain one (403-418)."""
     if head_dim == 256:
         # split_d, two Q stages and one dO buffer (210 KB of shared memory; a third Q stage would not fit).
         # On an H200 (scripts/probe_backward256.py, benchmarks/RESULTS.md), non-causal: bf16 best with
@@ -1329,8 +1309,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     if batch == 0 or num_heads == 0:
         return None
     causal = _is_causal(params)
-    cfg = Config(*(config or default_config(head_dim, causal, q.dtype == torch.float16,
-                                            None if deterministic else seqlen_k)))
+    cfg = Config(*(config or default_config(head_dim, causal, q.dtype == torch.float16)))
     scale = float(params.softmax_scale)
     launches = []  # the launches as launch.Launch over a call's tensors by name (_Plan)
     if seqlen_q > 0:
@@ -1437,19 +1416,17 @@ def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
     return head_dim in TWO_PASS_HEAD_DIMS and (TWO_PASS_CAUSAL if causal else TWO_PASS_NONCAUSAL)
 
 
-def two_pass_config(head_dim: int, causal: bool, seqlen_k: int = None) -> Config:
+def two_pass_config(head_dim: int, causal: bool) -> Config:
     """The layout without dQ for two_pass() calls. d=256: split_d; acc_init measured 5-8% faster than the
     plain layout there (bf16, H200, scripts/probe_backward256.py: causal s=4096 2.37 vs 2.55 ms, s=16384
     8.42 vs 9.04; non-causal 4.15 vs 4.43), lpt and a second stream for the dQ pass no better
     (benchmarks/RESULTS.md). Other head dims: the plain layout (128 keys a CTA, dS^T in registers), acc_init
-    by analogy (d=128: deterministic calls, DETERMINISTIC_TWO_PASS_HEAD_DIMS). seqlen_k (None: unknown): the
-    persistent grid up to TWO_PASS_PERSISTENT_MAX_SEQLEN_K (the first pass has no dQ, so deterministic
-    calls may take it too)."""
+    by analogy (d=128: deterministic calls, DETERMINISTIC_TWO_PASS_HEAD_DIMS). d=256 with coop (S^T and dP^T
+    once each): 0.70-0.84x split_d's time (bf16 s=512-16384, causal and not, H100, benchmarks/RESULTS.md,
+    twelfth session; coop=2 and the persistent grid lost to it)."""
     if head_dim > 128:
-        cfg = Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False, coop=1)
-    else:
-        cfg = Config(64, 2, acc_init=True, rotate=not causal, with_dq=False)
-    return _short_rows(cfg, TWO_PASS_PERSISTENT_MAX_SEQLEN_K, head_dim, causal, seqlen_k)
+        return Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False, coop=1)
+    return Config(64, 2, acc_init=True, rotate=not causal, with_dq=False)
 
 
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
@@ -1465,7 +1442,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
                    TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, TWO_PASS_NONCAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic)
-    config = two_pass_config(q.shape[-1], causal, k.shape[1]) if split_dq else None
+    config = two_pass_config(q.shape[-1], causal) if split_dq else None
     gluon_dq = split_dq and q.shape[-1] in GLUON_DQ
     ran = replay_or_record(
         _PLANS, key, named,
