@@ -62,6 +62,8 @@ SPLIT_D_CASES = [
                                                       False, True)),
     ("d256-two-pass-coop-fp16", 256, False, "fp16", (64, 2, False, False, 1, False, False, False, 2, True, True,
                                                      False, True)),
+    ("d256-two-pass-coop", 256, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, True, True, False,
+                                                1)),
     # coop=2: the next step's S^T / dP^T issued before this step's dV / dK GEMMs.
     ("d256-causal-two-pass-coop2", 256, True, "bf16", (64, 2, False, True, 1, False, False, False, 2, True, False,
                                                        False, 2)),
