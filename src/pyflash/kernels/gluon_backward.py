@@ -80,9 +80,16 @@ memory. K and V are taken from their buffers through an index the compiler canno
 zero), so their wgmma descriptors are rebuilt each step rather than hoisted and spilled. Its cost at
 s=4096 (H200, scripts/probe_backward256.py): 4.48 ms, of which the dQ reduce-adds (twice the traffic
 per FLOP of the 128-key layout) take 1.16 ms and all of dQ 1.8 ms. Without dQ (two_pass_config), coop
-(Config.coop, _coop_step; not yet run on a GPU) computes S^T in warpgroup 0 and dP^T in warpgroup 1 only,
-and hands P^T and dS^T across through the two dS buffers: 4 GEMM units a step instead of 6, for four
-mbarrier hand-offs a step.
+(Config.coop, _coop_step; two_pass_config's at d=256) computes S^T in warpgroup 0 and dP^T in warpgroup 1
+only, and hands P^T and dS^T across through the two dS buffers: 4 GEMM units a step instead of 6, for four
+mbarrier hand-offs a step: 0.70-0.84x split_d's time (H100, bf16).
+
+Persistent grid (Config.persistent, a tuning variant): one CTA per SM loops over key-block tiles
+(_tile_coords, _tile_info; _consumer_tile is one tile of a consumer warpgroup). A step's ring position is
+ring + t (the CTA's steps of earlier tiles plus the step), so the Q / dO ring, the dS exchange barriers and
+the dQ staging buffers run on across tiles; kv_empty (consumers -> producer) releases K / V, after the
+producer has already loaded the next tile's first Q / dO stages. Measured slower than one tile per CTA
+(H100: -4% non-causal, -31 to -35% causal at d=128 s=512 / 1024), so no default takes it.
 
 rotate (non-causal, Config.rotate): key block j walks the query blocks from rot(j) = j * n_m // n_kblk
 and wraps around, so that the CTAs running at once add into different dQ tiles (the deterministic
@@ -1121,13 +1128,14 @@ class Config(NamedTuple):
     coop (split_d, with_dq=False, no split_mask): warpgroup 0 computes S^T and P^T, warpgroup 1 dP^T and
     dS^T, each once instead of both in both warpgroups (4 GEMM units a step instead of 6), P^T and dS^T
     crossing through the two dS buffers (_coop_step); coop=2: each step issues the next step's S^T / dP^T
-    before its dV / dK GEMMs. Not yet run on a GPU, so no default takes either;
+    before its dV / dK GEMMs (coop=1 measured 0.70-0.84x split_d's time on an H100, coop=2 slower than coop=1:
+    two_pass_config takes coop=1 at d=256);
     persistent (wgs=2; not split_mask or deterministic; at d=256 clean without dQ only): a
     grid of one CTA per SM, each looping over key-block tiles (_tile_coords: with lpt, causal, every head's
     first key block before any second one), the Q / dO ring and its barriers running on across tiles: the
     next tile's first Q / dO load under this tile's last steps, its K / V under this tile's dK / dV epilogue
-    (aimed at short sequences, where a CTA's prologue and epilogue are a large part of its time; not yet
-    run on a GPU)."""
+    (aimed at short sequences, where a CTA's prologue and epilogue are a large part of its time; measured
+    slower on an H100, benchmarks/RESULTS.md, twelfth session)."""
 
     block_m: int = 64
     num_stages: int = 2
