@@ -227,9 +227,9 @@ if _IMPORT_ERROR is None:
             ring = 0
             tile_iter = 0
             for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-                t_blk, t_bhk = _tile_coords(tile, n_kblk, num_tiles // n_kblk, LPT)
-                t_start, t_batch, t_head_k, t_head0, t_kv_col, t_m_lo, t_steps, t_masked, t_rot = _tile_info(
-                    t_blk, t_bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
+                t_blk, t_start, t_batch, t_head_k, t_head0, t_kv_col, t_m_lo, t_steps, t_masked, t_rot = _tile(
+                    tile, num_tiles, n_kblk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM,
+                    CAUSAL, LPT)
                 t_total = group * t_steps
                 n_early = gl.minimum(t_total, NUM_STAGES)
                 for t in range(0, n_early):
@@ -264,6 +264,15 @@ if _IMPORT_ERROR is None:
             bhk = tile // n_kblk
             n_blk = tile - bhk * n_kblk
         return n_blk, bhk
+
+    @gluon.jit
+    def _tile(tile, num_tiles, n_kblk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M: gl.constexpr,
+              BLOCK_N_: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, LPT: gl.constexpr):
+        """Persistent grid: the key block of tile (_tile_coords) and its _tile_info scalars."""
+        n_blk, bhk = _tile_coords(tile, n_kblk, num_tiles // n_kblk, LPT)
+        start_n, batch, head_k, head0, kv_col, m_lo, n_steps, n_masked, rot = _tile_info(
+            n_blk, bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
+        return n_blk, start_n, batch, head_k, head0, kv_col, m_lo, n_steps, n_masked, rot
 
     @gluon.jit
     def _tile_info(n_blk, bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M: gl.constexpr,
@@ -743,9 +752,9 @@ if _IMPORT_ERROR is None:
             ring = 0
             tile_iter = 0
             for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-                t_blk, t_bhk = _tile_coords(tile, n_kblk, num_tiles // n_kblk, LPT)
-                t_start, t_batch, t_head_k, t_head0, t_kv_col, t_m_lo, t_steps, t_masked, t_rot = _tile_info(
-                    t_blk, t_bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
+                t_blk, t_start, t_batch, t_head_k, t_head0, t_kv_col, t_m_lo, t_steps, t_masked, t_rot = _tile(
+                    tile, num_tiles, n_kblk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM,
+                    CAUSAL, LPT)
                 _consumer_tile(q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                                do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                                stride_dvb, stride_dvn, stride_dvh, t_batch, t_head_k, t_head0, group, seqlen_k,
