@@ -85,7 +85,7 @@ only, and hands P^T and dS^T across through the two dS buffers: 4 GEMM units a s
 mbarrier hand-offs a step: 0.70-0.84x split_d's time (H100, bf16).
 
 Persistent grid (Config.persistent, a tuning variant): one CTA per SM loops over key-block tiles
-(_tile_coords, _tile_info; _consumer_tile is one tile of a consumer warpgroup). A step's ring position is
+(_tile, _tile_info; _consumer_tile is one tile of a consumer warpgroup). A step's ring position is
 ring + t (the CTA's steps of earlier tiles plus the step), so the Q / dO ring, the dS exchange barriers and
 the dQ staging buffers run on across tiles; kv_empty (consumers -> producer) releases K / V, after the
 producer has already loaded the next tile's first Q / dO stages. Measured slower than one tile per CTA
@@ -253,23 +253,18 @@ if _IMPORT_ERROR is None:
                            ONE_DO)
 
     @gluon.jit
-    def _tile_coords(tile, n_kblk, batch_heads_k, LPT: gl.constexpr):
-        """Persistent grid: tile -> (key block, batch * kv head). LPT (causal): key blocks slowest, so that the
-        heaviest (first) key block of every head comes before any second one; else the key blocks of a head
-        next to each other (its Q / dO shared in L2)."""
+    def _tile(tile, num_tiles, n_kblk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M: gl.constexpr,
+              BLOCK_N_: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, LPT: gl.constexpr):
+        """Persistent grid: tile -> its key block n_blk of (batch, kv head) bhk, and _tile_info's scalars of
+        it. LPT (causal): key blocks slowest, so that the heaviest (first) key block of every head comes
+        before any second one; else the key blocks of a head next to each other (its Q / dO shared in L2)."""
+        batch_heads_k = num_tiles // n_kblk
         if LPT:
             n_blk = tile // batch_heads_k
             bhk = tile - n_blk * batch_heads_k
         else:
             bhk = tile // n_kblk
             n_blk = tile - bhk * n_kblk
-        return n_blk, bhk
-
-    @gluon.jit
-    def _tile(tile, num_tiles, n_kblk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M: gl.constexpr,
-              BLOCK_N_: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, LPT: gl.constexpr):
-        """Persistent grid: the key block of tile (_tile_coords) and its _tile_info scalars."""
-        n_blk, bhk = _tile_coords(tile, n_kblk, num_tiles // n_kblk, LPT)
         start_n, batch, head_k, head0, kv_col, m_lo, n_steps, n_masked, rot = _tile_info(
             n_blk, bhk, seqlen_q, seqlen_k, num_heads, num_heads_k, BLOCK_M, BLOCK_N_, HEAD_DIM, CAUSAL)
         return n_blk, start_n, batch, head_k, head0, kv_col, m_lo, n_steps, n_masked, rot
@@ -746,7 +741,7 @@ if _IMPORT_ERROR is None:
                   SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr,
                   PERSISTENT: gl.constexpr, LPT: gl.constexpr):
         """A consumer warpgroup: its key block's steps and dK / dV (_consumer_tile); PERSISTENT: those of
-        every tile of this CTA (_tile_coords), the ring running on across tiles."""
+        every tile of this CTA (_tile), the ring running on across tiles."""
         if PERSISTENT:
             BLOCK_N_: gl.constexpr = 64 if SPLIT_D else NUM_WG * 64
             ring = 0
@@ -1140,7 +1135,7 @@ class Config(NamedTuple):
     before its dV / dK GEMMs (coop=1 measured 0.70-0.84x split_d's time on an H100, coop=2 slower than coop=1:
     two_pass_config takes coop=1 at d=256);
     persistent (wgs=2; not split_mask or deterministic; at d=256 clean without dQ only): a
-    grid of one CTA per SM, each looping over key-block tiles (_tile_coords: with lpt, causal, every head's
+    grid of one CTA per SM, each looping over key-block tiles (_tile: with lpt, causal, every head's
     first key block before any second one), the Q / dO ring and its barriers running on across tiles: the
     next tile's first Q / dO load under this tile's last steps, its K / V under this tile's dK / dV epilogue
     (aimed at short sequences, where a CTA's prologue and epilogue are a large part of its time; measured
