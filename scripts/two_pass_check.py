@@ -21,7 +21,8 @@ gluon_backward.TWO_PASS_CAUSAL; this script puts --head-dim among both for its t
     calls run twice more and must give the same bits.
 (b) bench: BENCHMARK.md's shapes (batch * seqlen = 16384, heads * head_dim = 2048), triton.testing.do_bench
     median, TFLOP/s = 10 * b * h * s^2 * d (halved if causal): "one-pass" (the Gluon kernel with its dQ
-    reduce-adds), "two-pass" (the pair, deterministic by construction), "default" (what a non-deterministic
+    reduce-adds), "two-pass" (the pair, deterministic by construction; "two-pass-gdq": its dQ from the Gluon
+    dQ kernel, kernels/gluon_dq.py, "two-pass" from the Triton one), "default" (what a non-deterministic
     call runs now), "deterministic" (what a deterministic call runs now: the pair at d=128 and 256, the
     Triton kernels at d=64) and "triton-det" (the Triton kernels' deterministic backward).
 """
@@ -39,10 +40,12 @@ sys.path.insert(0, HERE)
 SHAPES = [(2, 1000, 1000, 4, 4), (1, 777, 1500, 4, 2), (2, 1500, 700, 4, 1), (1, 64, 200, 2, 2), (1, 257, 129, 2, 1)]
 
 
-def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grads=None):
+def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grads=None, gluon_dq=None):
     """kernels/backward.backward as the backend calls it, with gluon_backward.TWO_PASS_HEAD_DIMS set to
     two_pass_dims for the call (None: as it is; (): no two passes anywhere, so not deterministic means the
-    Gluon kernel with its own dQ). grads: (dq, dk, dv, softmax_d) to fill (default: new, NaN-poisoned)."""
+    Gluon kernel with its own dQ). grads: (dq, dk, dv, softmax_d) to fill (default: new, NaN-poisoned).
+    gluon_dq: the second pass from the Gluon dQ kernel (True) or the Triton one (False) at q's head dim
+    (None: gluon_backward.GLUON_DQ as it is)."""
     import torch
 
     import pyflash.kernels.backward as kernels_backward
@@ -56,6 +59,9 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
         grads = (*(torch.full_like(t, float("nan")) for t in (q, k, v)), torch.full_like(lse, float("nan")))
     dq, dk, dv, softmax_d = grads
     saved, saved_gluon = (gb.TWO_PASS_HEAD_DIMS, gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS), kernels_backward.GLUON_HEAD_DIMS
+    saved_dq = gb.GLUON_DQ
+    if gluon_dq is not None:
+        gb.GLUON_DQ = (q.shape[-1], ) if gluon_dq else ()
     if two_pass_dims is not None:
         gb.TWO_PASS_HEAD_DIMS = gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS = tuple(two_pass_dims)
         # d=64 runs the Triton kernels by default: the Gluon kernel (one pass or two) only when asked for.
@@ -64,6 +70,7 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
         backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic)
     finally:
         (gb.TWO_PASS_HEAD_DIMS, gb.DETERMINISTIC_TWO_PASS_HEAD_DIMS), kernels_backward.GLUON_HEAD_DIMS = saved, saved_gluon
+        gb.GLUON_DQ = saved_dq
     return dq, dk, dv, softmax_d
 
 
@@ -99,7 +106,7 @@ def check(spec, causal, dtype_name, deterministic, head_dim):
     return ok
 
 
-def bench(seqlen, causal, dtype_name, head_dim):
+def bench(seqlen, causal, dtype_name, head_dim, profile_kernels=False):
     import triton.testing
 
     from gluon_backward_check import bench_inputs
@@ -110,7 +117,8 @@ def bench(seqlen, causal, dtype_name, head_dim):
     grads = (*(torch.empty_like(t) for t in (q, k, v)), torch.empty_like(lse))
     times = {}
     for name, kwargs in (("one-pass", dict(deterministic=False, two_pass_dims=())),
-                         ("two-pass", dict(deterministic=True, two_pass_dims=(head_dim, ))),
+                         ("two-pass", dict(deterministic=True, two_pass_dims=(head_dim, ), gluon_dq=False)),
+                         ("two-pass-gdq", dict(deterministic=True, two_pass_dims=(head_dim, ), gluon_dq=True)),
                          ("default", dict(deterministic=False)), ("deterministic", dict(deterministic=True)),
                          ("triton-det", dict(deterministic=True, two_pass_dims=()))):
         times[name] = triton.testing.do_bench(lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs),  # noqa: B023
@@ -120,6 +128,29 @@ def bench(seqlen, causal, dtype_name, head_dim):
     pair = times["one-pass"] / times["two-pass"]
     print(f"BENCH {dtype_name} d={head_dim} s={seqlen} causal={int(causal)}  {cells}  deterministic/default "
           f"{det:.2f}x  one-pass/two-pass time {pair:.2f}x", flush=True)
+    if profile_kernels:
+        for name in ("default", "two-pass-gdq"):
+            kwargs = dict(deterministic=name != "default", gluon_dq=True, two_pass_dims=(head_dim, ))
+            if name == "default":
+                kwargs = dict(deterministic=False)
+            _profile(f"{dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {name}",
+                     lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs))  # noqa: B023
+
+
+def _profile(label, fn, reps=5):
+    """Each kernel's device time per call of fn (torch.profiler, reps calls)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if event.count >= reps and event.device_time_total > 0:
+            print(f"KERNEL {label} {event.device_time_total / reps / 1e3:8.3f} ms  {event.key[:60]}", flush=True)
 
 
 def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
@@ -127,7 +158,6 @@ def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
     "block_m,block_n,warps,stages" of the Triton dQ kernel, and the default pair's kernels one by one."""
     import torch
     import triton.testing
-    from torch.profiler import ProfilerActivity, profile
 
     from gluon_backward_check import bench_inputs
     from pyflash.kernels.backward import BackwardConfig, backward, backward_config
@@ -155,14 +185,8 @@ def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
         except Exception as error:  # noqa: BLE001 - a config that does not fit must not hide the others
             print(f"DQ {dtype_name} s={seqlen} causal={int(causal)} dq={text:12s} ERROR {type(error).__name__}: "
                   f"{str(error).strip().splitlines()[0][:200]}", flush=True)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            run(dout, q, k, v, out, lse, causal, True, dims, grads=grads)
-        torch.cuda.synchronize()
-    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-        if event.count >= 5 and event.device_time_total > 0:
-            print(f"KERNEL {dtype_name} s={seqlen} causal={int(causal)} deterministic "
-                  f"{event.device_time_total / 5 / 1e3:8.3f} ms  {event.key[:60]}", flush=True)
+    _profile(f"{dtype_name} s={seqlen} causal={int(causal)} deterministic",
+             lambda: run(dout, q, k, v, out, lse, causal, True, dims, grads=grads))
 
 
 def first_sweep(seqlen, causal, dtype_name, configs, head_dim):
@@ -222,6 +246,8 @@ def main():
                              "(field=value,...; e.g. num_stages=3)")
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--head-dim", type=int, default=256, choices=[64, 128, 256])
+    parser.add_argument("--profile", action="store_true", help="bench: each kernel's time in the default and "
+                                                                "two-pass-gdq backward (torch.profiler)")
     args = parser.parse_args()
     # A sweep of one pass alone instead of the checks and the bench.
     sweep, configs = (first_sweep, args.first_configs) if args.first_configs else (dq_sweep, args.dq_configs)
@@ -244,7 +270,7 @@ def main():
         for dtype_name in args.dtypes:
             for causal in map(bool, args.causal):
                 for seqlen in args.seqlens:
-                    bench(seqlen, causal, dtype_name, args.head_dim)
+                    bench(seqlen, causal, dtype_name, args.head_dim, args.profile)
     return 1 if failures else 0
 
 
