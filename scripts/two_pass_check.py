@@ -74,14 +74,14 @@ def run(dout, q, k, v, out, lse, causal, deterministic, two_pass_dims=None, grad
     return dq, dk, dv, softmax_d
 
 
-def check(spec, causal, dtype_name, deterministic, head_dim):
+def check(spec, causal, dtype_name, deterministic, head_dim, gluon_dq=None):
     import torch
 
     from gluon_backward_check import check_inputs
 
     q, k, v, dout, out, lse, ref, low = check_inputs((*spec, head_dim), causal, dtype_name, seed=1)
     dims = (head_dim, )
-    first = run(dout, q, k, v, out, lse, causal, deterministic, dims)
+    first = run(dout, q, k, v, out, lse, causal, deterministic, dims, gluon_dq=gluon_dq)
     torch.cuda.synchronize()
     ok, parts = True, []
     for name, ours, theirs, exact in zip(("dq", "dk", "dv"), first, low, ref):
@@ -96,7 +96,8 @@ def check(spec, causal, dtype_name, deterministic, head_dim):
     ok &= good
     parts.append(f"softmax_d {d_err:.1e}{'' if good else ' BAD'}")
     if deterministic:
-        same = all(all(torch.equal(a, b) for a, b in zip(first, run(dout, q, k, v, out, lse, causal, True, dims)))
+        same = all(all(torch.equal(a, b) for a, b in zip(first, run(dout, q, k, v, out, lse, causal, True, dims,
+                                                                            gluon_dq=gluon_dq)))
                    for _ in range(2))
         ok &= same
         parts.append("bitwise repeat " + ("yes" if same else "NO"))
@@ -246,6 +247,9 @@ def main():
                              "(field=value,...; e.g. num_stages=3)")
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--head-dim", type=int, default=256, choices=[64, 128, 256])
+    parser.add_argument("--gluon-dq", type=int, choices=[0, 1],
+                        help="check: the two passes' dQ from the Gluon (1) or Triton (0) dQ kernel (default: as "
+                             "gluon_backward.GLUON_DQ has it)")
     parser.add_argument("--profile", action="store_true", help="bench: each kernel's time in the default and "
                                                                 "two-pass-gdq backward (torch.profiler)")
     args = parser.parse_args()
@@ -264,7 +268,8 @@ def main():
             for causal in (False, True):
                 for deterministic in (False, True):
                     for spec in SHAPES:
-                        failures += not check(spec, causal, dtype_name, deterministic, args.head_dim)
+                        failures += not check(spec, causal, dtype_name, deterministic, args.head_dim,
+                                              args.gluon_dq)
         print(f"CHECKS: {failures} failed", flush=True)
     if args.only != "check":
         for dtype_name in args.dtypes:

@@ -1233,6 +1233,9 @@ def tuning_candidates(head_dim: int, causal: bool):
                       "acc-own-st3": Config(num_stages=3, acc_init=True, dq_own=True)})
         cands.update({"st3": Config(num_stages=3), "acc-st3": Config(num_stages=3, acc_init=True),
                       "acc-st3-dq2": Config(num_stages=3, acc_init=True, dq_bufs=2)})
+    if not causal:
+        # rotate: the key blocks of a head reduce-add into different dQ tiles at a time (d=256's default).
+        cands.update({"rot": Config(rotate=True), "acc-rot": Config(acc_init=True, rotate=True)})
     if causal:
         cands.update({"lpt": Config(lpt=True), "acc-lpt": Config(acc_init=True, lpt=True),
                       "acc-dq2-lpt": Config(acc_init=True, dq_bufs=2, lpt=True)})
