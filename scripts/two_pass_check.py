@@ -206,8 +206,7 @@ def first_sweep(seqlen, causal, dtype_name, configs, head_dim):
     base = gb.two_pass_config(head_dim, causal)
     reference = None
     for text in ["default", *configs]:
-        fields = {} if text == "default" else {name: int(value) for name, value in
-                                               (item.split("=") for item in text.split(","))}
+        fields = {} if text == "default" else _fields(text)
         try:
             cfg = base._replace(**fields)
 
@@ -233,6 +232,11 @@ def first_sweep(seqlen, causal, dtype_name, configs, head_dim):
                   f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}", flush=True)
 
 
+def _fields(text):
+    """"field=value,..." -> {field: int(value)}."""
+    return {name: int(value) for name, value in (item.split("=") for item in text.split(","))}
+
+
 def main():
     import torch
 
@@ -252,7 +256,14 @@ def main():
                              "gluon_backward.GLUON_DQ has it)")
     parser.add_argument("--profile", action="store_true", help="bench: each kernel's time in the default and "
                                                                 "two-pass-gdq backward (torch.profiler)")
+    parser.add_argument("--override", help="check / bench with these overrides of two_pass_config (field=value,...)")
     args = parser.parse_args()
+    if args.override:
+        from pyflash.kernels import gluon_backward as gb
+
+        fields = _fields(args.override)
+        base_config = gb.two_pass_config
+        gb.two_pass_config = lambda head_dim, causal: base_config(head_dim, causal)._replace(**fields)
     # A sweep of one pass alone instead of the checks and the bench.
     sweep, configs = (first_sweep, args.first_configs) if args.first_configs else (dq_sweep, args.dq_configs)
     if configs:
