@@ -430,7 +430,8 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 # it has two passes (gluon_backward.two_pass: d=128, 256): its deterministic mode (dQ tiles in a fixed order of key
 # blocks) measured 296 / 255 TFLOP/s against these kernels' 401 / 313 (d=128 s=4096;
 # scripts/deterministic_check.py). At d=256 its split_d layout measured 352 / 274 TFLOP/s against these
-# kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench).
+# kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench). At d=64 its two passes (the first pass,
+# then the Gluon dQ kernel) took 1.09-1.20x these kernels' time (bf16 s=1024-16384, H100, thirteenth session).
 GLUON_HEAD_DIMS = frozenset({128, 256})
 # Plan sources (launch.Launch) of the kernels' four optional tensors, in their argument order (`tensors` below).
 TENSOR_SOURCES = ("alibi", "cu_q", "cu_k", "seqused_k")

@@ -1234,7 +1234,9 @@ def tuning_candidates(head_dim: int, causal: bool):
         cands.update({"st3": Config(num_stages=3), "acc-st3": Config(num_stages=3, acc_init=True),
                       "acc-st3-dq2": Config(num_stages=3, acc_init=True, dq_bufs=2)})
     if not causal:
-        # rotate: the key blocks of a head reduce-add into different dQ tiles at a time (d=256's default).
+        # rotate: the key blocks of a head reduce-add into different dQ tiles at a time (d=256's default); at
+        # d=128 acc-rot measured within the default's run-to-run spread (bf16 s=1024 / 4096, H100, thirteenth
+        # session in benchmarks/RESULTS.md).
         cands.update({"rot": Config(rotate=True), "acc-rot": Config(acc_init=True, rotate=True)})
     if causal:
         cands.update({"lpt": Config(lpt=True), "acc-lpt": Config(acc_init=True, lpt=True),

@@ -71,7 +71,8 @@ def default_config(head_dim: int, causal: bool) -> Config:
     """Bounded by registers (dQ is 64 x head_dim fp32 a warpgroup, S and dP 64 x block_n each) and shared
     memory (Q and dO stay resident: 64 KB a warpgroup at d=256). d=128: the best of the 14 candidates timed
     (bf16 causal s=4096, H100: 0.615 ms, next 0.734; benchmarks/RESULTS.md, eleventh session). d=256 not
-    ranked: this one took 1.22-1.35x the Triton dQ pass's time there, so the API uses the Triton pass."""
+    ranked: this one took 1.22-1.35x the Triton dQ pass's time there, so the API uses the Triton pass. d=64: this
+    one took 0.99-1.18x the Triton dQ pass's time (bf16 s=1024-16384, H100, thirteenth session), not used."""
     if head_dim == 256:
         return Config(32, 2)
     if head_dim == 128:
