@@ -1003,6 +1003,21 @@ if _IMPORT_ERROR is None:
                              num_tiles, n_kblk, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_WG if KV_SPLIT else 1, ROTATE,
                              ONE_DO, CAUSAL, PERSISTENT, LPT)),
             ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        elif NUM_WG == 1:
+            gl.warp_specialize([
+                (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
+                             do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
+                             stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
+                             start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
+                             n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
+                             kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
+                             start_n, m_lo, n_steps, n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k,
+                             num_tiles, n_kblk, BLOCK_M, HEAD_DIM, NUM_STAGES, 1, ROTATE,
+                             ONE_DO, CAUSAL, PERSISTENT, LPT)),
+            ], [1], [PRODUCER_REGS])
         else:
             gl.warp_specialize([
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
@@ -1119,7 +1134,8 @@ class Config(NamedTuple):
     dq_own: each consumer warpgroup computes dQ over its own 64 keys (full head_dim: dS^T never leaves
     the warpgroup, no dS exchange between warpgroups, one TMA reduce per warpgroup and step instead of
     one half-width reduce each); dq_early (shared dS only): the dQ GEMM before the dK GEMM, so that dK
-    runs under the dQ store; wgs: consumer warpgroups of 64 keys each (3 needs dq_own: 192 keys per CTA);
+    runs under the dQ store; wgs: consumer warpgroups of 64 keys each (3 needs dq_own: 192 keys per CTA;
+    1 needs dq_own: 64 keys per CTA and two CTAs an SM, launch_shape);
     split_d (head_dim 256): 64 keys per CTA, both warpgroups compute S^T and dP^T over all of them and each
     owns half of head_dim's columns of dK, dV and dQ (dK / dV of 64 keys x 256 columns would not fit one
     warpgroup's registers), one dO buffer; rotate (non-causal): each key block walks the query blocks from
@@ -1158,8 +1174,9 @@ class Config(NamedTuple):
 
 
 def kv_box_rows(cfg: Config) -> int:
-    """Rows of the K / V TMA boxes: the whole key block, or one box per warpgroup (wgs=3: 192 is no power of 2)."""
-    return WG_N if int(cfg.wgs) == 3 or cfg.split_d else BLOCK_N
+    """Rows of the K / V TMA boxes: the whole key block, or one box per warpgroup (wgs=3: 192 is no power of 2;
+    wgs=1 and split_d: 64 keys a CTA)."""
+    return WG_N if int(cfg.wgs) != 2 or cfg.split_d else BLOCK_N
 
 
 def dq_box_cols(cfg: Config, head_dim: int) -> int:
@@ -1186,11 +1203,16 @@ def launch_shape(cfg: Config):
         return WG_N, MAXNREG, CONSUMER_REGS  # both warpgroups on the same 64 keys
     if wgs == 2:
         return BLOCK_N, MAXNREG, CONSUMER_REGS
+    if wgs == 1 and cfg.dq_own:
+        # 2 warpgroups (the consumer, the producer's) at 128 registers each: two CTAs an SM by registers, as
+        # the Triton dK / dV kernel's 4-warp programs at d=64 run. The producer gives back all but 24; the
+        # consumer (the default partition, no setmaxnreg of its own) gets what is left, 256 - 24 = 232.
+        return WG_N, 128, 2 * 128 - PRODUCER_REGS
     if wgs == 3 and cfg.dq_own:
         # 4 warpgroups: 128 registers each at launch; the producer gives back all but 24, the consumers
         # get 160 (setmaxnreg; the default partition gets what is left, 512 - 24 - 2 * 160 = 168).
         return 3 * WG_N, 128, 160  # K / V boxes of WG_N rows (kv_box_rows)
-    raise ValueError(f"unsupported Config {cfg}: wgs must be 2, or 3 with dq_own")
+    raise ValueError(f"unsupported Config {cfg}: wgs must be 2, or 1 or 3 with dq_own")
 
 
 def default_config(head_dim: int, causal: bool, fp16: bool = False) -> Config:
@@ -1233,6 +1255,12 @@ def tuning_candidates(head_dim: int, causal: bool):
                       "acc-own-st3": Config(num_stages=3, acc_init=True, dq_own=True)})
         cands.update({"st3": Config(num_stages=3), "acc-st3": Config(num_stages=3, acc_init=True),
                       "acc-st3-dq2": Config(num_stages=3, acc_init=True, dq_bufs=2)})
+        # One consumer warpgroup of 64 keys and two CTAs an SM (launch_shape), as the Triton dK / dV kernel's
+        # 4-warp programs, which took 0.81-0.87x the time of this kernel's two-warpgroup first pass at d=64
+        # (bf16, H100, thirteenth session in benchmarks/RESULTS.md). Not yet run on a GPU.
+        cands.update({"own-wg1": Config(dq_own=True, wgs=1), "acc-own-wg1": Config(acc_init=True, dq_own=True, wgs=1),
+                      "own-wg1-st3": Config(num_stages=3, dq_own=True, wgs=1),
+                      "acc-own-wg1-st3": Config(num_stages=3, acc_init=True, dq_own=True, wgs=1)})
     if not causal:
         # rotate: the key blocks of a head reduce-add into different dQ tiles at a time (d=256's default); at
         # d=128 acc-rot measured within the default's run-to-run spread (bf16 s=1024 / 4096, H100, thirteenth
