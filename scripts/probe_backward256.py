@@ -113,10 +113,10 @@ def kernel_times(seqlen, causal, dtype_name, calls=10):
     """Mean GPU time per call of each kernel the d=256 backward launches, through the Triton kernels
     (delta, dK/dV, dQ: what a split_d-without-dQ + separate dQ pass would reuse) and the default path."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from gluon_backward_check import bench_inputs
     from pyflash.kernels.backward import backward
+    from two_pass_check import profile_kernels
     from pyflash.params import AttentionParams, Seqlens
 
     flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, 256, causal, dtype_name)
@@ -127,16 +127,7 @@ def kernel_times(seqlen, causal, dtype_name, calls=10):
     for kernel in ("triton", None):
         def run(kernel=kernel):
             backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, False, kernel=kernel)
-        run()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                run()
-            torch.cuda.synchronize()
-        for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-            if event.count >= calls:
-                print(f"KERNEL {dtype_name} d=256 s={seqlen} causal={int(causal)} {kernel or 'default':7s} "
-                      f"{event.device_time_total / calls / 1e3:8.3f} ms  {event.key[:70]}", flush=True)
+        profile_kernels(f"{dtype_name} d=256 s={seqlen} causal={int(causal)} {kernel or 'default':7s}", run, calls)
 
 
 def hybrid(dout, q, k, v, out, lse, scale, causal, grads, config, side_stream=False):

@@ -107,7 +107,7 @@ def check(spec, causal, dtype_name, deterministic, head_dim, gluon_dq=None):
     return ok
 
 
-def bench(seqlen, causal, dtype_name, head_dim, profile_kernels=False):
+def bench(seqlen, causal, dtype_name, head_dim, profile=False):
     import triton.testing
 
     from gluon_backward_check import bench_inputs
@@ -129,16 +129,14 @@ def bench(seqlen, causal, dtype_name, head_dim, profile_kernels=False):
     pair = times["one-pass"] / times["two-pass"]
     print(f"BENCH {dtype_name} d={head_dim} s={seqlen} causal={int(causal)}  {cells}  deterministic/default "
           f"{det:.2f}x  one-pass/two-pass time {pair:.2f}x", flush=True)
-    if profile_kernels:
-        for name in ("default", "two-pass-gdq"):
-            kwargs = dict(deterministic=name != "default", gluon_dq=True, two_pass_dims=(head_dim, ))
-            if name == "default":
-                kwargs = dict(deterministic=False)
-            _profile(f"{dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {name}",
-                     lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs))  # noqa: B023
+    if profile:
+        for name, kwargs in (("default", dict(deterministic=False)),
+                             ("two-pass-gdq", dict(deterministic=True, two_pass_dims=(head_dim, ), gluon_dq=True))):
+            profile_kernels(f"{dtype_name} d={head_dim} s={seqlen} causal={int(causal)} {name}",
+                            lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs))  # noqa: B023
 
 
-def _profile(label, fn, reps=5):
+def profile_kernels(label, fn, reps=5):
     """Each kernel's device time per call of fn (torch.profiler, reps calls)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -186,7 +184,7 @@ def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
         except Exception as error:  # noqa: BLE001 - a config that does not fit must not hide the others
             print(f"DQ {dtype_name} s={seqlen} causal={int(causal)} dq={text:12s} ERROR {type(error).__name__}: "
                   f"{str(error).strip().splitlines()[0][:200]}", flush=True)
-    _profile(f"{dtype_name} s={seqlen} causal={int(causal)} deterministic",
+    profile_kernels(f"{dtype_name} s={seqlen} causal={int(causal)} deterministic",
              lambda: run(dout, q, k, v, out, lse, causal, True, dims, grads=grads))
 
 
