@@ -974,6 +974,8 @@ if _IMPORT_ERROR is None:
             mbarrier.init(ds_ready.index(i), count=1 if COOP else 2)
         fence_async_shared()
 
+        # Each partition's arguments spelled out: one tuple built here and concatenated per warpgroup
+        # (head + (WG, ) + tail) did not compile (its constexprs reach _consumer as values).
         if NUM_WG == 3:
             gl.warp_specialize([
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
