@@ -975,7 +975,7 @@ if _IMPORT_ERROR is None:
         fence_async_shared()
 
         # Each partition's arguments spelled out: one tuple built here and concatenated per warpgroup
-        # (head + (WG, ) + tail) did not compile (its constexprs reach _consumer as values).
+        # (head + (WG, ) + tail) failed to compile inside _consumer (triton 3.6).
         if NUM_WG == 3:
             gl.warp_specialize([
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
