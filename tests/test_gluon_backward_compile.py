@@ -97,12 +97,15 @@ PERSISTENT_CASES = [
 ]
 
 _CHILD = r"""
-import json, sys, traceback
+import json, re, sys, traceback
 from pyflash.kernels import gluon_backward as gb
 for case_id, head_dim, causal, dtype, config, deterministic in json.loads(sys.argv[1]):
     try:
         report = gb.offline_report(head_dim, causal, config, dtype, deterministic)
-        report["wgmma"] = report.pop("ptx").count("wgmma.mma_async")
+        ptx = report.pop("ptx")
+        report["wgmma"] = ptx.count("wgmma.mma_async")
+        report["setmaxnreg_inc"] = max(map(int, re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx)),
+                                       default=0)
     except Exception:
         report = dict(error=traceback.format_exc())
     print("REPORT " + json.dumps(dict(id=case_id, **report)), flush=True)
@@ -135,6 +138,7 @@ def test_one_warpgroup_fits_two_ctas_per_sm(reports, case_id):
     report = found[case_id]
     assert report["regs"] <= 128, report["regs"]
     assert 2 * (report["shared"] + 1024) <= 228 * 1024, report["shared"]
+    assert report["setmaxnreg_inc"] == 232, report["setmaxnreg_inc"]
 
 
 @pytest.mark.parametrize("case_id", [case[0] for case in SPLIT_D_CASES])

@@ -209,6 +209,28 @@ def test_persistent_matches_one_tile_per_cta(head_dim, causal, dtype, with_dq, c
         assert torch.equal(a, b), f"persistent {name} differs from one tile per CTA"
 
 
+@pytest.mark.parametrize("causal,dtype,num_stages,acc_init", [
+    (False, torch.bfloat16, 2, True), (True, torch.bfloat16, 2, False), (False, torch.float16, 3, False),
+    (True, torch.float16, 3, True)])
+def test_one_warpgroup_against_float32(causal, dtype, num_stages, acc_init):
+    """gluon_backward.Config(wgs=1, dq_own): one consumer warpgroup of 64 keys a CTA, two CTAs an SM (a
+    d=64 tuning candidate): dQ, dK and dV against float32 with flash_attn's rule; GQA, seqlen_q != seqlen_k,
+    ragged ends."""
+    from pyflash.kernels import gluon_backward as gb
+
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim = 2, 1000, 1531, 6, 2, 64
+    q, k, v, dout = make_inputs(batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim, dtype, seed=13)
+    params = make_params(head_dim, batch, num_heads, **FEATURES["causal" if causal else "plain"])
+    out, lse, ref = reference_grads(q, k, v, dout, params)
+    _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
+    dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
+    config = gb.Config(num_stages=num_stages, acc_init=acc_init, dq_own=True, wgs=1)
+    gb.backward_gluon(dout, q, k, v, out.to(dtype), lse.float(), params.softmax_scale, causal, dq=dq, dk=dk, dv=dv,
+                      config=config)
+    for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
+        assert_error_rule(ours, r, lp, name)
+
+
 @pytest.mark.parametrize("seqused", [False, True])
 def test_varlen_against_float32(seqused):
     dtype, head_dim, num_heads, num_heads_k = torch.bfloat16, 128, 4, 1

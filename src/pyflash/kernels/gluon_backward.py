@@ -1258,7 +1258,7 @@ def tuning_candidates(head_dim: int, causal: bool):
         cands.update({"st3": Config(num_stages=3), "acc-st3": Config(num_stages=3, acc_init=True),
                       "acc-st3-dq2": Config(num_stages=3, acc_init=True, dq_bufs=2)})
         # One consumer warpgroup of 64 keys and two CTAs an SM (launch_shape), as the Triton dK / dV kernel's
-        # 4-warp programs, which took 0.81-0.87x the time of this kernel's two-warpgroup first pass at d=64
+        # 4-warp programs, which took 0.79-0.87x the time of this kernel's two-warpgroup first pass at d=64
         # (bf16, H100, thirteenth session in benchmarks/RESULTS.md). Not yet run on a GPU.
         cands.update({"own-wg1": Config(dq_own=True, wgs=1), "acc-own-wg1": Config(acc_init=True, dq_own=True, wgs=1),
                       "own-wg1-st3": Config(num_stages=3, dq_own=True, wgs=1),
