@@ -14,6 +14,7 @@ timeout 150 python3 -m pytest -q tests/gpu/test_backward_gpu.py -k one_warpgroup
 tail -3 "$LOGS/pytest_wg1.txt"
 grep -E "^(FAILED|ERROR)" "$LOGS/pytest_wg1.txt" | head
 echo "== sweep d=64"
-(cd scripts && timeout 380 python3 gluon_backward_check.py --sweep --only bench --head-dims 64 --seqlens 1024,4096,16384 \
-    --candidates default,own-wg1,acc-own-wg1,own-wg1-st3,acc-own-wg1-st3 --budget 370 > "$LOGS/sweep_wg1.txt" 2>&1)
+CANDIDATES=default,own-wg1,acc-own-wg1,own-wg1-st3,acc-own-wg1-st3,acc-own-wg1-dq2
+(cd scripts && timeout 380 python3 gluon_backward_check.py --sweep --only bench --head-dims 64 \
+    --seqlens 4096,16384 --candidates $CANDIDATES --budget 370 > "$LOGS/sweep_wg1.txt" 2>&1)
 grep -E "RANKING|^  [ 0-9][0-9]\.|FAIL|rror" "$LOGS/sweep_wg1.txt" | cut -c1-200 | head -60

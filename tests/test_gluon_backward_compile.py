@@ -30,6 +30,7 @@ CASES = [
     # One consumer warpgroup (wgs=1, dq_own): 64 keys a CTA, two CTAs an SM.
     ("d64-one-warpgroup", 64, False, "bf16", (64, 2, False, True, 1, False, True, False, 1)),
     ("d64-causal-one-warpgroup-st3-fp16", 64, True, "fp16", (64, 3, False, False, 1, False, True, False, 1)),
+    ("d64-causal-one-warpgroup-st3-dq2", 64, True, "bf16", (64, 3, False, True, 2, False, True, False, 1)),
     ("d128-acc-dqe-fp16", 128, False, "fp16", (64, 2, False, True, 1, False, False, True, 2)),
     # dK / dV only in the plain layout (gluon_backward.two_pass_config below d=256; not measured yet).
     ("d128-two-pass", 128, False, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, True, False)),
@@ -129,7 +130,8 @@ def test_gluon_backward_compiles_clean(reports, case_id):
     assert_clean(report, case_id)
 
 
-@pytest.mark.parametrize("case_id", ["d64-one-warpgroup", "d64-causal-one-warpgroup-st3-fp16"])
+@pytest.mark.parametrize("case_id", ["d64-one-warpgroup", "d64-causal-one-warpgroup-st3-fp16",
+                                     "d64-causal-one-warpgroup-st3-dq2"])
 def test_one_warpgroup_fits_two_ctas_per_sm(reports, case_id):
     """wgs=1: 256 threads at 128 registers and under half of an SM's 228 KB of shared memory (each CTA
     also reserves 1 KB), so that two CTAs share an SM; the consumer gets 232 registers by setmaxnreg."""

@@ -209,10 +209,10 @@ def test_persistent_matches_one_tile_per_cta(head_dim, causal, dtype, with_dq, c
         assert torch.equal(a, b), f"persistent {name} differs from one tile per CTA"
 
 
-@pytest.mark.parametrize("causal,dtype,num_stages,acc_init", [
-    (False, torch.bfloat16, 2, True), (True, torch.bfloat16, 2, False), (False, torch.float16, 3, False),
-    (True, torch.float16, 3, True)])
-def test_one_warpgroup_against_float32(causal, dtype, num_stages, acc_init):
+@pytest.mark.parametrize("causal,dtype,num_stages,acc_init,dq_bufs", [
+    (False, torch.bfloat16, 2, True, 1), (True, torch.bfloat16, 2, False, 1), (False, torch.float16, 3, False, 1),
+    (True, torch.float16, 3, True, 1), (True, torch.bfloat16, 2, True, 2)])
+def test_one_warpgroup_against_float32(causal, dtype, num_stages, acc_init, dq_bufs):
     """gluon_backward.Config(wgs=1, dq_own): one consumer warpgroup of 64 keys a CTA, two CTAs an SM (a
     d=64 tuning candidate): dQ, dK and dV against float32 with flash_attn's rule; GQA, seqlen_q != seqlen_k,
     ragged ends."""
@@ -224,7 +224,7 @@ def test_one_warpgroup_against_float32(causal, dtype, num_stages, acc_init):
     out, lse, ref = reference_grads(q, k, v, dout, params)
     _, _, lowp = reference_grads(q, k, v, dout, params, compute_dtype=dtype)
     dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
-    config = gb.Config(num_stages=num_stages, acc_init=acc_init, dq_own=True, wgs=1)
+    config = gb.Config(num_stages=num_stages, acc_init=acc_init, dq_bufs=dq_bufs, dq_own=True, wgs=1)
     gb.backward_gluon(dout, q, k, v, out.to(dtype), lse.float(), params.softmax_scale, causal, dq=dq, dk=dk, dv=dv,
                       config=config)
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):

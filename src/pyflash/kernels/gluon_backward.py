@@ -1262,7 +1262,8 @@ def tuning_candidates(head_dim: int, causal: bool):
         # (bf16, H100, thirteenth session in benchmarks/RESULTS.md). Not yet run on a GPU.
         cands.update({"own-wg1": Config(dq_own=True, wgs=1), "acc-own-wg1": Config(acc_init=True, dq_own=True, wgs=1),
                       "own-wg1-st3": Config(num_stages=3, dq_own=True, wgs=1),
-                      "acc-own-wg1-st3": Config(num_stages=3, acc_init=True, dq_own=True, wgs=1)})
+                      "acc-own-wg1-st3": Config(num_stages=3, acc_init=True, dq_own=True, wgs=1),
+                      "acc-own-wg1-dq2": Config(acc_init=True, dq_bufs=2, dq_own=True, wgs=1)})
     if not causal:
         # rotate: the key blocks of a head reduce-add into different dQ tiles at a time (d=256's default); at
         # d=128 acc-rot measured within the default's run-to-run spread (bf16 s=1024 / 4096, H100, thirteenth
