@@ -116,8 +116,8 @@ def kernel_times(seqlen, causal, dtype_name, calls=10):
 
     from gluon_backward_check import bench_inputs
     from pyflash.kernels.backward import backward
-    from two_pass_check import profile_kernels
     from pyflash.params import AttentionParams, Seqlens
+    from two_pass_check import profile_kernels
 
     flops, q, k, v, dout, out, lse, scale = bench_inputs(seqlen, 256, causal, dtype_name)
     params = AttentionParams(scale, -1, 0 if causal else -1)

@@ -185,7 +185,7 @@ def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
             print(f"DQ {dtype_name} s={seqlen} causal={int(causal)} dq={text:12s} ERROR {type(error).__name__}: "
                   f"{str(error).strip().splitlines()[0][:200]}", flush=True)
     profile_kernels(f"{dtype_name} s={seqlen} causal={int(causal)} deterministic",
-             lambda: run(dout, q, k, v, out, lse, causal, True, dims, grads=grads))
+                    lambda: run(dout, q, k, v, out, lse, causal, True, dims, grads=grads))
 
 
 def first_sweep(seqlen, causal, dtype_name, configs, head_dim):
