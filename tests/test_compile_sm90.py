@@ -95,6 +95,8 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=Non
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                       **_switches(all_on, dropout), MMA_DTYPE=DTYPES[dtype][1], DOT_PRECISION=_precision(dtype))
     options = dict(num_warps=warps, num_stages=stages, dtype=dtype)
+    if kernel == "_dq_kernel":
+        constexprs["FUSED_DELTA"] = backward.FUSE_DELTA  # as backward() launches it (no atomic dQ then)
     if kernel == "_dkdv_kernel":
         constexprs["ATOMIC_DQ"] = atomic_dq
         if not atomic_dq:  # backward() then hands dq itself to the (unused) accumulator argument

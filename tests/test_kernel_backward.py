@@ -4,12 +4,15 @@ the naive oracle (tests/naive.py), every feature at small odd shapes.
 Error rule (DEVELOPERS.md): |ours - ref64| <= 2 * |naive in the input dtype - ref64| + atol.
 out and lse handed to the kernel come from the float64 oracle (out rounded to the input dtype).
 """
+import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
 
 import naive
+from pyflash.kernels import backward as backward_module
 from pyflash.kernels.backward import backward
 from pyflash.params import AttentionParams, Seqlens
 
@@ -35,18 +38,19 @@ def _check(ours, ref, lowp, name, atol=1e-5):
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
 
 
-def _run(dout, q, k, v, out, lse, params, seqlens, deterministic=True, config=None, grads=None, use_tma=False):
+def _run(dout, q, k, v, out, lse, params, seqlens, deterministic=True, config=None, grads=None, use_tma=False,
+         fuse_delta=None):
     """The kernels with NaN-poisoned outputs (or the given, possibly strided, ones)."""
     dq, dk, dv = grads or (torch.full_like(t, math.nan) for t in (q, k, v))
     softmax_d = torch.full_like(lse, math.nan)
     backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_d, params, seqlens, deterministic, config=config,
-             use_tma=use_tma)
+             use_tma=use_tma, fuse_delta=fuse_delta)
     return dq, dk, dv, softmax_d
 
 
 def check_dense(batch=2, seqlen_q=17, seqlen_k=100, num_heads=2, num_heads_k=1, head_dim=32,
                 dtype=torch.float32, window_left=-1, window_right=-1, softcap=0.0, alibi=False, dropout_p=0.0,
-                deterministic=True, config=None, grads=None, use_tma=False):
+                deterministic=True, config=None, grads=None, use_tma=False, fuse_delta=None):
     torch.manual_seed(seqlen_q * 1000 + seqlen_k)
     q = torch.randn(batch, seqlen_q, num_heads, head_dim, dtype=dtype)
     k, v = (torch.randn(batch, seqlen_k, num_heads_k, head_dim, dtype=dtype) for _ in range(2))
@@ -59,7 +63,8 @@ def check_dense(batch=2, seqlen_q=17, seqlen_k=100, num_heads=2, num_heads_k=1, 
     _, _, lowp = _grads(q, k, v, dout, dtype, **oracle)
     params = AttentionParams(scale, window_left, window_right, softcap, slopes, dropout_p, SEED, OFFSET)
     dq, dk, dv, softmax_d = _run(dout, q, k, v, out.to(dtype), lse.float(), params,
-                                 Seqlens(batch, seqlen_q, seqlen_k), deterministic, config, grads, use_tma)
+                                 Seqlens(batch, seqlen_q, seqlen_k), deterministic, config, grads, use_tma,
+                                 fuse_delta)
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
         _check(ours, r, lp, name)
     delta = (dout.double() * out.to(dtype).double()).sum(-1).transpose(1, 2)
@@ -110,6 +115,37 @@ def _dense_params():
 @pytest.mark.parametrize("kwargs, use_tma", _dense_params())
 def test_dense(kwargs, use_tma):
     check_dense(**kwargs, use_tma=use_tma)
+
+
+@contextlib.contextmanager
+def _launched_kernels():
+    """The names of the kernels backward() launches inside the block, in order."""
+    kernels = []
+    real_launch_into = backward_module.launch_into
+
+    def spy(launches, fn, *args):
+        kernels.append(fn.__name__)
+        return real_launch_into(launches, fn, *args)
+
+    with mock.patch.object(backward_module, "launch_into", spy):
+        yield kernels
+
+
+@pytest.mark.parametrize("name", ["gqa_padded_d40", "causal_rows_without_keys", "window_empty_rows", "everything"])
+@pytest.mark.parametrize("fuse_delta", [False, True], ids=["delta_kernel", "fused"])
+def test_delta_from_its_own_kernel_or_the_dq_kernel(name, fuse_delta):
+    """softmax_d (delta) from _delta_kernel before the dK/dV kernel, or from the dQ kernel launched first: both
+    within the error rule, in that launch order."""
+    with _launched_kernels() as kernels:
+        check_dense(**dict(DENSE_CASES)[name], fuse_delta=fuse_delta)
+    assert kernels == (["_dq_kernel", "_dkdv_kernel"] if fuse_delta else ["_delta_kernel", "_dkdv_kernel", "_dq_kernel"])
+
+
+def test_atomic_dq_keeps_the_delta_kernel():
+    """With dQ added by the dK/dV kernel's atomics there is no dQ kernel to compute delta."""
+    with _launched_kernels() as kernels:
+        check_dense(seqlen_q=33, seqlen_k=17, deterministic=False, config=((16, 32, 4, 1), (32, 16, 4, 1), True))
+    assert kernels == ["_delta_kernel", "_dkdv_kernel", "_dq_from_accumulator_kernel"]
 
 
 @pytest.mark.parametrize("window_right", [-1, 0])

@@ -2,7 +2,8 @@
 feature a compile-time switch (see DEVELOPERS.md for the backend contract and the rules).
 
 Three launches:
-1. ``_delta_kernel``: delta = rowsum(dO * O) per query row, written to ``softmax_d``.
+1. ``_delta_kernel``: delta = rowsum(dO * O) per query row, written to ``softmax_d``; only with atomic dQ
+   (or FUSE_DELTA off): otherwise the dQ kernel computes delta and runs first (``FUSED_DELTA``).
 2. ``_dkdv_kernel``: one program per (key block, kv head, sequence) holds its K, V tile and dK, dV
    accumulators, and walks the query blocks that see its keys, for every query head of its GQA
    group (no atomics, no expanded copies). Optionally it also adds dS K into an fp32 dQ buffer
@@ -277,9 +278,9 @@ def _dq_loop(dq, q, do, lse_log2, delta, k_src, v_src, tma_row, tma_col, stride_
 
 @triton.jit
 def _dq_kernel(
-    q, k, v, dout, softmax_lse, softmax_d, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    q, k, v, dout, out, softmax_lse, softmax_d, dq, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh,
+    stride_dob, stride_dom, stride_doh, stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
     stride_lse_b, stride_lse_h, stride_lse_m, stride_alibi_b, stride_alibi_h,
     num_heads, group_size, dense_seqlen_q, dense_seqlen_k, softmax_scale, qk_scale, softcap_scale,
     window_left, window_right, dropout_p, dropout_scale, philox_seed, philox_offset,
@@ -287,7 +288,10 @@ def _dq_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
+    FUSED_DELTA: tl.constexpr = False,
 ):
+    """FUSED_DELTA: delta = rowsum(dO * O) of the block's rows is computed here (dO is loaded anyway) and
+    stored to softmax_d, in place of _delta_kernel; the dK/dV kernel, launched after this one, reads it."""
     # Query blocks vary fastest: programs running together share one head's K and V in L2. (Taking the
     # last, heaviest-under-causal, blocks first measured 3-6% slower at d=128 on H100: RESULTS.md.)
     start_m = tl.program_id(0) * BLOCK_M
@@ -305,8 +309,16 @@ def _dq_kernel(
     do_tile = _load_rows(dout + batch * stride_dob + q_start * stride_dom + head * stride_doh, rows, stride_dom,
                          seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, MMA_DTYPE)
     stats_offset = batch * stride_lse_b + head * stride_lse_h + q_start * stride_lse_m
-    lse_log2, delta = _row_stats(softmax_lse + stats_offset, softmax_d + stats_offset, rows, stride_lse_m,
-                                 seqlen_q, True)
+    if FUSED_DELTA:
+        o_tile = _load_rows(out + batch * stride_ob + q_start * stride_om + head * stride_oh, rows, stride_om,
+                            seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, tl.float32)
+        delta = tl.sum(o_tile * do_tile.to(tl.float32), axis=1)
+        tl.store(softmax_d + stats_offset + rows * stride_lse_m, delta, mask=rows < seqlen_q)
+        lse_log2 = tl.load(softmax_lse + stats_offset + rows * stride_lse_m, mask=rows < seqlen_q,
+                           other=float("inf")) * 1.4426950408889634
+    else:
+        lse_log2, delta = _row_stats(softmax_lse + stats_offset, softmax_d + stats_offset, rows, stride_lse_m,
+                                     seqlen_q, True)
     alibi_slope = 0.0
     if HAS_ALIBI:
         alibi_slope = tl.load(alibi_slopes + batch * stride_alibi_b + head * stride_alibi_h) * 1.4426950408889634
@@ -433,6 +445,10 @@ def _stat_strides(t: torch.Tensor, varlen: bool):
 # kernels' 244 / 216 (bf16 s=4096, H200; python -m pyflash.bench). At d=64 its two passes (the first pass,
 # then the Gluon dQ kernel) took 1.09-1.20x these kernels' time (bf16 s=1024-16384, H100, thirteenth session).
 GLUON_HEAD_DIMS = frozenset({128, 256})
+# Whether the dQ kernel computes delta = rowsum(dO * O) (FUSED_DELTA; it then runs before the dK/dV kernel) instead
+# of a _delta_kernel launch of its own: one launch and one read of dO fewer (~50 us a call at BENCHMARK.md's
+# 16k tokens x 2048 features). Not yet timed on a GPU (benchmarks/RESULTS.md, fourteenth session).
+FUSE_DELTA = True
 # Plan sources (launch.Launch) of the kernels' four optional tensors, in their argument order (`tensors` below).
 TENSOR_SOURCES = ("alibi", "cu_q", "cu_k", "seqused_k")
 
@@ -465,7 +481,7 @@ def _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, param
 
 
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic,
-             config=None, use_tma=None, kernel=None, dq_only=False, delta_ready=False) -> None:
+             config=None, use_tma=None, kernel=None, dq_only=False, delta_ready=False, fuse_delta=None) -> None:
     """Fill dq, dk, dv and softmax_d per the backend contract (DEVELOPERS.md).
 
     kernel: None runs the Gluon backward where it handles the call (GLUON_HEAD_DIMS, deterministic only where
@@ -479,7 +495,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     order, so deterministic); the dK/dV kernel is not launched and dk, dv are not touched (a caller
     that has them from elsewhere, as the Gluon split_d kernel without its dQ work); delta_ready (with
     dq_only): softmax_d already holds rowsum(dO * O) (that kernel's preprocess wrote it), so the delta
-    kernel is skipped where softmax_d can serve as delta (softmax_lse's strides)."""
+    kernel is skipped where softmax_d can serve as delta (softmax_lse's strides). fuse_delta: whether the dQ
+    kernel computes delta (launched first, no delta kernel; not with atomic dQ); None: FUSE_DELTA."""
     varlen = seqlens.is_varlen
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_heads_k = k.shape[-2]
@@ -497,7 +514,8 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                                             deterministic)):
         return
     launches = key = None
-    if (recorded_launches.RECORD_TRITON and config is None and use_tma is None and params.dropout_p == 0
+    if (recorded_launches.RECORD_TRITON and config is None and use_tma is None and fuse_delta is None
+            and params.dropout_p == 0
             and q.is_cuda and not INTERPRET):
         # A call like an earlier one replays its recorded launches (kernels/launch.py).
         named = _named_tensors(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens)
@@ -521,7 +539,10 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     dense_seqlen_q, dense_seqlen_k = (0, 0) if varlen else (q.shape[1], k.shape[1])
     stat_strides = _stat_strides(softmax_lse, varlen)
 
-    if max_seqlen_q > 0 and not (dq_only and delta_ready and delta is softmax_d):
+    need_delta = max_seqlen_q > 0 and not (dq_only and delta_ready and delta is softmax_d)
+    # Without atomic dQ the dQ kernel runs first and computes delta itself (FUSED_DELTA), no _delta_kernel.
+    fused_delta = need_delta and not atomic_dq and (FUSE_DELTA if fuse_delta is None else fuse_delta)
+    if need_delta and not fused_delta:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
         launch_into(launches, _delta_kernel, grid, (out, dout, delta, cu_q, *_row_strides(out, varlen),
                                                 *_row_strides(dout, varlen), *stat_strides, dense_seqlen_q),
@@ -583,7 +604,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                 num_warps=num_warps, num_stages=num_stages), dict(enumerate(
                 (q_src, "k", "v", dout_src, "softmax_lse", "delta", "dq_target", "dk", "dv", *TENSOR_SOURCES))))
 
-        if not dq_only:
+        if not dq_only and not fused_delta:
             run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if max_seqlen_q > 0 and atomic_dq:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
@@ -599,13 +620,15 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                 k_arg, v_arg = (tma_descriptor(t, kv_rows, block_n, block_d) for t in (k, v))
                 k_src, v_src = (("desc", name, d.shape, d.strides) for name, d in (("k", k_arg), ("v", v_arg)))
             launch_into(launches, _dq_kernel, (cdiv(max_seqlen_q, block_m), num_heads, batch), (
-                q, k_arg, v_arg, dout, softmax_lse, delta, dq, *tensors, *input_strides, *_row_strides(dq, varlen),
-                *stat_strides, *alibi_strides, *common_args), dict(
-                BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_kv, **switches,
-                num_warps=num_warps, num_stages=num_stages), dict(enumerate(
-                ("q", k_src, v_src, "dout", "softmax_lse", "delta", "dq", *TENSOR_SOURCES))))
+                q, k_arg, v_arg, dout, out, softmax_lse, delta, dq, *tensors, *input_strides,
+                *_row_strides(out, varlen), *_row_strides(dq, varlen), *stat_strides, *alibi_strides, *common_args),
+                dict(BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_kv, FUSED_DELTA=fused_delta, **switches,
+                     num_warps=num_warps, num_stages=num_stages), dict(enumerate(
+                    ("q", k_src, v_src, "dout", "out", "softmax_lse", "delta", "dq", *TENSOR_SOURCES))))
 
         run("dq", (dq_block_m, dq_block_n), dq_warps, dq_stages, launch_dq)
+        if fused_delta and max_seqlen_k > 0 and not dq_only:
+            run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
     if delta is not softmax_d:
         softmax_d.copy_(delta)
     if launches and None not in launches:
