@@ -233,8 +233,8 @@ def test_gluon_forward_plan_replays_calls_like_an_earlier_one(monkeypatch):
 
 def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     """gluon_backward.try_backward: the first call of a key runs backward(); a call differing only in
-    its tensors' addresses replays the plan: fresh stats / zeroed dQ accumulator buffers of the recorded
-    shapes, the three launches with this call's tensors (TMA descriptors over q, dout, k, v and the
+    its tensors' addresses replays the plan: fresh stats / dQ accumulator buffers of the recorded shapes (the
+    preprocess launch, which zeroes the accumulator, gets both), the three launches with this call's tensors (TMA descriptors over q, dout, k, v and the
     buffers); a deterministic call is a key of its own; a rejected key is remembered as rejected."""
     from pyflash.kernels import gluon_backward as gb
     from pyflash.kernels.launch import Descriptor, Launch
@@ -246,7 +246,7 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
         return lambda *tensors: launches[name].append(tensors)
 
     descs = (("desc", name, [1, 17, 256], [4352, 256, 1]) for name in ("q", "dout", "k", "v", "dq_accum", "stats"))
-    plan = gb._Plan((Launch(recorder("preprocess"), ("out", "dout", "softmax_lse", "softmax_d", "stats")),
+    plan = gb._Plan((Launch(recorder("preprocess"), ("out", "dout", "softmax_lse", "softmax_d", "stats", "dq_accum")),
                      Launch(recorder("main"), (*descs, "dk", "dv", "counters")),
                      Launch(recorder("convert"), ("dq_accum", "dq"))), (2, 4, 64), (1, 17, 2, 128), (2, 1, 2))
     backward_calls = []
@@ -278,7 +278,7 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     (pre,), (main,), (convert,) = launches["preprocess"], launches["main"], launches["convert"]
     stats, accum = pre[4], convert[0]
     assert pre[:4] == (out, dout, lse, softmax_d) and stats.shape == (2, 4, 64) and stats.dtype == torch.float32
-    assert accum.shape == (1, 17, 2, 128) and not accum.any() and convert[1] is dq
+    assert accum.shape == (1, 17, 2, 128) and accum.dtype == torch.float32 and pre[5] is accum and convert[1] is dq
     counters = main[8]
     assert all(isinstance(d, Descriptor) for d in main[:6]) and main[6:8] == (dk, dv)
     assert counters.shape == (2, 1, 2) and counters.dtype == torch.int32 and not counters.any()
@@ -305,6 +305,46 @@ def test_gluon_backward_plan_replays_its_three_launches(monkeypatch):
     assert backward_calls[-1] == dict(deterministic=False, gluon_dq=False)
     assert configs[-1] == gb.two_pass_config(256, True)
     assert triton_calls == [dict(kernel="triton", dq_only=True, delta_ready=True)]
+
+
+@pytest.mark.parametrize("zero_dq", [False, True])
+def test_gluon_backward_preprocess_and_convert_kernels(zero_dq):
+    """The Gluon backward's two plain Triton kernels (under the interpreter here): the preprocess writes softmax_d
+    = rowsum(O * dO), the stats rows the main kernel reads (padding rows: lse +inf, delta 0) and, ZERO_DQ, zeroes
+    the fp32 dQ accumulator's rows (and nothing past them); the convert writes dq = scale * accumulator."""
+    from pyflash.kernels import gluon_backward as gb
+
+    batch, seqlen_q, seqlen_k, heads, head_dim = 2, 70, 90, 3, 64
+    stats_len = 128  # seqlen_q rounded up to the main kernel's block_m (64)
+    torch.manual_seed(0)
+    out, dout = (torch.randn(batch, seqlen_q, heads, head_dim) for _ in range(2))
+    lse = torch.randn(batch, heads, seqlen_q)
+    softmax_d = torch.full((batch, heads, seqlen_q), math.nan)
+    stats = torch.full((batch * heads, 4, stats_len), math.nan)
+    size = batch * seqlen_q * heads * head_dim
+    guarded = torch.full((size + 4096, ), math.nan)  # a NaN tail past the accumulator must stay NaN
+    accum = guarded[:size].view(batch, seqlen_q, heads, head_dim)
+    lse_mul, delta_mul = 1.25, -1.0
+    gb._preprocess_kernel[(stats_len // gb.ROW_BLOCK, batch * heads)](
+        out, dout, lse, softmax_d, stats, accum, seqlen_q, heads, stats_len, seqlen_k - seqlen_q, lse_mul, delta_mul,
+        *out.stride()[:3], *dout.stride()[:3], *lse.stride(), *softmax_d.stride(), HEAD_DIM=head_dim,
+        BLOCK=gb.ROW_BLOCK, ZERO_DQ=zero_dq)
+    delta = (out.double() * dout.double()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(softmax_d.double(), delta, rtol=1e-5, atol=1e-5)
+    rows = stats.view(batch, heads, 4, stats_len)
+    torch.testing.assert_close(rows[:, :, 0, :seqlen_q], lse * lse_mul)
+    torch.testing.assert_close(rows[:, :, 1, :seqlen_q].double(), delta * delta_mul, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows[:, :, 2, :], (torch.arange(stats_len) + seqlen_k - seqlen_q).float().expand(batch, heads, -1))
+    assert (rows[:, :, 0, seqlen_q:] == math.inf).all() and (rows[:, :, 1, seqlen_q:] == 0).all()
+    assert guarded[size:].isnan().all()
+    assert (accum == 0).all() if zero_dq else accum.isnan().all()
+
+    accum.copy_(torch.randn_like(accum))
+    dq = torch.full((batch, seqlen_q, heads + 1, head_dim), math.nan, dtype=torch.bfloat16)[:, :, 1:]
+    gb._dq_convert_kernel[(2, batch * heads)](accum, dq, seqlen_q, heads, 0.5, *dq.stride()[:3], HEAD_DIM=head_dim,
+                                               BLOCK=gb.ROW_BLOCK)
+    # (The interpreter rounds fp32 to bf16 toward zero, a GPU to nearest: within one bf16 step either way.)
+    torch.testing.assert_close(dq.float(), accum * 0.5, rtol=2 ** -7, atol=0.0)
 
 
 def test_triton_backward_plan_replay_builds_buffers_and_descriptors():

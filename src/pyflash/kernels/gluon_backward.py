@@ -4,7 +4,8 @@ Three launches:
 
 1. ``_preprocess_kernel`` (plain Triton): delta = rowsum(dO * O) and lse2 = log2(e) * lse, written to
    two (batch * heads, seqlen_pad) fp32 buffers, seqlen_pad a multiple of BLOCK_M. Padding rows get
-   delta = 0, lse2 = +inf (so their P is exactly 0): the main kernel loads both without masks.
+   delta = 0, lse2 = +inf (so their P is exactly 0): the main kernel loads both without masks. It also
+   zeroes the fp32 dQ accumulator (no fill launch of its own).
 2. ``_backward_kernel`` (Gluon, warp-specialized): one CTA per (key block of BLOCK_N = 128 keys,
    batch * head). dQ is accumulated in an fp32 (batch, seqlen, heads, head_dim) buffer by TMA
    reduce-add (``cp.reduce.async.bulk.tensor .add``).
@@ -1047,14 +1048,16 @@ if _IMPORT_ERROR is None:
 if triton is not None:
 
     @triton.jit
-    def _preprocess_kernel(out, dout, lse, softmax_d, stats, seqlen_q, num_heads, stats_len, diag, lse_mul, delta_mul,
-                           stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
+    def _preprocess_kernel(out, dout, lse, softmax_d, stats, dq_accum, seqlen_q, num_heads, stats_len, diag, lse_mul,
+                           delta_mul, stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh,
                            stride_lb, stride_lh, stride_lm, stride_sb, stride_sh, stride_sm,
-                           HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ZERO_DQ: tl.constexpr):
         """softmax_d = delta = rowsum(O * dO) (fp32, through its strides) and the (b * h, 4, stats_len)
         fp32 rows the main kernel reads per query block: [0] lse_mul * lse, [1] delta_mul * delta,
         [2] the query's position among the keys (row + seqlen_k - seqlen_q, as a float: exact below
-        2**24), which the causal mask compares; row 3 unused. Padding rows get lse = +inf, delta = 0."""
+        2**24), which the causal mask compares; row 3 unused. Padding rows get lse = +inf, delta = 0.
+        ZERO_DQ: the rows' part of the fp32 dQ accumulator ((b, sq, h, d) contiguous) is zeroed too, for the
+        main kernel's reduce-adds (no fill launch of its own)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         batch = bh // num_heads
@@ -1077,6 +1080,9 @@ if triton is not None:
         tl.store(base, lse_val * lse_mul)
         tl.store(base + stats_len, delta * delta_mul)
         tl.store(base + 2 * stats_len, (rows + diag).to(tl.float32))
+        if ZERO_DQ:
+            accum = dq_accum + ((batch.to(tl.int64) * seqlen_q + rows64) * num_heads + head)[:, None] * HEAD_DIM
+            tl.store(accum + cols[None, :], tl.zeros([BLOCK, HEAD_DIM], tl.float32), mask=valid[:, None])
 
     @triton.jit
     def _dq_convert_kernel(dq_accum, dq, seqlen_q, num_heads, scale, stride_qb, stride_qm, stride_qh,
@@ -1352,7 +1358,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
 
     config: a Config instead of default_config (tuning, tests; with_dq=False leaves dq alone); dq_accum: a
-    preallocated fp32 (b, sq, h, d) contiguous buffer (zeroed here); deterministic: dQ added in a fixed
+    preallocated fp32 (b, sq, h, d) contiguous buffer (zeroed by the preprocess kernel); deterministic: dQ added in a fixed
     order of key blocks (deterministic_mode); gluon_dq (with a with_dq=False config): dq from the Gluon dQ
     kernel (gluon_dq.dq_pass) after the main kernel. Returns the launches as a _Plan (None where the main
     kernel did not run or a launch was not recorded)."""
@@ -1364,29 +1370,29 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     cfg = Config(*(config or default_config(head_dim, causal, q.dtype == torch.float16)))
     scale = float(params.softmax_scale)
     launches = []  # the launches as launch.Launch over a call's tensors by name (_Plan)
+    with_dq = bool(cfg.with_dq)
+    if not with_dq:
+        # Never read or written (NO_DQ): a one-box stand-in for the dQ accumulator's descriptor.
+        dq_accum = torch.empty((1, cfg.block_m, 1, dq_box_cols(cfg, head_dim)), dtype=torch.float32, device=q.device)
+    elif dq_accum is None:
+        # Zeroed by the preprocess kernel (ZERO_DQ).
+        dq_accum = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32, device=q.device)
     if seqlen_q > 0:
         stats_len = triton.cdiv(seqlen_q, cfg.block_m) * cfg.block_m
         stats = torch.empty((batch * num_heads, 4, stats_len), dtype=torch.float32, device=q.device)
         lse_mul, delta_mul = (-1.0 / scale, -1.0) if cfg.acc_init else (LOG2E, 1.0)
         launch_into(launches, _preprocess_kernel, (stats_len // ROW_BLOCK, batch * num_heads), (
-            out, dout, softmax_lse, softmax_d, stats, seqlen_q, num_heads, stats_len, seqlen_k - seqlen_q,
+            out, dout, softmax_lse, softmax_d, stats, dq_accum, seqlen_q, num_heads, stats_len, seqlen_k - seqlen_q,
             lse_mul, delta_mul, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), *softmax_lse.stride(), *softmax_d.stride()), dict(HEAD_DIM=head_dim, BLOCK=ROW_BLOCK,
-            num_warps=4), dict(enumerate(("out", "dout", "softmax_lse", "softmax_d", "stats"))))
+            ZERO_DQ=with_dq, num_warps=4), dict(enumerate(("out", "dout", "softmax_lse", "softmax_d", "stats",
+                                                           "dq_accum"))))
     if seqlen_q == 0 or seqlen_k == 0:
         # No query or no key: dK = dV = 0, and dQ = 0 (every row sees no key).
         dq.zero_()
         dk.zero_()
         dv.zero_()
         return None
-    with_dq = bool(cfg.with_dq)
-    if not with_dq:
-        # Never written (NO_DQ): a one-box stand-in for the dQ accumulator's descriptor.
-        dq_accum = torch.zeros((1, cfg.block_m, 1, dq_box_cols(cfg, head_dim)), dtype=torch.float32, device=q.device)
-    elif dq_accum is None:
-        dq_accum = torch.zeros((batch, seqlen_q, num_heads, head_dim), dtype=torch.float32, device=q.device)
-    else:
-        dq_accum.zero_()
     block_n, maxnreg, consumer_regs = launch_shape(cfg)
     dq_own = bool(cfg.dq_own)
     n_blocks = triton.cdiv(seqlen_k, block_n)
@@ -1438,8 +1444,9 @@ def deterministic_mode(n_key_blocks: int, device) -> int:
 
 class _Plan(NamedTuple):
     """The recorded launches of one backward() call (launch.Launch: preprocess, main, dQ convert) and the
-    shapes of the buffers each call gets afresh: stats, the fp32 dQ accumulator (zeroed) and the
-    deterministic counters (zeroed; without them the kernel's counters argument is stats, never read)."""
+    shapes of the buffers each call gets afresh: stats, the fp32 dQ accumulator (the preprocess kernel zeroes
+    it) and the deterministic counters (zeroed; without them the kernel's counters argument is stats, never
+    read)."""
 
     launches: tuple
     stats_shape: tuple
@@ -1449,7 +1456,7 @@ class _Plan(NamedTuple):
     def __call__(self, named) -> None:
         device = named["q"].device
         named["stats"] = stats = torch.empty(self.stats_shape, dtype=torch.float32, device=device)
-        named["dq_accum"] = torch.zeros(self.accum_shape, dtype=torch.float32, device=device)
+        named["dq_accum"] = torch.empty(self.accum_shape, dtype=torch.float32, device=device)
         named["counters"] = stats if self.counters_shape is None else torch.zeros(
             self.counters_shape, dtype=torch.int32, device=device)
         for launch in self.launches:
