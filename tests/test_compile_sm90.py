@@ -83,8 +83,10 @@ def _forward_case(dtype, head_dim, all_on, tma=False, dropout=None, ws=False, ca
     return "pyflash.kernels.forward", "_forward_kernel", constexprs, options
 
 
-def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None, capability=(9, 0), tma=False):
-    """tma: the loops read through descriptors (Q, dO in the dK/dV kernel; K, V in the dQ kernel)."""
+def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=None, capability=(9, 0), tma=False,
+                   dq_tma=False):
+    """tma: the loops read through descriptors (Q, dO in the dK/dV kernel; K, V in the dQ kernel); dq_tma (with
+    atomic_dq): dS K added by TMA reduce through a descriptor over the fp32 accumulator (DQ_TMA)."""
     block_d = backward._block_d(head_dim)
     if kernel in ("_delta_kernel", "_dq_from_accumulator_kernel"):  # launched with Triton's default warps, stages
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=backward.ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=all_on)
@@ -101,6 +103,9 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=Non
         constexprs["ATOMIC_DQ"] = atomic_dq
         if not atomic_dq:  # backward() then hands dq itself to the (unused) accumulator argument
             options["arg_types"] = dict(dq_accum=f"*{dtype}")
+        elif dq_tma:
+            constexprs["DQ_TMA"] = True
+            options["arg_types"] = dict(dq_accum=f"tensordesc<fp32[{block_m}, {block_d}]>")
     if tma:
         assert block_d == head_dim
         constexprs["USE_TMA"] = True
@@ -136,6 +141,7 @@ KNOWN_FAILURES = {
     # Latent: configs.BACKWARD never enables atomic dQ on Hopper; with its d=256 dK/dV config
     # (64, 64, 8 warps, 2 stages) atomic dQ needs 263168 B. 1 stage (131072 B) or block_m 32 (180480 B) fit.
     "dkdv_atomic_dq-bf16-d256-off": "dK/dV with atomic dQ at head dim 256 needs 263168 B of shared memory",
+    "dkdv_atomic_dq_tma-bf16-d256-off": "dK/dV with atomic dQ by TMA at head dim 256 needs 271360 B of shared memory",
 }
 
 
@@ -154,6 +160,8 @@ def _cases():
         if decode._config(d)[0] == d:
             add(f"decode_tma-bf16-d{d}-on", _decode_case("bf16", d, True, tma=True))
         add(f"dkdv_atomic_dq-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True, True))
+        if backward._block_d(d) == d:  # a TMA view of the accumulator only then
+            add(f"dkdv_atomic_dq_tma-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True, True, dq_tma=True))
         add(f"dkdv-bf16-d{d}-on", _backward_case("_dkdv_kernel", "bf16", d, True))
         add(f"dq-bf16-d{d}-on", _backward_case("_dq_kernel", "bf16", d, True))
         if backward._block_d(d) == d:  # backward() takes TMA only then
@@ -175,6 +183,8 @@ def _cases():
     add("forward-fp32-d128-off", _forward_case("fp32", 128, False))
     for d in FAST_HEAD_DIMS:
         add(f"dkdv_atomic_dq-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False, True))
+        add(f"dkdv_atomic_dq_tma-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False, True, tma=True,
+                                                                 dq_tma=True))
         add(f"dkdv-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False))
         add(f"dq-bf16-d{d}-off", _backward_case("_dq_kernel", "bf16", d, False))
         add(f"dkdv_tma-bf16-d{d}-off", _backward_case("_dkdv_kernel", "bf16", d, False, tma=True))

@@ -79,8 +79,10 @@ DENSE_CASES = [  # (feature, head_dim, dtype, deterministic: False runs the atom
     # fp32 (ieee dots)
     *[("plain", d, torch.float32, True) for d in (64, 128)],
     ("causal", 256, torch.float32, True),
-    # dQ by fp32 atomics (not deterministic)
+    # dQ by fp32 atomics (not deterministic; on Hopper one TMA reduce-add a tile, DQ_TMA)
     *[(f, 128, dtype, False) for f in ("plain", "causal", "dropout") for dtype in (torch.bfloat16, torch.float16)],
+    *[(f, 64, torch.bfloat16, False) for f in ("plain", "causal", "window", "softcap", "alibi", "dropout")],
+    ("plain", 64, torch.float16, False), ("plain", 72, torch.bfloat16, False),  # d=72: element atomics (no TMA view)
 ]
 
 
@@ -231,8 +233,9 @@ def test_one_warpgroup_against_float32(causal, dtype, num_stages, acc_init, dq_b
         assert_error_rule(ours, r, lp, name)
 
 
+@pytest.mark.parametrize("atomic_dq", [False, True])
 @pytest.mark.parametrize("seqused", [False, True])
-def test_varlen_against_float32(seqused):
+def test_varlen_against_float32(seqused, atomic_dq):
     dtype, head_dim, num_heads, num_heads_k = torch.bfloat16, 128, 4, 1
     lens_q, lens_k = [513, 1, 1200, 77], [700, 300, 1200, 1]
     used_k = [650, 0, 1199, 1] if seqused else lens_k
@@ -260,7 +263,8 @@ def test_varlen_against_float32(seqused):
         out[rq], lse[:, rq] = o[0].to(dtype), l[0]
     seqlens = Seqlens(len(lens_q), max(lens_q), max(lens_k), cu_q, cu_k,
                       torch.tensor(used_k, device="cuda", dtype=torch.int32) if seqused else None)
-    dq, dk, dv, _ = run_backward(dout, q, k, v, out, lse, params, seqlens)
+    dq, dk, dv, _ = run_backward(dout, q, k, v, out, lse, params, seqlens, deterministic=not atomic_dq,
+                                 atomic_dq=atomic_dq)
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
         assert_error_rule(ours, r, lp, name)
     for s in range(len(lens_q)):

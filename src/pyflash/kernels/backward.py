@@ -139,10 +139,12 @@ def _dkdv_loop(dk, dv, k, v, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-               IS_VARLEN: tl.constexpr):
+               IS_VARLEN: tl.constexpr, DQ_TMA: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [row_lo, row_hi). Tiles are
     (keys, queries): the accumulators take them without a transpose. Q and dO come from q_src and
-    do_src (TMA descriptors read at row tma_row + start_m, column tma_col, or pointers)."""
+    do_src (TMA descriptors read at row tma_row + start_m, column tma_col, or pointers). ATOMIC_DQ: dS K
+    is added into dq_ptr, element by element, or DQ_TMA one tile at a time by a TMA reduce through the
+    descriptor dq_ptr (at [tma_row + start_m, tma_col]; rows past the sequence add dS = 0)."""
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         # Through TMA, varlen rows past the sequence may be NaN (padding): zeroed in masked blocks.
@@ -162,8 +164,12 @@ def _dkdv_loop(dk, dv, k, v, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
-            dq_ptrs = dq_ptr + rows[:, None] * stride_dqm + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+            if DQ_TMA:
+                dq_ptr.atomic_add([tma_row + start_m, tma_col], dq)
+            else:
+                dq_ptrs = dq_ptr + rows[:, None] * stride_dqm + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+                              sem="relaxed")
     return dk, dv
 
 
@@ -181,7 +187,10 @@ def _dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
+    DQ_TMA: tl.constexpr = False,
 ):
+    """DQ_TMA (with ATOMIC_DQ): dq_accum is a TMA descriptor over the fp32 accumulator viewed as
+    (rows, heads * head_dim), tiles (BLOCK_M, BLOCK_D), which takes dS K by reduce-adds."""
     # Key blocks vary fastest: programs running together share one head's Q and dO in L2.
     start_n = tl.program_id(0) * BLOCK_N
     head_k = tl.program_id(1)
@@ -214,7 +223,10 @@ def _dkdv_kernel(
             q_src = q + batch * stride_qb + q_start * stride_qm + head * stride_qh
             do_src = dout + batch * stride_dob + q_start * stride_dom + head * stride_doh
         tma_col = head * HEAD_DIM
-        dq_ptr = dq_accum + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh
+        if DQ_TMA:
+            dq_ptr = dq_accum
+        else:
+            dq_ptr = dq_accum + batch * stride_dqb + q_start * stride_dqm + head * stride_dqh
         stats_offset = batch * stride_lse_b + head * stride_lse_h + q_start * stride_lse_m
         lse_ptr = softmax_lse + stats_offset
         delta_ptr = softmax_d + stats_offset
@@ -228,21 +240,21 @@ def _dkdv_kernel(
             seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale,
             philox_seed, philox_offset, bh,
             True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN, DQ_TMA)
         dk_acc, dv_acc = _dkdv_loop(
             dk_acc, dv_acc, k_tile, v_tile, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr, dq_ptr,
             stride_qm, stride_dom, stride_dqm, stride_lse_m, full_lo, full_hi, start_n, cols, offs_d, seqlen_q,
             seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale,
             philox_seed, philox_offset, bh,
             False, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN, DQ_TMA)
         dk_acc, dv_acc = _dkdv_loop(
             dk_acc, dv_acc, k_tile, v_tile, q_src, do_src, tma_row, tma_col, lse_ptr, delta_ptr, dq_ptr,
             stride_qm, stride_dom, stride_dqm, stride_lse_m, full_hi, row_hi, start_n, cols, offs_d, seqlen_q,
             seqlen_k, qk_scale, softcap_scale, alibi_slope, window_left, window_right, dropout_p, dropout_scale,
             philox_seed, philox_offset, bh,
             True, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN)
+            ATOMIC_DQ, MMA_DTYPE, DOT_PRECISION, USE_TMA, IS_VARLEN, DQ_TMA)
     _store_rows(dk + batch * stride_dkb + k_start * stride_dkn + head_k * stride_dkh, dk_acc * softmax_scale,
                 cols, stride_dkn, stored_k, offs_d, HEAD_DIM)
     _store_rows(dv + batch * stride_dvb + k_start * stride_dvn + head_k * stride_dvh, dv_acc,
@@ -579,9 +591,13 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     tma_kv = tma_dq and all(tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
 
     dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
+    # Atomic dQ on Hopper: one TMA reduce-add a tile into the fresh contiguous fp32 buffer (DQ_TMA), not one
+    # atomic an element.
+    dq_tma = (atomic_dq and q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+              and tma_view_ok(dq_target, q_rows, block_d, head_dim))
     # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones
     # (common.launch_fitting); a config given by the caller (tuning, tests) runs as given.
-    fit_key = (q.device, atomic_dq, cfg, tma_q, tma_kv, *switches.values())
+    fit_key = (q.device, atomic_dq, cfg, tma_q, tma_kv, dq_tma, *switches.values())
 
     def run(name, blocks, num_warps, num_stages, launch):
         if config is not None:
@@ -596,13 +612,17 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             if tma_q:
                 q_arg, dout_arg = (tma_descriptor(t, q_rows, block_m, block_d) for t in (q, dout))
                 q_src, dout_src = (("desc", name, d.shape, d.strides) for name, d in (("q", q_arg), ("dout", dout_arg)))
+            dq_arg, dq_src = dq_target, "dq_target"
+            if dq_tma:
+                dq_arg = tma_descriptor(dq_target, q_rows, block_m, block_d)
+                dq_src = ("desc", "dq_target", dq_arg.shape, dq_arg.strides)
             launch_into(launches, _dkdv_kernel, (cdiv(max_seqlen_k, block_n), num_heads_k, batch), (
-                q_arg, k, v, dout_arg, softmax_lse, delta, dq_target, dk, dv, *tensors,
+                q_arg, k, v, dout_arg, softmax_lse, delta, dq_arg, dk, dv, *tensors,
                 *input_strides, *_row_strides(dq_target, varlen), *_row_strides(dk, varlen),
                 *_row_strides(dv, varlen), *stat_strides, *alibi_strides, *common_args), dict(
-                BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, USE_TMA=tma_q, **switches,
+                BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC_DQ=atomic_dq, USE_TMA=tma_q, DQ_TMA=dq_tma, **switches,
                 num_warps=num_warps, num_stages=num_stages), dict(enumerate(
-                (q_src, "k", "v", dout_src, "softmax_lse", "delta", "dq_target", "dk", "dv", *TENSOR_SOURCES))))
+                (q_src, "k", "v", dout_src, "softmax_lse", "delta", dq_src, "dk", "dv", *TENSOR_SOURCES))))
 
         if not dq_only and not fused_delta:
             run("dkdv", (dkdv_block_m, dkdv_block_n), dkdv_warps, dkdv_stages, launch_dkdv)
