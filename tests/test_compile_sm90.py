@@ -90,6 +90,8 @@ def _backward_case(kernel, dtype, head_dim, all_on, atomic_dq=False, dropout=Non
     block_d = backward._block_d(head_dim)
     if kernel in ("_delta_kernel", "_dq_from_accumulator_kernel"):  # launched with Triton's default warps, stages
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=backward.ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=all_on)
+        if kernel == "_delta_kernel":
+            constexprs["ZERO_DQ"] = all_on  # atomic dQ's accumulator zeroed too
         return "pyflash.kernels.backward", kernel, constexprs, dict(dtype=dtype)
     with _on_gpu(capability):
         config = backward.backward_config(_HopperQ(dtype), head_dim, causal=all_on)

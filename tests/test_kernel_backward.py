@@ -148,6 +148,39 @@ def test_atomic_dq_keeps_the_delta_kernel():
     assert kernels == ["_delta_kernel", "_dkdv_kernel", "_dq_from_accumulator_kernel"]
 
 
+@pytest.mark.parametrize("separate_delta", [False, True])
+def test_fresh_buffers_are_written_before_they_are_read(monkeypatch, separate_delta):
+    """The buffers backward() allocates (atomic dQ's fp32 accumulator, which the delta kernel zeroes; delta when
+    softmax_d's strides differ from softmax_lse's) start as NaN here: the gradients still meet the rule."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(allocate):
+        def allocate_nan(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+        return allocate_nan
+
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim = 2, 33, 17, 4, 2, 32
+    torch.manual_seed(3)
+    q = torch.randn(batch, seqlen_q, num_heads, head_dim)
+    k, v = (torch.randn(batch, seqlen_k, num_heads_k, head_dim) for _ in range(2))
+    dout = torch.randn_like(q)
+    scale = head_dim ** -0.5
+    out, lse, ref = _grads(q, k, v, dout, torch.float64, softmax_scale=scale, window_right=0)
+    params, seqlens = AttentionParams(scale, -1, 0), Seqlens(batch, seqlen_q, seqlen_k)
+    dq, dk, dv = (torch.full_like(t, math.nan) for t in (q, k, v))
+    softmax_d = torch.full((batch, num_heads, seqlen_q + 3), math.nan)[..., :seqlen_q] if separate_delta else \
+        torch.full_like(lse.float(), math.nan)
+    backward(dout, q, k, v, out.float(), lse.float(), dq, dk, dv, softmax_d, params, seqlens, False,
+             config=((16, 32, 4, 1), (32, 16, 4, 1), True))
+    for name, ours, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
+        _check(ours, r, r, name, atol=1e-4)
+    delta = (dout.double() * out.float().double()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(softmax_d.double(), delta, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window_right", [-1, 0])
 def test_dq_only(window_right):
     """dq_only: the same dq and softmax_d as the whole backward (the same dQ kernel), and dk, dv left

@@ -371,10 +371,13 @@ def _dq_kernel(
 
 
 @triton.jit
-def _delta_kernel(out, dout, softmax_d, cu_seqlens_q, stride_ob, stride_om, stride_oh,
-                  stride_dob, stride_dom, stride_doh, stride_d_b, stride_d_h, stride_d_m, dense_seqlen_q,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """softmax_d = rowsum(dO * O) in fp32."""
+def _delta_kernel(out, dout, softmax_d, dq_accum, cu_seqlens_q, stride_ob, stride_om, stride_oh,
+                  stride_dob, stride_dom, stride_doh, stride_d_b, stride_d_h, stride_d_m,
+                  stride_ab, stride_am, stride_ah, dense_seqlen_q,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                  ZERO_DQ: tl.constexpr = False):
+    """softmax_d = rowsum(dO * O) in fp32; ZERO_DQ: the rows of the fp32 dQ accumulator zeroed too (atomic dQ
+    adds into it; no fill launch of its own)."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
@@ -390,6 +393,9 @@ def _delta_kernel(out, dout, softmax_d, cu_seqlens_q, stride_ob, stride_om, stri
                     seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, tl.float32)
     tl.store(softmax_d + batch * stride_d_b + head * stride_d_h + (q_start + rows) * stride_d_m,
              tl.sum(o * do, axis=1), mask=rows < seqlen_q)
+    if ZERO_DQ:
+        _store_rows(dq_accum + batch * stride_ab + q_start * stride_am + head * stride_ah,
+                    tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), rows, stride_am, seqlen_q, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -467,7 +473,8 @@ TENSOR_SOURCES = ("alibi", "cu_q", "cu_k", "seqused_k")
 
 class _Plan(NamedTuple):
     """The recorded launches of one backward() call through these kernels and its buffers: delta (a
-    tensor of its own when softmax_d's strides differ from softmax_lse's) and the fp32 dQ accumulator."""
+    tensor of its own when softmax_d's strides differ from softmax_lse's) and the fp32 dQ accumulator (which
+    the delta kernel zeroes)."""
 
     launches: tuple
     separate_delta: bool
@@ -476,7 +483,7 @@ class _Plan(NamedTuple):
     def __call__(self, named) -> None:
         named["delta"] = torch.empty_like(named["softmax_lse"]) if self.separate_delta else named["softmax_d"]
         dq = named["dq"]
-        named["dq_target"] = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if self.accumulate_dq else dq
+        named["dq_target"] = torch.empty(dq.shape, dtype=torch.float32, device=dq.device) if self.accumulate_dq else dq
         for launch in self.launches:
             launch(named)
         if self.separate_delta:
@@ -554,12 +561,15 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     need_delta = max_seqlen_q > 0 and not (dq_only and delta_ready and delta is softmax_d)
     # Without atomic dQ the dQ kernel runs first and computes delta itself (FUSED_DELTA), no _delta_kernel.
     fused_delta = need_delta and not atomic_dq and (FUSE_DELTA if fuse_delta is None else fuse_delta)
+    # Atomic dQ adds into an fp32 buffer, which the delta kernel zeroes (it runs whenever there are queries).
+    dq_target = torch.empty(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
     if need_delta and not fused_delta:
         grid = (cdiv(max_seqlen_q, ROW_BLOCK), num_heads, batch)
-        launch_into(launches, _delta_kernel, grid, (out, dout, delta, cu_q, *_row_strides(out, varlen),
-                                                *_row_strides(dout, varlen), *stat_strides, dense_seqlen_q),
-                dict(HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen),
-                {0: "out", 1: "dout", 2: "delta", 3: "cu_q"})
+        launch_into(launches, _delta_kernel, grid, (out, dout, delta, dq_target, cu_q, *_row_strides(out, varlen),
+                                                *_row_strides(dout, varlen), *stat_strides,
+                                                *_row_strides(dq_target, varlen), dense_seqlen_q),
+                dict(HEAD_DIM=head_dim, BLOCK_M=ROW_BLOCK, BLOCK_D=block_d, IS_VARLEN=varlen, ZERO_DQ=atomic_dq),
+                {0: "out", 1: "dout", 2: "delta", 3: "dq_target", 4: "cu_q"})
 
     softcap, scale = params.softcap, params.softmax_scale
     qk_scale, softcap_scale = (scale / softcap, softcap * LOG2E) if softcap > 0 else (scale * LOG2E, 0.0)
@@ -590,7 +600,6 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     tma_q = tma_dkdv and all(tma_view_ok(t, q_rows, block_d, head_dim) for t in (q, dout))
     tma_kv = tma_dq and all(tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
 
-    dq_target = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic_dq else dq
     # Atomic dQ on Hopper: one TMA reduce-add a tile into the fresh contiguous fp32 buffer (DQ_TMA), not one
     # atomic an element.
     dq_tma = (atomic_dq and q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
