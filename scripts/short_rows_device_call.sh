@@ -11,7 +11,8 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 echo "== pytest Triton backward (dense, default path, varlen, torch flash, bitwise)"
 timeout 170 python3 -m pytest -q tests/gpu/test_backward_gpu.py \
-    -k "dense_against or default_path or varlen or torch_flash or deterministic_bitwise" > "$LOGS/pytest_triton_bwd.txt" 2>&1
+    -k "dense_against or default_path or varlen or torch_flash or deterministic_bitwise" \
+    > "$LOGS/pytest_triton_bwd.txt" 2>&1
 tail -3 "$LOGS/pytest_triton_bwd.txt"
 grep -E "^(FAILED|ERROR)" "$LOGS/pytest_triton_bwd.txt" | head
 echo "== fused delta d=64"
