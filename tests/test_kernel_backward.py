@@ -301,11 +301,18 @@ def test_falls_back_to_smaller_tiles(small_shared_memory):
     assert dq.launched == [dict(BLOCK_M=16, BLOCK_N=16, num_stages=1)]
 
 
-def test_two_pass_rule():
+def test_two_pass_rule(monkeypatch):
     """gluon_backward.two_pass: deterministic calls at TWO_PASS_HEAD_DIMS and
     DETERMINISTIC_TWO_PASS_HEAD_DIMS, causal ones at TWO_PASS_HEAD_DIMS while TWO_PASS_CAUSAL, the others
-    there while TWO_PASS_NONCAUSAL; never elsewhere. two_pass_config has no dQ work (d=256: coop)."""
+    there while TWO_PASS_NONCAUSAL, and short keys per TWO_PASS_MAX_SEQLEN_K; never elsewhere. two_pass_config
+    has no dQ work (d=256: coop)."""
     from pyflash.kernels import gluon_backward as gb
+
+    monkeypatch.setattr(gb, "TWO_PASS_MAX_SEQLEN_K", {(128, True): 1024})
+    assert gb.two_pass(128, True, False, 1024) and gb.two_pass(128, True, False, 17)
+    assert not gb.two_pass(128, True, False, 1025) and not gb.two_pass(128, True, False)
+    assert not gb.two_pass(128, False, False, 512) and not gb.two_pass(64, True, False, 512)
+    monkeypatch.setattr(gb, "TWO_PASS_MAX_SEQLEN_K", {})
 
     for head_dim in (64, 128, 256):
         for causal in (False, True):

@@ -1123,6 +1123,11 @@ DETERMINISTIC_TWO_PASS_HEAD_DIMS = (128, 256)
 # measured 0.68-0.79x the Triton dQ kernel's time, at d=256 1.03-1.35x (bf16 s=1024-16384, H100, 2026-12-07,
 # scripts/gluon_dq_check.py; benchmarks/RESULTS.md, eleventh session). PYFLASH_GLUON_DQ=1: every two-pass
 # head dim, 0: none.
+# Longest key sequence at which a non-deterministic call takes the two passes too, per (head_dim, causal): short
+# rows, where the one pass's zero fill and convert of the fp32 dQ accumulator are a large part of a call. Empty:
+# the two passes measured 0.96x the one pass's time at d=128 causal s=1024 and 1.03x non-causal (H100, eleventh
+# session), one row each; scripts/short_rows_device_call.sh times s=512-2048 (benchmarks/RESULTS.md).
+TWO_PASS_MAX_SEQLEN_K = {}
 GLUON_DQ_HEAD_DIMS = (128, 256)
 GLUON_DQ = {"1": GLUON_DQ_HEAD_DIMS, "0": ()}.get(os.environ.get("PYFLASH_GLUON_DQ", ""), (128,))
 MAX_GRID_Y = 65535
@@ -1466,12 +1471,16 @@ class _Plan(NamedTuple):
 _PLANS = Plans()  # launch.call_key -> _Plan, or None for calls supported() rejects
 
 
-def two_pass(head_dim: int, causal: bool, deterministic: bool) -> bool:
+def two_pass(head_dim: int, causal: bool, deterministic: bool, seqlen_k: int = None) -> bool:
     """Whether try_backward takes dQ from a pass of its own: deterministic calls at TWO_PASS_HEAD_DIMS and
     DETERMINISTIC_TWO_PASS_HEAD_DIMS, and at TWO_PASS_HEAD_DIMS causal ones while TWO_PASS_CAUSAL, the others while
-    TWO_PASS_NONCAUSAL."""
+    TWO_PASS_NONCAUSAL; and any call with at most TWO_PASS_MAX_SEQLEN_K[(head_dim, causal)] keys (seqlen_k None:
+    unknown, not short)."""
     if deterministic:
         return head_dim in TWO_PASS_HEAD_DIMS or head_dim in DETERMINISTIC_TWO_PASS_HEAD_DIMS
+    limit = TWO_PASS_MAX_SEQLEN_K.get((head_dim, bool(causal)))
+    if limit is not None and seqlen_k is not None and seqlen_k <= limit:
+        return True
     return head_dim in TWO_PASS_HEAD_DIMS and (TWO_PASS_CAUSAL if causal else TWO_PASS_NONCAUSAL)
 
 
@@ -1498,9 +1507,10 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
         return False
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
     key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None,
-                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, TWO_PASS_NONCAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ)
+                   TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, TWO_PASS_NONCAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ,
+                   tuple(sorted(TWO_PASS_MAX_SEQLEN_K.items())))
     causal = _is_causal(params)
-    split_dq = two_pass(q.shape[-1], causal, deterministic)
+    split_dq = two_pass(q.shape[-1], causal, deterministic, k.shape[1])
     config = two_pass_config(q.shape[-1], causal) if split_dq else None
     gluon_dq = split_dq and q.shape[-1] in GLUON_DQ
     ran = replay_or_record(
