@@ -14,28 +14,15 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 import pyflash
+from two_pass_check import kernel_times  # scripts/, beside this file
 
 
 def bench_ms(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def kernels(fn, reps: int = 5):
-    """[(ms per call, name)] of the kernels fn launches, longest first."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(event.device_time_total / reps / 1e3, event.key) for event in prof.key_averages()
-            if event.count >= reps and event.device_time_total > 0]
-    return sorted(rows, reverse=True)
 
 
 def sides(mode, q, k, v, causal):
@@ -86,7 +73,7 @@ def main() -> None:
                     row = f"{mode} d={head_dim} causal={int(causal)} s={seqlen}"
                     for name, fn in sides(mode, q, k, v, causal).items():
                         ms = bench_ms(fn)
-                        parts = kernels(fn)
+                        parts = kernel_times(fn)
                         print(f"CALL {row} {name:8s} {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  kernels sum "
                               f"{sum(t for t, _ in parts):8.3f} ms", flush=True)
                         for t, key in parts:

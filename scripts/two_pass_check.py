@@ -136,8 +136,8 @@ def bench(seqlen, causal, dtype_name, head_dim, profile=False):
                             lambda: run(dout, q, k, v, out, lse, causal, grads=grads, **kwargs))  # noqa: B023
 
 
-def profile_kernels(label, fn, reps=5):
-    """Each kernel's device time per call of fn (torch.profiler, reps calls)."""
+def kernel_times(fn, reps=5):
+    """[(ms per call, name)] of the kernels fn launches, longest first (torch.profiler over reps calls)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -147,9 +147,14 @@ def profile_kernels(label, fn, reps=5):
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-        if event.count >= reps and event.device_time_total > 0:
-            print(f"KERNEL {label} {event.device_time_total / reps / 1e3:8.3f} ms  {event.key[:60]}", flush=True)
+    return sorted(((event.device_time_total / reps / 1e3, event.key) for event in prof.key_averages()
+                   if event.count >= reps and event.device_time_total > 0), reverse=True)
+
+
+def profile_kernels(label, fn, reps=5):
+    """Each kernel's device time per call of fn, printed."""
+    for ms, name in kernel_times(fn, reps):
+        print(f"KERNEL {label} {ms:8.3f} ms  {name[:60]}", flush=True)
 
 
 def dq_sweep(seqlen, causal, dtype_name, configs, head_dim):
