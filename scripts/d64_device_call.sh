@@ -11,8 +11,8 @@ mkdir -p "$LOGS"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 echo "== pytest one_warpgroup, dense (atomic dQ by TMA among them), varlen"
-timeout 170 python3 -m pytest -q tests/gpu/test_backward_gpu.py -k "one_warpgroup or dense_against or varlen" \
-    > "$LOGS/pytest_d64.txt" 2>&1
+timeout 170 python3 -m pytest -q -n 8 --timeout=100 tests/gpu/test_backward_gpu.py \
+    -k "one_warpgroup or dense_against or varlen" > "$LOGS/pytest_d64.txt" 2>&1
 tail -3 "$LOGS/pytest_d64.txt"
 grep -E "^(FAILED|ERROR)" "$LOGS/pytest_d64.txt" | head
 echo "== Triton one kernel (atomic dQ by TMA) d=64"

@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== pytest Triton backward (dense, default path, varlen, torch flash, bitwise)"
-    timeout 170 python3 -m pytest -q tests/gpu/test_backward_gpu.py \
+    timeout 170 python3 -m pytest -q -n 8 --timeout=100 tests/gpu/test_backward_gpu.py \
         -k "dense_against or default_path or varlen or torch_flash or deterministic_bitwise" \
         > "$LOGS/pytest_triton_bwd.txt" 2>&1
     tail -3 "$LOGS/pytest_triton_bwd.txt"
