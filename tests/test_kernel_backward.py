@@ -95,6 +95,9 @@ DENSE_CASES = [
     ("atomic_dq_dropout", dict(seqlen_q=100, seqlen_k=17, num_heads=4, num_heads_k=2, dropout_p=0.25,
                                window_right=0, deterministic=False,
                                config=((16, 32, 4, 1), (32, 16, 4, 1), True))),
+    ("atomic_dq_softcap_alibi_d64", dict(batch=3, seqlen_q=57, seqlen_k=100, num_heads=4, num_heads_k=1,
+                                         head_dim=64, softcap=3.0, alibi=True, deterministic=False,
+                                         config=((16, 32, 4, 1), (32, 16, 4, 1), True))),
     ("blocks_m_gt_n", dict(seqlen_q=100, seqlen_k=128, window_left=40, window_right=7,
                            config=((32, 16, 4, 1), (16, 32, 4, 1), False))),
 ]
@@ -238,9 +241,11 @@ def test_no_keys():
     dict(seqused=True, window_left=5, window_right=0, dropout_p=0.2, alibi=True, softcap=2.0),
 ], ids=["plain", "seqused_window_dropout_alibi_softcap"])
 @pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
-def test_varlen(features, use_tma):
+@pytest.mark.parametrize("atomic", [False, True], ids=["dq_kernel", "atomic_dq"])
+def test_varlen(features, use_tma, atomic):
     """TMA (head dim 32; the pointer path takes a padded 24) reads past a sequence's rows: NaN in the
-    keys past seqused_k and in rows after the last sequence must not reach any gradient."""
+    keys past seqused_k and in rows after the last sequence must not reach any gradient. atomic: dQ added
+    by the dK/dV kernel (with TMA, one reduce-add a tile: rows past a sequence add zeros to the next one's)."""
     dtype, num_heads, num_heads_k = torch.float32, 4, 2
     head_dim = 32 if use_tma else 24
     features = dict(features)
@@ -272,7 +277,8 @@ def test_varlen(features, use_tma):
         k_in[start + used:start + stored] = math.nan
         v_in[start + used:start + stored] = math.nan
     dq, dk, dv, softmax_d = _run(dout_in, q_in, k_in, v_in, out_in, lse.float(), params, seqlens,
-                                 use_tma=use_tma)
+                                 deterministic=not atomic, use_tma=use_tma,
+                                 config=((16, 32, 4, 1), (32, 16, 4, 1), True) if atomic else None)
     dq = dq[:total_q]
     for name, ours, r, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, lowp):
         _check(ours, r, lp, name)

@@ -601,8 +601,9 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     tma_kv = tma_dq and all(tma_view_ok(t, kv_rows, block_d, head_dim) for t in (k, v))
 
     # Atomic dQ on Hopper: one TMA reduce-add a tile into the fresh contiguous fp32 buffer (DQ_TMA), not one
-    # atomic an element.
-    dq_tma = (atomic_dq and q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+    # atomic an element; under the interpreter (common.py adds the reduce) where the caller asks for TMA loads.
+    hopper = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+    dq_tma = (atomic_dq and (tma_dkdv if INTERPRET else hopper)
               and tma_view_ok(dq_target, q_rows, block_d, head_dim))
     # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones
     # (common.launch_fitting); a config given by the caller (tuning, tests) runs as given.

@@ -10,6 +10,30 @@ from triton.language.random import uint_to_uniform_float
 # Under the interpreter tl.dot on bf16 operands returns garbage: kernels upcast when this is set.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _interpreter_descriptor_reduce():
+    """Triton 3.6's interpreter has descriptor loads and stores but no reduce (``desc.atomic_add``: the
+    backward's DQ_TMA): add it, as the masked atomic add over the box's pointers that the TMA reduce is."""
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduce {kind} under the interpreter")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+        self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, None)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+
+
+if INTERPRET:
+    _interpreter_descriptor_reduce()
+
 _CAPABILITIES = {}
 
 
