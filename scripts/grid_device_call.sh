@@ -14,5 +14,6 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 echo "== bench fwd bwd"
 mkdir -p $OUT/grid
-timeout 280 python3 -m pyflash.bench --mode fwd bwd --dtypes ${DTYPES:-bf16} --peers cudnn --no-extras --no-plot --out $OUT/grid > $OUT/grid/stdout.txt 2>&1
+timeout 280 python3 -m pyflash.bench --mode fwd bwd --dtypes ${DTYPES:-bf16} --peers cudnn --no-extras --no-plot \
+    --out $OUT/grid > $OUT/grid/stdout.txt 2>&1
 grep -v "it/s\|s/it\|\] [0-9]*/" $OUT/grid/stdout.txt | tail -60
