@@ -75,15 +75,23 @@ def _store_rows(ptr, tile, rows, stride_row, row_limit, offs_d, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _row_stats(lse_ptr, delta_ptr, rows, stride_row, seqlen_q, CHECK_ROWS: tl.constexpr):
-    """log2(e) * lse and delta of query rows; rows past the sequence get lse = +inf, so P = 0."""
+def _row_lse_log2(lse_ptr, rows, stride_row, seqlen_q, CHECK_ROWS: tl.constexpr):
+    """log2(e) * lse of query rows; rows past the sequence get +inf, so P = 0."""
     if CHECK_ROWS:
         lse = tl.load(lse_ptr + rows * stride_row, mask=rows < seqlen_q, other=float("inf"))
-        delta = tl.load(delta_ptr + rows * stride_row, mask=rows < seqlen_q, other=0.0)
     else:
         lse = tl.load(lse_ptr + rows * stride_row)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, stride_row, seqlen_q, CHECK_ROWS: tl.constexpr):
+    """log2(e) * lse and delta of query rows (_row_lse_log2; delta 0 past the sequence)."""
+    if CHECK_ROWS:
+        delta = tl.load(delta_ptr + rows * stride_row, mask=rows < seqlen_q, other=0.0)
+    else:
         delta = tl.load(delta_ptr + rows * stride_row)
-    return lse * 1.4426950408889634, delta
+    return _row_lse_log2(lse_ptr, rows, stride_row, seqlen_q, CHECK_ROWS), delta
 
 
 @triton.jit
@@ -326,8 +334,7 @@ def _dq_kernel(
                             seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True, tl.float32)
         delta = tl.sum(o_tile * do_tile.to(tl.float32), axis=1)
         tl.store(softmax_d + stats_offset + rows * stride_lse_m, delta, mask=rows < seqlen_q)
-        lse_log2 = tl.load(softmax_lse + stats_offset + rows * stride_lse_m, mask=rows < seqlen_q,
-                           other=float("inf")) * 1.4426950408889634
+        lse_log2 = _row_lse_log2(softmax_lse + stats_offset, rows, stride_lse_m, seqlen_q, True)
     else:
         lse_log2, delta = _row_stats(softmax_lse + stats_offset, softmax_d + stats_offset, rows, stride_lse_m,
                                      seqlen_q, True)
@@ -592,8 +599,9 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
                      *_row_strides(dout, varlen))
     alibi_strides = alibi.stride() if alibi is not None else (0, 0)
 
+    hopper = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
     if use_tma is None:
-        use_tma = cfg.tma and q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
+        use_tma = cfg.tma and hopper
     tma_dkdv, tma_dq = use_tma if isinstance(use_tma, tuple) else (use_tma, use_tma)
     q_rows = q.shape[0] if varlen else batch * dense_seqlen_q
     kv_rows = k.shape[0] if varlen else batch * dense_seqlen_k
@@ -602,7 +610,6 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
 
     # Atomic dQ on Hopper: one TMA reduce-add a tile into the fresh contiguous fp32 buffer (DQ_TMA), not one
     # atomic an element; under the interpreter (common.py adds the reduce) where the caller asks for TMA loads.
-    hopper = q.is_cuda and not INTERPRET and device_capability(q.device)[0] >= 9
     dq_tma = (atomic_dq and (tma_dkdv if INTERPRET else hopper)
               and tma_view_ok(dq_target, q_rows, block_d, head_dim))
     # The table's tiles that outgrow a smaller part's shared memory fall back to smaller ones
