@@ -10,9 +10,10 @@
                                             # every correctness case for those candidates (no bench)
 
 --candidates PATTERN...: tuning candidates (gluon_forward.tuning_candidates) whose label
-(gluon_forward.config_label: bn128-st2-wg2[-nopp][-ps]) matches a shell pattern; with --only check every
+(gluon_forward.config_label: bn128-st2-wg2[-nopp][-ps][-tr]) matches a shell pattern; with --only check every
 case (plain / causal shapes, every feature, many tiles per persistent CTA) runs for each of them instead
-of the default config. --cudagraph times CUDA-graph replays (triton.testing.do_bench_cudagraph).
+of the default config. --cudagraph times CUDA-graph replays (triton.testing.do_bench_cudagraph);
+--causal 1 (or 0) keeps only the benchmarks of that setting.
 
 Every group of kernel launches (one config's correctness shapes, or one benchmark shape) runs in a
 child process under a watchdog (--timeout, 60 s): a hang in warp-specialized code (it happened with
@@ -315,7 +316,7 @@ def _variant_label(cfg):
 
 def _variant(cfg):
     return dict(block_n=cfg.block_n, num_stages=cfg.num_stages, num_wg=cfg.num_wg, pingpong=cfg.pingpong,
-                persistent=getattr(cfg, "persistent", False))
+                persistent=getattr(cfg, "persistent", False), trim=getattr(cfg, "trim", False))
 
 
 def _candidates(head_dim, patterns):
@@ -449,6 +450,7 @@ def main():
                         help="only the tuning candidates whose config_label matches a shell pattern (sweep), or "
                              "every correctness case for them (--only check)")
     parser.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (do_bench_cudagraph)")
+    parser.add_argument("--causal", type=int, nargs="+", choices=[0, 1], help="only the benchmarks of these settings")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -471,6 +473,8 @@ def main():
         if args.head_dims and not head_dims & set(args.head_dims):
             continue
         if (args.only and job["kind"] != args.only) or (args.sweep and job["kind"] != "bench"):
+            continue
+        if args.causal and job["kind"] == "bench" and int(job["causal"]) not in args.causal:
             continue
         left = args.budget - (time.time() - start)
         if left < 15:

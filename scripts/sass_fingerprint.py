@@ -3,6 +3,7 @@
     PYTHONPATH=src python scripts/sass_fingerprint.py > before.txt   # on the old tree
     PYTHONPATH=src python scripts/sass_fingerprint.py > after.txt    # on the new tree
     diff before.txt after.txt                                        # nothing: the same kernels
+    PYTHONPATH=src python scripts/sass_fingerprint.py forward        # one family (backward, forward, dq)
 
 A change meant to leave the kernels alone (a helper factored out, arguments reordered) is checked
 on the CPU this way: each line is a configuration and the hash of its SASS instruction stream
@@ -69,8 +70,15 @@ def forward_cases():
             yield f"forward d={head_dim} causal={int(causal)} s=4096 default", (head_dim, config, "bf16",
                                                                                 dict(has_right=causal))
     # Short causal rows take the persistent grid (PERSISTENT_MAX_SEQLEN_K).
-    yield "forward d=128 causal=1 s=512 default", (128, gf.default_config(128, True, 512, 512), "bf16",
+    for head_dim in (64, 128, 256):
+        yield f"forward d={head_dim} causal=1 s=512 default", (head_dim, gf.default_config(head_dim, True, 512, 512),
+                                                               "bf16", dict(has_right=True))
+    yield "forward d=64 causal=1 s=8192 default", (64, gf.default_config(64, True, 8192, 8192), "bf16",
                                                    dict(has_right=True))
+    # Every feature switch at once (one tile per CTA).
+    for head_dim in (64, 128, 256):
+        yield f"forward d={head_dim} all features", (head_dim, gf.default_config(head_dim, False), "bf16",
+                                                     dict(has_left=True, has_right=True, softcap=True, alibi=True))
 
 
 def dq_cases():
@@ -82,12 +90,16 @@ def dq_cases():
 
 
 def main():
-    for label, args in backward_cases():
-        print(f"{label:48s} {fingerprint(gb.compile_sm90(*args))}", flush=True)
-    for label, (head_dim, config, dtype, flags) in forward_cases():
-        print(f"{label:48s} {fingerprint(gf.compile_sm90(head_dim, config, dtype, **flags))}", flush=True)
-    for label, args in dq_cases():
-        print(f"{label:48s} {fingerprint(gd.compile_sm90(*args))}", flush=True)
+    only = sys.argv[1:]  # kernel families to fingerprint (backward, forward, dq); none: all three
+    if not only or "backward" in only:
+        for label, args in backward_cases():
+            print(f"{label:48s} {fingerprint(gb.compile_sm90(*args))}", flush=True)
+    if not only or "forward" in only:
+        for label, (head_dim, config, dtype, flags) in forward_cases():
+            print(f"{label:48s} {fingerprint(gf.compile_sm90(head_dim, config, dtype, **flags))}", flush=True)
+    if not only or "dq" in only:
+        for label, args in dq_cases():
+            print(f"{label:48s} {fingerprint(gd.compile_sm90(*args))}", flush=True)
 
 
 if __name__ == "__main__":

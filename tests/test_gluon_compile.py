@@ -35,7 +35,18 @@ CASES = [
     ("d64-short-default-causal", 64, "fp16", tuple(gf.default_config(64, True, 2048, 2048)), dict(has_right=True)),
     # Long causal keys at d=64: three warpgroups (128, 3, 3).
     ("d64-long-default-causal", 64, "bf16", tuple(gf.default_config(64, True, 8192, 8192)), dict(has_right=True)),
+    # Trimmed warpgroup ranges (Config.trim): the half-block GEMMs beside the whole ones.
+    ("d64-short-causal-trim", 64, "bf16", (128, 2, 2, True, True, True), dict(has_right=True)),
+    ("d64-causal-3wg-trim", 64, "bf16", (128, 3, 3, True, False, True), dict(has_right=True)),
+    ("d128-causal-trim-fp16", 128, "fp16", (128, 2, 2, True, False, True), dict(has_right=True)),
+    ("d128-short-causal-trim", 128, "bf16", (128, 2, 2, True, True, True), dict(has_right=True)),
+    ("d256-all-trim", 256, "bf16", (64, 2, 2, True, False, True),
+     dict(has_left=True, has_right=True, softcap=True, alibi=True)),
 ]
+# Spill bytes allowed (each way) where a tuning candidate is known to spill a little: the trimmed persistent d=128
+# kernel keeps 24 B of kernel arguments in local memory (stored at its entry, a few loads a tile, none in the
+# key-block loops: sm_90 SASS).
+MAX_SPILL_BYTES = {"d128-short-causal-trim": 48}
 
 _CHILD = r"""
 import json, sys, traceback
@@ -60,4 +71,4 @@ def reports():
 def test_gluon_forward_compiles_for_sm90(reports, case_id):
     report = reports.get(case_id)
     assert report is not None, f"no report for {case_id}"
-    assert_clean(report, case_id)
+    assert_clean(report, case_id, MAX_SPILL_BYTES.get(case_id, 0))

@@ -262,18 +262,25 @@ if _IMPORT_ERROR is None:
                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                 WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
-                HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, REL_COLS: gl.constexpr):
+                HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, REL_COLS: gl.constexpr,
+                HALF: gl.constexpr = False):
         """The t-th key block (t >= 1) of this tile (ring + t of the CTA's K / V ring): S_t = Q K_t^T and
-        O += P_{t-1} V_{t-1} in flight together, softmax of S_t under the PV GEMM, then O rescaled by alpha_t."""
+        O += P_{t-1} V_{t-1} in flight together, softmax of S_t under the PV GEMM, then O rescaled by alpha_t.
+        HALF: S_t over the block's first BLOCK_N // 2 keys only (s_layout, col_offs and the row vectors
+        shaped for that; the P returned is that wide)."""
         WG_ROWS: gl.constexpr = q.shape[0]
+        N: gl.constexpr = BLOCK_N // 2 if HALF else BLOCK_N
         i = ring + t
         stage = i % NUM_STAGES
         prev = (i - 1) % NUM_STAGES
         mbarrier.wait(k_ready.index(stage), (i // NUM_STAGES) & 1)
-        k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
+        if HALF:
+            k_t = k_t.slice(0, N)
+        k_t = k_t.permute((1, 0))
         v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
-        s_tok = warpgroup_mma(q, k_t, gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False,
+        s_tok = warpgroup_mma(q, k_t, gl.zeros([WG_ROWS, N], gl.float32, s_layout), use_acc=False,
                               is_async=True)
         mbarrier.wait(v_ready.index(prev), ((i - 1) // NUM_STAGES) & 1)
         o_tok = warpgroup_mma(p, v_prev, o, is_async=True)
@@ -291,6 +298,177 @@ if _IMPORT_ERROR is None:
         return o, p, m_i, l_i, turn_count
 
     @gluon.jit
+    def _wg_blocks(start_m, seqlen_q, seqlen_k, window_right, lo_blk, n_blocks, BLOCK_N: gl.constexpr,
+                   WG: gl.constexpr, WG_ROWS: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """TRIM: of the tile's key blocks [0, n_blocks), those the rows of warpgroup WG see: (n_wg, half),
+        blocks [0, n_wg), and of the last only its first BLOCK_N // 2 keys where half (no row of this
+        warpgroup sees the rest): the causal diagonal of every warpgroup but a tile's last, right windows,
+        the ragged end of the keys."""
+        last_row = gl.minimum(start_m + (WG + 1) * WG_ROWS, seqlen_q) - 1
+        hi = seqlen_k
+        if HAS_RIGHT:
+            hi = gl.minimum(last_row + (seqlen_k - seqlen_q) + window_right + 1, seqlen_k)
+        keys = hi - lo_blk * BLOCK_N
+        # At least one block (rows that see no key still run one, all masked).
+        n_wg = gl.minimum(gl.maximum(gl.cdiv(keys, BLOCK_N), 1), n_blocks)
+        half = keys - (n_wg - 1) * BLOCK_N <= BLOCK_N // 2
+        return n_wg, half
+
+    @gluon.jit
+    def _first_block(ring, m_i, l_i, turn_count, q, k_smem, k_ready, k_empty, turn, lo_blk, n_left, n_mid,
+                     col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                     s_layout: gl.constexpr, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr,
+                     HAS_LEFT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                     FIRST_UNMASKED: gl.constexpr, HALF: gl.constexpr):
+        """Block 0 of the range on its own (ring index ring): S_0 and its softmax, through the mask (a window
+        edge, the diagonal, the ragged end, or a tile whose rows see no key at all: then this block is all
+        masked). FIRST_UNMASKED: without the mask when block 0 is one every row sees whole. HALF: the
+        block's first BLOCK_N // 2 keys only (s_layout, col_offs and the row vectors shaped for that).
+        Returns P_0 (p_layout), m, l and the turn count."""
+        WG_ROWS: gl.constexpr = q.shape[0]
+        N: gl.constexpr = BLOCK_N // 2 if HALF else BLOCK_N
+        stage0 = ring % NUM_STAGES
+        mbarrier.wait(k_ready.index(stage0), (ring // NUM_STAGES) & 1)
+        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
+        k_0 = k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM])
+        if HALF:
+            k_0 = k_0.slice(0, N)
+        s_tok = warpgroup_mma(q, k_0.permute((1, 0)), gl.zeros([WG_ROWS, N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(stage0))
+        if FIRST_UNMASKED and not HALF:
+            if (n_left == 0) & (n_mid >= 1):
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
+                                                score_scale, softcap_in, softcap_out, alibi_coef, False, HAS_LEFT,
+                                                HAS_SOFTCAP, HAS_ALIBI, True)
+            else:
+                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
+                                                score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
+                                                HAS_SOFTCAP, HAS_ALIBI, True)
+        else:
+            p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
+                                            score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
+                                            HAS_SOFTCAP, HAS_ALIBI, FIRST_UNMASKED)
+        return gl.convert_layout(p32.to(q.dtype), p_layout), m_i, l_i, turn_count
+
+    @gluon.jit
+    def _release_q(q_empty, WG: gl.constexpr, PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr):
+        if PERSISTENT:
+            if SEPARATE_O:
+                # Every S GEMM of the tile has retired: the producer may load the next tile's Q now,
+                # under the last PV GEMM and the epilogue.
+                mbarrier.arrive(q_empty.index(WG))
+
+    @gluon.jit
+    def _last_pv(i, o, p, v_smem, v_ready, v_empty, turn, turn_count, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 NUM_STAGES: gl.constexpr, WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr,
+                 HALF: gl.constexpr):
+        """The tile's last PV GEMM, O += P V over ring index i (HALF: the block's first BLOCK_N // 2 keys)."""
+        last = i % NUM_STAGES
+        mbarrier.wait(v_ready.index(last), (i // NUM_STAGES) & 1)
+        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
+        v_last = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
+        if HALF:
+            v_last = v_last.slice(0, BLOCK_N // 2)
+        o_tok = warpgroup_mma(p, v_last, o, is_async=True)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
+        o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+        mbarrier.arrive(v_empty.index(last))
+        return o, turn_count
+
+    @gluon.jit
+    def _skip_block(i, turn, turn_count, k_ready, k_empty, v_ready, v_empty, NUM_STAGES: gl.constexpr,
+                    WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """TRIM: a block of the tile that no row of this warpgroup sees (ring index i): its ping-pong turn
+        passed on at once, its K / V stages released once loaded (an arrive before the load could count
+        towards the stage's previous use)."""
+        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
+        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
+        stage = i % NUM_STAGES
+        phase = (i // NUM_STAGES) & 1
+        mbarrier.wait(k_ready.index(stage), phase)
+        mbarrier.arrive(k_empty.index(stage))
+        mbarrier.wait(v_ready.index(stage), phase)
+        mbarrier.arrive(v_empty.index(stage))
+        return turn_count
+
+    @gluon.jit
+    def _tile_blocks(ring, m_i, l_i, turn_count, q, k_smem, v_smem, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                     lo_blk, n_left, n_mid, n_full, half, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in,
+                     softcap_out, alibi_coef, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                     p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     WG: gl.constexpr, NUM_WG: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
+                     HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr,
+                     SEPARATE_O: gl.constexpr, FIRST_UNMASKED: gl.constexpr, TRIM: gl.constexpr):
+        """Blocks [0, n_full) of the tile (n_full >= 1) whole, then (TRIM and half) the first half of block
+        n_full, and the last PV GEMM. Returns o (not yet divided by l), m, l and the turn count."""
+        WG_ROWS: gl.constexpr = q.shape[0]
+        p, m_i, l_i, turn_count = _first_block(
+            ring, m_i, l_i, turn_count, q, k_smem, k_ready, k_empty, turn, lo_blk, n_left, n_mid, col_offs, row_lo,
+            row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef, s_layout, p_layout, BLOCK_N, HEAD_DIM,
+            NUM_STAGES, WG, NUM_WG, PINGPONG, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, FIRST_UNMASKED, False)
+        o = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
+
+        # Blocks [0, n_left): left window edge (masked); [n_left, n_mid): every row sees them whole;
+        # [n_mid, n_full): right edge / diagonal / ragged end (masked).
+        left_end = n_left
+        mid_end = n_mid
+        if TRIM:
+            left_end = gl.minimum(n_left, n_full)
+            mid_end = gl.minimum(n_mid, n_full)
+        if HAS_LEFT:
+            for t in range(1, left_end):
+                o, p, m_i, l_i, turn_count = _attend(
+                    t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                    lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                    s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
+                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
+        for t in range(gl.maximum(n_left, 1), mid_end):
+            o, p, m_i, l_i, turn_count = _attend(
+                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False,
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
+        for t in range(gl.maximum(n_mid, 1), n_full):
+            o, p, m_i, l_i, turn_count = _attend(
+                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
+        if TRIM:
+            if half:
+                # Block n_full: only its first half, S over those keys beside the previous block's PV GEMM.
+                sh_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                    instr_shape=[16, BLOCK_N // 2, 16])
+                hrow_layout: gl.constexpr = gl.SliceLayout(1, sh_layout)
+                row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+                o, p_h, m_h, l_h, turn_count = _attend(
+                    n_full, ring, o, p, gl.convert_layout(m_i, hrow_layout), gl.convert_layout(l_i, hrow_layout),
+                    turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, lo_blk,
+                    gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, sh_layout)),
+                    gl.convert_layout(row_lo, hrow_layout), gl.convert_layout(row_hi, hrow_layout),
+                    gl.convert_layout(row_pos, hrow_layout), score_scale, softcap_in, softcap_out, alibi_coef,
+                    sh_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
+                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False, True)
+                _release_q(q_empty, WG, PERSISTENT, SEPARATE_O)
+                o, turn_count = _last_pv(ring + n_full, o, p_h, v_smem, v_ready, v_empty, turn, turn_count, BLOCK_N,
+                                         HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True)
+                m_i = gl.convert_layout(m_h, row_layout)
+                l_i = gl.convert_layout(l_h, row_layout)
+            else:
+                _release_q(q_empty, WG, PERSISTENT, SEPARATE_O)
+                o, turn_count = _last_pv(ring + n_full - 1, o, p, v_smem, v_ready, v_empty, turn, turn_count,
+                                         BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False)
+        else:
+            _release_q(q_empty, WG, PERSISTENT, SEPARATE_O)
+            o, turn_count = _last_pv(ring + n_full - 1, o, p, v_smem, v_ready, v_empty, turn, turn_count, BLOCK_N,
+                                     HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False)
+        return o, m_i, l_i, turn_count
+
+    @gluon.jit
     def _consumer_tile(q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                        turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
                        batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
@@ -299,7 +477,7 @@ if _IMPORT_ERROR is None:
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                        NUM_WG: gl.constexpr, WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
                        HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                       PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr):
+                       PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr, TRIM: gl.constexpr):
         """One query tile's 64 rows of warpgroup WG; blocks ring .. ring + n_blocks - 1 of the K / V ring.
         Returns the ping-pong turn count. PERSISTENT: Q's buffer is released to the producer (q_empty)
         once free, and the O store of this tile is left in flight (SEPARATE_O: its own buffer, waited
@@ -333,71 +511,49 @@ if _IMPORT_ERROR is None:
         q = q_smem.index(WG).reshape([WG_ROWS, HEAD_DIM])
         mbarrier.wait(q_ready.index(WG), q_phase)
 
-        # Block 0 of the range on its own, through the mask (a window edge, the diagonal, the ragged
-        # end, or a tile whose rows see no key at all: then this block is all masked). PERSISTENT:
-        # without the mask when block 0 is one every row sees whole.
         m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([WG_ROWS], gl.float32, row_layout)
-        stage0 = ring % NUM_STAGES
-        mbarrier.wait(k_ready.index(stage0), (ring // NUM_STAGES) & 1)
-        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
-        s_tok = warpgroup_mma(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-                              gl.zeros([WG_ROWS, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
-        s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(stage0))
-        if FIRST_UNMASKED:
-            if (n_left == 0) & (n_mid >= 1):
-                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
-                                                score_scale, softcap_in, softcap_out, alibi_coef, False, HAS_LEFT,
-                                                HAS_SOFTCAP, HAS_ALIBI, True)
+        if TRIM:
+            # Only the blocks this warpgroup's rows see; the rest of the tile's blocks are released unread
+            # (_skip_block) after the last PV GEMM.
+            n_wg, half = _wg_blocks(start_m, seqlen_q, seqlen_k, window_right, lo_blk, n_blocks, BLOCK_N, WG, WG_ROWS,
+                                    HAS_RIGHT)
+            n_full = n_wg - half.to(gl.int32)
+            turn_count = gl.to_tensor(turn_count)  # a literal 0 outside the persistent loop; the branches add to it
+            if n_full == 0:
+                # Block 0 is the warpgroup's only block, and only its first half.
+                sh_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                    instr_shape=[16, BLOCK_N // 2, 16])
+                hrow_layout: gl.constexpr = gl.SliceLayout(1, sh_layout)
+                p_h, m_h, l_h, turn_count = _first_block(
+                    ring, gl.convert_layout(m_i, hrow_layout), gl.convert_layout(l_i, hrow_layout), turn_count, q,
+                    k_smem, k_ready, k_empty, turn, lo_blk, n_left, n_mid,
+                    gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, sh_layout)),
+                    gl.convert_layout(row_lo, hrow_layout), gl.convert_layout(row_hi, hrow_layout),
+                    gl.convert_layout(row_pos, hrow_layout), score_scale, softcap_in, softcap_out, alibi_coef,
+                    sh_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, HAS_LEFT, HAS_SOFTCAP,
+                    HAS_ALIBI, FIRST_UNMASKED, True)
+                _release_q(q_empty, WG, PERSISTENT, SEPARATE_O)
+                o, turn_count = _last_pv(ring, gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout), p_h, v_smem,
+                                         v_ready, v_empty, turn, turn_count, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG,
+                                         PINGPONG, True)
+                m_i = gl.convert_layout(m_h, row_layout)
+                l_i = gl.convert_layout(l_h, row_layout)
             else:
-                p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
-                                                score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
-                                                HAS_SOFTCAP, HAS_ALIBI, True)
+                o, m_i, l_i, turn_count = _tile_blocks(
+                    ring, m_i, l_i, turn_count, q, k_smem, v_smem, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                    lo_blk, n_left, n_mid, n_full, half, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in,
+                    softcap_out, alibi_coef, s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG,
+                    NUM_WG, PINGPONG, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, FIRST_UNMASKED, TRIM)
+            for t in range(n_wg, n_blocks):
+                turn_count = _skip_block(ring + t, turn, turn_count, k_ready, k_empty, v_ready, v_empty, NUM_STAGES, WG,
+                                         NUM_WG, PINGPONG)
         else:
-            p32, alpha, m_i, l_i = _softmax(s, m_i, l_i, col_offs, lo_blk * BLOCK_N, row_lo, row_hi, row_pos,
-                                            score_scale, softcap_in, softcap_out, alibi_coef, True, HAS_LEFT,
-                                            HAS_SOFTCAP, HAS_ALIBI)
-        p = gl.convert_layout(p32.to(dtype), p_layout)
-        o = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, o_layout)
-
-        # Blocks [0, n_left): left window edge (masked); [n_left, n_mid): every row sees them whole;
-        # [n_mid, n_blocks): right edge / diagonal / ragged end (masked).
-        if HAS_LEFT:
-            for t in range(1, n_left):
-                o, p, m_i, l_i, turn_count = _attend(
-                    t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                    lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                    s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
-                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
-        for t in range(gl.maximum(n_left, 1), n_mid):
-            o, p, m_i, l_i, turn_count = _attend(
-                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False,
-                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
-        for t in range(gl.maximum(n_mid, 1), n_blocks):
-            o, p, m_i, l_i, turn_count = _attend(
-                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
-                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
-        if PERSISTENT:
-            if SEPARATE_O:
-                # Every S GEMM of the tile has retired: the producer may load the next tile's Q now,
-                # under the last PV GEMM and the epilogue.
-                mbarrier.arrive(q_empty.index(WG))
-
-        # Last PV GEMM.
-        last_i = ring + n_blocks - 1
-        last = last_i % NUM_STAGES
-        mbarrier.wait(v_ready.index(last), (last_i // NUM_STAGES) & 1)
-        turn_count = _pingpong_wait(turn, turn_count, WG, PINGPONG)
-        o_tok = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), o, is_async=True)
-        _pingpong_pass(turn, WG, PINGPONG, NUM_WG)
-        o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
-        mbarrier.arrive(v_empty.index(last))
+            o, m_i, l_i, turn_count = _tile_blocks(
+                ring, m_i, l_i, turn_count, q, k_smem, v_smem, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, n_left, n_mid, n_blocks, False, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in,
+                softcap_out, alibi_coef, s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG,
+                NUM_WG, PINGPONG, HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, FIRST_UNMASKED, TRIM)
 
         # Epilogue: O / l through a shared buffer (this warpgroup's then dead Q buffer, or SEPARATE_O
         # its own) and a TMA store (clipped at the sequence end); lse (natural log, +inf for a row
@@ -431,7 +587,7 @@ if _IMPORT_ERROR is None:
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
                   NUM_WG: gl.constexpr, WG_ROWS: gl.constexpr, PINGPONG: gl.constexpr, HAS_LEFT: gl.constexpr,
                   HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                  PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr):
+                  PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr, TRIM: gl.constexpr):
         if PERSISTENT:
             TILE_M: gl.constexpr = NUM_WG * WG_ROWS
             ring = 0
@@ -450,7 +606,7 @@ if _IMPORT_ERROR is None:
                     lo_blk, n_left, n_mid, n_blocks, ring, (ring + tile_iter) & 1, tile_iter & 1,
                     score_scale, softcap_in, softcap_out, alibi_scale,
                     BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                    HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)
+                    HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)
                 ring += n_blocks
             if SEPARATE_O:
                 tma.store_wait(0)
@@ -462,7 +618,7 @@ if _IMPORT_ERROR is None:
                 lo_blk, n_left, n_mid, n_blocks, 0, 0, 0,
                 score_scale, softcap_in, softcap_out, alibi_scale,
                 BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)
+                HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)
 
     @gluon.jit
     def _forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, alibi_ptr,
@@ -473,7 +629,7 @@ if _IMPORT_ERROR is None:
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                         HAS_ALIBI: gl.constexpr, PINGPONG: gl.constexpr, NUM_WG: gl.constexpr,
-                        PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr,
+                        PERSISTENT: gl.constexpr, SEPARATE_O: gl.constexpr, TRIM: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Grid (query tiles, batch * heads), one tile per CTA; PERSISTENT: grid (CTAs,), each CTA runs
         tiles program_id, program_id + CTAs, ... of num_tiles (_tile_coords' order; the per-tile
@@ -528,14 +684,14 @@ if _IMPORT_ERROR is None:
                              lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
                              num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
                              BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)),
                 (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
                              v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
                              batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
                              lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
                              num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
                              BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)),
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                              v_ready, v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
                              seqlen_q, seqlen_k, window_left, window_right, num_heads, head_group,
@@ -550,21 +706,21 @@ if _IMPORT_ERROR is None:
                              lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
                              num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
                              BLOCK_N, HEAD_DIM, NUM_STAGES, 0, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)),
                 (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
                              v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
                              batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
                              lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
                              num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
                              BLOCK_N, HEAD_DIM, NUM_STAGES, 1, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)),
                 (_consumer, (q_smem, o_smem, k_smem, v_smem, o_desc, q_ready, q_empty, k_ready, k_empty, v_ready,
                              v_empty, turn, lse_ptr, stride_lb, stride_lh, stride_lm, alibi_ptr, stride_ab, stride_ah,
                              batch, head, q_col, start_m, seqlen_q, seqlen_k, window_left, window_right,
                              lo_blk, n_left, n_mid, n_blocks, score_scale, softcap_in, softcap_out, alibi_scale,
                              num_heads, head_group, num_tiles, num_m_blocks, section_heads, batch_heads,
                              BLOCK_N, HEAD_DIM, NUM_STAGES, 2, NUM_WG, WG_ROWS, PINGPONG, HAS_LEFT, HAS_RIGHT,
-                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O)),
+                             HAS_SOFTCAP, HAS_ALIBI, PERSISTENT, SEPARATE_O, TRIM)),
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                              v_ready, v_empty, batch, q_col, kv_col, start_m, lo_blk, n_blocks,
                              seqlen_q, seqlen_k, window_left, window_right, num_heads, head_group,
@@ -584,19 +740,24 @@ class Config(NamedTuple):
     persistent: one CTA per SM looping over the query tiles (_tile_coords' order: heaviest first
     within L2-sized sections of heads), the next tile's K / V (and, where shared memory allows an O
     buffer of its own, Q) loading under the current tile's last GEMM and epilogue; block 0 of a
-    tile skips the mask when every row sees it whole."""
+    tile skips the mask when every row sees it whole. trim: each consumer warpgroup computes only the
+    key blocks its own rows see, and of the last of them only the first half where its rows see no
+    more (_wg_blocks: under causal masking every warpgroup but a tile's last stops at least half a
+    block early); the blocks it skips are released unread (_skip_block)."""
 
     block_n: int
     num_stages: int
     num_wg: int = 2
     pingpong: bool = True
     persistent: bool = False
+    trim: bool = False
 
 
 def config_label(cfg: Config) -> str:
-    """Short name of a config (scripts/gluon_check.py --candidates filters on it): bn128-st2-wg2[-nopp][-ps]."""
+    """Short name of a config (scripts/gluon_check.py --candidates filters on it):
+    bn128-st2-wg2[-nopp][-ps][-tr]."""
     return (f"bn{cfg.block_n}-st{cfg.num_stages}-wg{cfg.num_wg}{'' if cfg.pingpong else '-nopp'}"
-            f"{'-ps' if cfg.persistent else ''}")
+            f"{'-ps' if cfg.persistent else ''}{'-tr' if cfg.trim else ''}")
 
 
 def shared_bytes(head_dim: int, cfg: Config, element_size: int = 2, separate_o: bool = False) -> int:
@@ -669,21 +830,29 @@ def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: 
 
 def tuning_candidates(head_dim: int, short: bool = None):
     """Configs besides default_config worth timing (scripts/gluon_check.py --sweep ranks them; each
-    compiles without spills: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box).
+    compiles without spills but the trimmed persistent ones at d=128 / 256, 24 B of kernel arguments
+    at the partitions' entry: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box).
     short: None every candidate, False those for long sequences, True the persistent ones (aimed at
-    short sequences, where a CTA's prologue and epilogue are a large part of its time)."""
+    short sequences, where a CTA's prologue and epilogue are a large part of its time).
+    Trimmed (Config.trim) copies of the defaults close each group: they change only causal and
+    right-window calls (and keys ending in the first half of a block)."""
     if head_dim <= 64:
         rows = ((128, 2, 2, True), (128, 4, 2, True), (128, 3, 2, False), (64, 3, 2, True),
                 (128, 2, 3, True), (128, 3, 3, True), (128, 2, 3, False), (64, 4, 3, True))
         persistent = ((128, 2, 2, True), (128, 3, 2, True), (64, 3, 2, True), (64, 4, 3, True))
+        trimmed, trimmed_persistent = ((128, 2, 2, True), (128, 3, 3, True)), ((128, 2, 2, True), )
     elif head_dim <= 128:
         rows = ((128, 3, 2, True), (128, 2, 2, False), (64, 3, 2, True), (64, 2, 3, True))
         persistent = ((128, 2, 2, True), (64, 3, 2, True), (64, 2, 3, True))
+        trimmed, trimmed_persistent = ((128, 2, 2, True), ), ((128, 2, 2, True), )
     else:
         rows = ((64, 2, 2, False), (64, 1, 2, True), (32, 3, 2, True))
         persistent = ((32, 3, 2, True), )
-    long_rows = [Config(*row) for row in rows] if short is not True else []
-    short_rows = [Config(*row, True) for row in persistent] if short is not False else []
+        trimmed, trimmed_persistent = ((64, 2, 2, True), ), ((32, 3, 2, True), )
+    long_rows = ([Config(*row) for row in rows] + [Config(*row, False, True) for row in trimmed]
+                 if short is not True else [])
+    short_rows = ([Config(*row, True) for row in persistent] + [Config(*row, True, True) for row in trimmed_persistent]
+                  if short is not False else [])
     return long_rows + short_rows
 
 
@@ -847,7 +1016,7 @@ def forward(q, k, v, out, softmax_lse, params, seqlens, config: Config = None):
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         PINGPONG=bool(cfg.pingpong), NUM_WG=cfg.num_wg, PERSISTENT=bool(cfg.persistent),
-        SEPARATE_O=separate_o(head_dim, cfg, q.element_size()),
+        SEPARATE_O=separate_o(head_dim, cfg, q.element_size()), TRIM=bool(cfg.trim),
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=maxnreg)
     descs = dict(q=q_desc, k=k_desc, v=v_desc, out=o_desc)
     sources = (*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "softmax_lse", "alibi")
@@ -875,10 +1044,11 @@ def try_forward(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool
 
 def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1, -1), softcap=0.0,
                   alibi_slopes=None, block_n=None, num_stages=None, pingpong=None, num_wg=None, persistent=None,
-                  out=None, lse=None):
+                  trim=None, out=None, lse=None):
     """Convenience entry (scripts, tests): q (b, sq, h, d), k, v (b, sk, hk, d) bf16/fp16 on an sm_90
     GPU. Returns (out (b, sq, h, d), lse (b, h, sq) fp32, natural log). block_n / num_stages /
-    pingpong / num_wg / persistent override default_config; out / lse: preallocated outputs (any TMA-able strides)."""
+    pingpong / num_wg / persistent / trim override default_config; out / lse: preallocated outputs (any
+    TMA-able strides)."""
     from pyflash.params import AttentionParams, Seqlens
 
     if not AVAILABLE:
@@ -903,7 +1073,8 @@ def forward_gluon(q, k, v, softmax_scale=None, causal=False, *, window_size=(-1,
                           bool(params.softcap) or params.alibi_slopes is not None)
     cfg = Config(block_n or base.block_n, num_stages or base.num_stages, num_wg or base.num_wg,
                  base.pingpong if pingpong is None else bool(pingpong),
-                 base.persistent if persistent is None else bool(persistent))
+                 base.persistent if persistent is None else bool(persistent),
+                 base.trim if trim is None else bool(trim))
     forward(q, k, v, out, lse, params, seqlens, cfg)
     return out, lse
 
@@ -940,7 +1111,7 @@ def compile_sm90(head_dim: int, config: Config, dtype: str = "bf16", has_left: b
     constexprs = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, NUM_STAGES=config.num_stages, HAS_LEFT=has_left,
                       HAS_RIGHT=has_right, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, PINGPONG=bool(config.pingpong),
                       NUM_WG=config.num_wg, PERSISTENT=bool(config.persistent),
-                      SEPARATE_O=separate_o(head_dim, config, _SIG_DTYPES[dtype].itemsize),
+                      SEPARATE_O=separate_o(head_dim, config, _SIG_DTYPES[dtype].itemsize), TRIM=bool(config.trim),
                       CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs)
     sig = kernel_signature(head_dim, config.block_n, dtype)
     names = list(sig)

@@ -1,0 +1,119 @@
+"""The Gluon forward's key ranges checked on the CPU: a query tile's (gluon_forward._tile_range) and, with
+Config.trim, each consumer warpgroup's own (_wg_blocks), against brute force over every row.
+
+The interpreter cannot run Gluon, but these two functions are integer arithmetic: their own Python source
+runs here on ints, with ``gl`` standing for the three operations they use (Triton's integer division
+truncates toward zero: so does ``cdiv`` here). A wrong range is a wrong answer (keys a row sees left out)
+or lost speed (blocks no row sees computed), so both directions are asserted.
+"""
+import itertools
+import random
+import types
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+from pyflash.kernels import gluon_forward as gf  # noqa: E402
+
+
+def _truncating_div(a: int, b: int) -> int:
+    quotient = abs(a) // abs(b)
+    return quotient if (a >= 0) == (b > 0) else -quotient
+
+
+class _IntOps:
+    minimum = staticmethod(min)
+    maximum = staticmethod(max)
+
+    @staticmethod
+    def cdiv(a, b):
+        return _truncating_div(a + b - 1, b)
+
+
+def _on_ints(jit_function):
+    fn = jit_function.fn
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _IntOps}, fn.__name__, fn.__defaults__)
+
+
+tile_range = _on_ints(gf._tile_range)
+wg_blocks = _on_ints(gf._wg_blocks)
+
+
+def visible_keys(rows, seqlen_q, seqlen_k, left, right):
+    """Smallest and largest key any of rows sees (bottom-right aligned windows), or None."""
+    diag = seqlen_k - seqlen_q
+    seen = [(max(r + diag - left, 0) if left >= 0 else 0, min(r + diag + right, seqlen_k - 1) if right >= 0
+             else seqlen_k - 1) for r in rows]
+    seen = [(lo, hi) for lo, hi in seen if lo <= hi]
+    return (min(lo for lo, _ in seen), max(hi for _, hi in seen)) if seen else None
+
+
+def _cases(count=400, seed=0):
+    rng = random.Random(seed)
+    fixed = [(512, 512, -1, 0), (1024, 1024, -1, 0), (1000, 3000, -1, 0), (3000, 1000, -1, 0), (77, 77, -1, 0),
+             (700, 500, 100, 0), (513, 513, -1, -1), (300, 1000, -1, 30), (129, 129, 5, 5)]
+    for seqlen_q, seqlen_k, left, right in fixed:
+        yield seqlen_q, seqlen_k, left, right
+    for _ in range(count):
+        yield (rng.randint(1, 700), rng.randint(1, 700), rng.choice([-1, -1, rng.randint(0, 300)]),
+               rng.choice([-1, 0, 0, rng.randint(0, 300)]))
+
+
+@pytest.mark.parametrize("block_n, num_wg", [(128, 2), (128, 3), (64, 2), (32, 2)])
+def test_tile_and_warpgroup_ranges_match_brute_force(block_n, num_wg):
+    wg_rows = gf.WG_M
+    tile_m = wg_rows * num_wg
+    trimmed_blocks = full_blocks = 0
+    for seqlen_q, seqlen_k, left, right in _cases():
+        has_left, has_right = left >= 0, right >= 0
+        for start_m in range(0, seqlen_q, tile_m):
+            lo_blk, n_left, n_mid, n_blocks = tile_range(start_m, seqlen_q, seqlen_k, left, right, block_n, tile_m,
+                                                         has_left, has_right)
+            assert 0 <= n_left <= n_mid <= n_blocks and n_blocks >= 1
+            tile_rows = range(start_m, min(start_m + tile_m, seqlen_q))
+            tile_keys = visible_keys(tile_rows, seqlen_q, seqlen_k, left, right)
+            where = f"sq={seqlen_q} sk={seqlen_k} window=({left}, {right}) start_m={start_m}"
+            if tile_keys is not None:
+                assert lo_blk * block_n <= tile_keys[0] and tile_keys[1] < (lo_blk + n_blocks) * block_n, where
+            for wg in range(num_wg):
+                n_wg, half = wg_blocks(start_m, seqlen_q, seqlen_k, right, lo_blk, n_blocks, block_n, wg, wg_rows,
+                                       has_right)
+                assert 1 <= n_wg <= n_blocks, where
+                rows = range(start_m + wg * wg_rows, min(start_m + (wg + 1) * wg_rows, seqlen_q))
+                if not rows:
+                    continue  # rows past the sequence: computed, never stored
+                keys = visible_keys(rows, seqlen_q, seqlen_k, left, right)
+                full_blocks += n_blocks
+                trimmed_blocks += n_blocks - n_wg + 0.5 * half
+                if keys is None:
+                    assert n_wg == 1, where  # one all-masked block (out 0, lse +inf)
+                    continue
+                # Exactly the block holding the warpgroup's last visible key, and half of it when that key
+                # is in its first half: nothing seen is left out, no block past it is computed.
+                last = keys[1] - lo_blk * block_n
+                assert n_wg - 1 == last // block_n, f"{where} wg={wg}: {n_wg} blocks, last key {keys[1]}"
+                assert bool(half) == (last % block_n < block_n // 2), f"{where} wg={wg}: half={half}"
+    assert trimmed_blocks > 0.05 * full_blocks  # the rule trims something on these cases
+
+
+@pytest.mark.parametrize("head_dim, block_n, num_wg", [(64, 128, 2), (128, 128, 2), (256, 64, 2), (64, 128, 3)])
+def test_causal_trim_saves_what_it_should(head_dim, block_n, num_wg):
+    """Square causal calls: every warpgroup but a tile's last stops early (tiles of 128 rows, 128-key
+    blocks: warpgroup 0 computes half of the diagonal block; 64-key blocks: it skips the last block)."""
+    seqlen, wg_rows = 512, gf.WG_M
+    tile_m = wg_rows * num_wg
+    computed = trimmed = 0
+    for start_m, wg in itertools.product(range(0, seqlen, tile_m), range(num_wg)):
+        lo_blk, _, _, n_blocks = tile_range(start_m, seqlen, seqlen, -1, 0, block_n, tile_m, False, True)
+        n_wg, half = wg_blocks(start_m, seqlen, seqlen, 0, lo_blk, n_blocks, block_n, wg, wg_rows, True)
+        if start_m + wg * wg_rows < seqlen:
+            computed += n_blocks
+            trimmed += n_wg - 0.5 * half
+        if wg == num_wg - 1 and (start_m + tile_m) % block_n == 0:
+            assert (n_wg, bool(half)) == (n_blocks, False)  # the tile's last rows see its whole range
+    # 512 causal rows in 4 tiles of 128: 20 warpgroup-blocks of 128 keys, of which warpgroup 0 of each tile
+    # saves half a block; of 64 keys: 40, and warpgroup 0 of each tile skips one.
+    expected = {(128, 2): 20 - 2, (64, 2): 40 - 4}.get((block_n, num_wg))
+    if expected is not None:
+        assert trimmed == expected, (computed, trimmed)
+    assert trimmed < computed
