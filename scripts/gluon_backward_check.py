@@ -6,6 +6,7 @@
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --candidates default,acc,acc-dq2
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --candidates default,ps --seqlens 512,1024
     PYTHONPATH=src python3 scripts/gluon_backward_check.py --only check --candidates acc,acc-dq2  # their correctness
+    PYTHONPATH=src python3 scripts/gluon_backward_check.py --sweep --causal 1 --candidates default,trim  # causal only
 
 --sweep ends with a ranking per (head_dim, causal): every timed label by TFLOP/s, with its ratio to the
 default config and to cuDNN. --only check --candidates X,Y checks just those candidates (one child per
@@ -428,6 +429,7 @@ def main():
     parser.add_argument("--only", choices=["check", "bench"], help="run only the correctness or the benchmark jobs")
     parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (64, 128, 256)")
     parser.add_argument("--seqlens", default="4096", help="comma-separated seqlens of --sweep (default 4096)")
+    parser.add_argument("--causal", help="comma-separated causal settings of the jobs (0, 1; default both)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global HEAD_DIMS, SWEEP_SEQLENS
@@ -450,6 +452,8 @@ def main():
     wanted = set(args.candidates.split(",")) if args.candidates else None
     for label, job, job_timeout in build_jobs(args.quick, args.sweep, wanted):
         if args.only and job["kind"] != args.only:
+            continue
+        if args.causal and str(int(job["causal"])) not in args.causal.split(","):
             continue
         left = args.budget - (time.time() - start)
         if left < 15:

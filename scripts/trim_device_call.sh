@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# One device call (<= 600 s) for the Gluon forward's trimmed warpgroup ranges (gluon_forward.Config.trim: each
-# consumer warpgroup computes only the key blocks its rows see, half of the last where they see no more), not yet
-# run on a GPU: every correctness case of scripts/gluon_check.py for each trimmed candidate (three processes at
-# once, one per head dim; each job a child under a watchdog, so a barrier mistake shows as HANG), then the causal
-# rows timed as CUDA-graph replays: default_config vs the trimmed candidates vs cuDNN. Run from the repository root:
-#     bash scripts/trim_device_call.sh      (logs to $OUT, else ./gluon_dq_logs)
+# Device calls (<= 600 s each) for the trimmed warpgroup ranges (Config.trim; not yet run on a GPU), each check a
+# child process under a watchdog (a barrier mistake shows as HANG, not as a stuck call). Run from the repository
+# root; logs to $OUT, else ./gluon_dq_logs.
+#     bash scripts/trim_device_call.sh fwd   # the Gluon forward (gluon_forward.Config.trim: each consumer warpgroup
+#         computes only the key blocks its rows see, half of the last where they see no more): every correctness
+#         case of scripts/gluon_check.py for each trimmed candidate (three head dims at once), then the causal
+#         rows as CUDA-graph replays, default_config vs the trimmed candidates vs cuDNN.
+#     bash scripts/trim_device_call.sh bwd   # the Gluon backward (gluon_backward.Config.trim: warpgroup 1 idle at
+#         the query blocks that see none of its keys): its candidates' checks, the causal sweep at d=128, and the
+#         two passes' first pass (deterministic calls) with trim=True, whose dK / dV must keep the default's bits.
 set -u
+PART=${1:-fwd}
 LOGS=${OUT:-$PWD/gluon_dq_logs}
 mkdir -p "$LOGS"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-echo "== check the trimmed candidates"
-for d in 64 128 256; do
-    timeout 250 python3 scripts/gluon_check.py --only check --candidates '*-tr' --head-dims $d --budget 235 \
-        > "$LOGS/trim_check_d$d.txt" 2>&1 &
-done
-wait
-grep -hE "^== |FAIL|HANG" "$LOGS"/trim_check_d*.txt | cut -c1-200
-echo "== causal rows: default vs trimmed vs cuDNN (CUDA graphs)"
-timeout 290 python3 scripts/gluon_check.py --sweep --causal 1 --seqlens 512 1024 2048 4096 16384 \
-    --candidates '*-tr' --cudagraph --budget 280 > "$LOGS/trim_sweep.txt" 2>&1
-grep -E "^  (BENCH|RANK)|HANG|rror" "$LOGS/trim_sweep.txt" | cut -c1-260
+if [ "$PART" = fwd ]; then
+    echo "== forward: check the trimmed candidates"
+    for d in 64 128 256; do
+        timeout 250 python3 scripts/gluon_check.py --only check --candidates '*-tr' --head-dims $d --budget 235 \
+            > "$LOGS/trim_check_d$d.txt" 2>&1 &
+    done
+    wait
+    grep -hE "^== |FAIL|HANG" "$LOGS"/trim_check_d*.txt | cut -c1-200
+    echo "== forward: causal rows, default vs trimmed vs cuDNN (CUDA graphs)"
+    timeout 290 python3 scripts/gluon_check.py --sweep --causal 1 --seqlens 512 1024 2048 4096 16384 \
+        --candidates '*-tr' --cudagraph --budget 280 > "$LOGS/trim_sweep.txt" 2>&1
+    grep -E "^  (BENCH|RANK)|HANG|rror" "$LOGS/trim_sweep.txt" | cut -c1-260
+else
+    echo "== backward: check the trimmed candidates"
+    timeout 200 python3 scripts/gluon_backward_check.py --only check --candidates trim,acc-trim --head-dims 64,128 \
+        --budget 190 > "$LOGS/btrim_check.txt" 2>&1
+    grep -E "^== |FAIL|HANG" "$LOGS/btrim_check.txt" | cut -c1-200
+    echo "== backward: causal sweep d=128"
+    timeout 230 python3 scripts/gluon_backward_check.py --sweep --causal 1 --candidates default,trim,acc-trim \
+        --head-dims 128 --seqlens 512,1024,2048,4096,16384 --budget 220 > "$LOGS/btrim_sweep.txt" 2>&1
+    grep -E "RANKING|^  [ 0-9][0-9]\.|HANG|rror" "$LOGS/btrim_sweep.txt" | cut -c1-200
+    echo "== backward: first pass of the two passes (deterministic d=128) with trim"
+    (cd scripts && timeout 120 python3 two_pass_check.py --head-dim 128 --causal 1 --dtypes bf16 \
+        --seqlens 1024 4096 --first-configs trim=1 > "$LOGS/btrim_first_pass.txt" 2>&1)
+    grep -E "^FIRST|rror" "$LOGS/btrim_first_pass.txt" | cut -c1-200
+fi

@@ -97,6 +97,21 @@ PERSISTENT_CASES = [
                                                             False, True, 0, True), 128),
 ]
 
+# trim (causal: warpgroup 1 runs no GEMM at the query blocks that see none of its keys). bf16 with dQ keeps 8-36 B
+# of warpgroup 1's loop values in local memory (~5 loads a step, none in warpgroup 0); the rest are clean.
+TRIM_CASES = [
+    ("d128-causal-trim", 128, True, "bf16", (64, 2, False, False, 1, False, False, False, 2, False, False, True, 0,
+                                             False, True), 64),
+    ("d128-causal-trim-fp16", 128, True, "fp16", (64, 2, False, False, 1, False, False, False, 2, False, False, True,
+                                                  0, False, True), 0),
+    ("d128-causal-acc-trim", 128, True, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False, True, 0,
+                                                 False, True), 16),
+    ("d128-causal-two-pass-trim", 128, True, "bf16", (64, 2, False, True, 1, False, False, False, 2, False, False,
+                                                      False, 0, False, True), 0),
+    ("d64-causal-trim", 64, True, "bf16", (64, 2, False, False, 1, False, False, False, 2, False, False, True, 0,
+                                           False, True), 0),
+]
+
 _CHILD = r"""
 import json, re, sys, traceback
 from pyflash.kernels import gluon_backward as gb
@@ -116,7 +131,8 @@ for case_id, head_dim, causal, dtype, config, deterministic in json.loads(sys.ar
 @pytest.fixture(scope="module")
 def reports():
     cases = [(*case, 0) for case in CASES + SPLIT_D_CASES]
-    cases += [(*case[:5], 0) for case in PERSISTENT_CASES]
+    cases += [(*case[:5], 0) for case in PERSISTENT_CASES + TRIM_CASES]
+    cases.append(("d128-causal-plain", 128, True, "bf16", None, 0))
     cases += [(case_id, head_dim, causal, dtype, None, mode)
               for case_id, head_dim, causal, dtype, mode in DETERMINISTIC_CASES]
     return run_reports(_CHILD, cases)
@@ -251,3 +267,20 @@ def test_persistent_needs_two_warpgroups_one_loop():
     for bad in (base._replace(split_mask=True), base._replace(wgs=3, dq_own=True)):
         with pytest.raises(ValueError, match="persistent needs"):
             gb.launch_shape(bad)
+
+
+@pytest.mark.parametrize("case_id,max_spill", [(case[0], case[5]) for case in TRIM_CASES])
+def test_gluon_backward_trim_compiles(reports, case_id, max_spill):
+    found, errors = reports
+    assert case_id in found, f"no report for {case_id}: {errors}"
+    assert_clean(found[case_id], case_id, max_spill)
+
+
+def test_trim_adds_only_the_half_dq_gemm(reports):
+    """trim leaves warpgroup 0's loop as it is and gives warpgroup 1 a skip step whose only GEMM is its dQ half
+    over 64 keys (4 wgmma of K = 16) beside its plain step; without dQ the skip step has no GEMM at all."""
+    found, errors = reports
+    for trimmed, plain, extra in (("d128-causal-trim", "d128-causal-plain", 4),
+                                  ("d128-causal-two-pass-trim", "d128-causal-two-pass-fp16", 0)):
+        assert trimmed in found and plain in found, f"no report for {trimmed} / {plain}: {errors}"
+        assert found[trimmed]["wgmma"] == found[plain]["wgmma"] + extra > extra, (trimmed, plain)

@@ -635,6 +635,42 @@ if _IMPORT_ERROR is None:
         return dk, dv
 
     @gluon.jit
+    def _trim_steps(start_n, diag, m_lo, n_steps, BLOCK_M: gl.constexpr, WG_ROWS: gl.constexpr):
+        """TRIM (causal): how many of a key block's query blocks, from m_lo on, see none of warpgroup 1's keys
+        (the block's second 64): those before the block holding the first query that sees key start_n + 64."""
+        m_first = gl.maximum(start_n + WG_ROWS - diag, 0) // BLOCK_M
+        return gl.minimum(gl.maximum(m_first - m_lo, 0), n_steps)
+
+    @gluon.jit
+    def _trim_skip_step(t, ring, k_half, ds_smem, dq_smem, dq_desc, q_ready, stage_empty, ds_ready, batch, head0,
+                        m_lo, n_steps, s_layout: gl.constexpr, dq_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr, DQ_BUFS: gl.constexpr,
+                        NO_DQ: gl.constexpr):
+        """TRIM, warpgroup 1 at a query block that sees none of its keys (_trim_steps): no S^T, dP^T, dV or dK
+        GEMM. The stage is released once loaded (an arrive before the load could count towards the stage's
+        previous use). With dQ (shared dS): zeros as its dS^T rows (warpgroup 0's dQ GEMM, unchanged, reads all
+        128), and its half of dQ's columns over warpgroup 0's 64 keys alone."""
+        WG_ROWS: gl.constexpr = 64
+        DQ_COLS: gl.constexpr = dq_desc.block_type.shape[2]
+        g = t + ring
+        stage = g % NUM_STAGES
+        mbarrier.wait(q_ready.index(stage), (g // NUM_STAGES) & 1)
+        mbarrier.arrive(stage_empty.index(stage))
+        if not NO_DQ:
+            buf = g % 2
+            ds_buf = ds_smem.index(buf)
+            ds_buf.slice(WG * WG_ROWS, WG_ROWS, dim=0).store(gl.zeros([WG_ROWS, BLOCK_M], ds_smem.dtype, s_layout))
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(buf))
+            mbarrier.wait(ds_ready.index(buf), (g // 2) & 1)
+            dq_tok = warpgroup_mma(ds_buf.slice(0, WG_ROWS, dim=0).permute((1, 0)), k_half.slice(0, WG_ROWS, dim=0),
+                                   gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout), use_acc=False, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq_tok, ))
+            m0 = (m_lo + t % n_steps) * BLOCK_M
+            dq_col = (head0 + t // n_steps) * HEAD_DIM + WG * (HEAD_DIM // 2)
+            _dq_reduce(dq, dq_smem, WG * DQ_BUFS + g % DQ_BUFS, dq_desc, batch, m0, dq_col, DQ_BUFS - 1)
+
+    @gluon.jit
     def _coop_issue(t, k_w, v_w, q_smem, do_smem, st_smem, q_ready, do_ready, key0, kbias,
                     s_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                     WG: gl.constexpr, MASKED: gl.constexpr, KEY_BIAS: gl.constexpr, ACC_INIT: gl.constexpr):
@@ -740,7 +776,7 @@ if _IMPORT_ERROR is None:
                   CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr, ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr,
                   NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr, DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr,
                   SPLIT_D: gl.constexpr, ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr,
-                  PERSISTENT: gl.constexpr, LPT: gl.constexpr):
+                  PERSISTENT: gl.constexpr, LPT: gl.constexpr, TRIM: gl.constexpr):
         """A consumer warpgroup: its key block's steps and dK / dV (_consumer_tile); PERSISTENT: those of
         every tile of this CTA (_tile), the ring running on across tiles."""
         if PERSISTENT:
@@ -757,7 +793,7 @@ if _IMPORT_ERROR is None:
                                t_start, t_m_lo, t_steps, t_masked, qk_scale, softmax_scale, t_rot, counters, t_blk,
                                n_kblk, n_m, diag, ring, tile_iter & 1, kv_empty, BLOCK_M, HEAD_DIM, NUM_STAGES, WG,
                                CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC,
-                               SPLIT_D, ROTATE, NO_DQ, COOP, True)
+                               SPLIT_D, ROTATE, NO_DQ, COOP, True, TRIM)
                 ring += group * t_steps
                 tile_iter += 1
         else:
@@ -766,7 +802,8 @@ if _IMPORT_ERROR is None:
                            stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                            start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, kblk, n_kblk,
                            n_m, diag, 0, 0, kv_empty, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, SPLIT_MASK, ACC_INIT,
-                           DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, False)
+                           DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, False,
+                           TRIM)
         tma.store_wait(0)
 
     @gluon.jit
@@ -778,7 +815,8 @@ if _IMPORT_ERROR is None:
                        NUM_STAGES: gl.constexpr, WG: gl.constexpr, CAUSAL: gl.constexpr, SPLIT_MASK: gl.constexpr,
                        ACC_INIT: gl.constexpr, DQ_BUFS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
                        DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr, SPLIT_D: gl.constexpr,
-                       ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr, PERSISTENT: gl.constexpr):
+                       ROTATE: gl.constexpr, NO_DQ: gl.constexpr, COOP: gl.constexpr, PERSISTENT: gl.constexpr,
+                       TRIM: gl.constexpr):
         """One key block (tile) of a consumer warpgroup: its steps (ring positions from ring on; kv_ready's
         phase kv_phase), then dK / dV stored. PERSISTENT: K and V are released (kv_empty) once its last step
         is done, so that the producer loads the next tile's under this tile's epilogue."""
@@ -865,6 +903,24 @@ if _IMPORT_ERROR is None:
             dk, dv, first = _coop_step(ring + n_total - 1, dk, dv, first, k_w, v_w, q_smem, do_smem, st_smem, ds_smem,
                                        q_ready, do_ready, stage_empty, ds_ready, key0, kbias, qk_scale, s_layout,
                                        BLOCK_M, HEAD_DIM, NUM_STAGES, WG, CAUSAL, not CAUSAL, ACC_INIT, False)
+        elif TRIM and WG == 1:
+            # Causal, two warpgroups sharing dS (or without dQ): the first n_skip query blocks of each head see
+            # none of warpgroup 1's keys: it computes nothing there (_trim_skip_step). Warpgroup 0's loop is the
+            # plain one below. One loop with a branch (two loops a head spill at d=128, as SPLIT_MASK does).
+            # (At most one such block a head: warpgroup 1's first key is 64 past warpgroup 0's, BLOCK_M >= 64.)
+            skip_t = gl.where(_trim_steps(start_n, diag, m_lo, n_steps, BLOCK_M, WG_ROWS) > 0, 0, group * n_steps)
+            for t in range(0, group * n_steps):
+                if t == skip_t:
+                    skip_t += n_steps
+                    _trim_skip_step(t, ring, k_half, ds_smem, dq_smem, dq_desc, q_ready, stage_empty, ds_ready, batch,
+                                    head0, m_lo, n_steps, s_layout, dq_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG,
+                                    DQ_BUFS, NO_DQ)
+                else:
+                    dk, dv = _step(t, ring, dk, dv, k_w, v_w, k_half, q_smem, do_smem, st_smem, ds_smem, dq_smem,
+                                   dq_desc, q_ready, do_ready, stage_empty, ds_ready, key0, kbias, batch, head0, m_lo,
+                                   n_steps, qk_scale, rot, counters, rank_a, rank_b, n_m, s_layout, dq_layout,
+                                   op_layout, BLOCK_M, HEAD_DIM, NUM_STAGES, WG, True, False, ACC_INIT, DQ_BUFS,
+                                   DQ_OWN, DQ_EARLY, CAUSAL, DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ)
         else:
             # One loop body; under causal every step applies the mask (a no-op past the diagonal).
             for t in range(0, group * n_steps):
@@ -901,7 +957,7 @@ if _IMPORT_ERROR is None:
                          PRODUCER_REGS: gl.constexpr, NUM_WG: gl.constexpr, DQ_OWN: gl.constexpr,
                          DQ_EARLY: gl.constexpr, DETERMINISTIC: gl.constexpr = 0, SPLIT_D: gl.constexpr = False,
                          ROTATE: gl.constexpr = False, NO_DQ: gl.constexpr = False, COOP: gl.constexpr = 0,
-                         PERSISTENT: gl.constexpr = False, num_tiles=0):
+                         PERSISTENT: gl.constexpr = False, TRIM: gl.constexpr = False, num_tiles=0):
         # NUM_WG == 3: K and V arrive as one 64-row TMA box per warpgroup (192 is no power of 2).
         KV_SPLIT: gl.constexpr = NUM_WG == 3
         WG_N_: gl.constexpr = 64
@@ -985,21 +1041,21 @@ if _IMPORT_ERROR is None:
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
                              NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
-                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT, TRIM)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
                              NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
-                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT, TRIM)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
                              NUM_STAGES, 2, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
-                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT, TRIM)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k,
@@ -1014,7 +1070,7 @@ if _IMPORT_ERROR is None:
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
                              NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
-                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT, TRIM)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k,
@@ -1029,14 +1085,14 @@ if _IMPORT_ERROR is None:
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
                              NUM_STAGES, 0, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
-                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT, TRIM)),
                 (_consumer, (q_smem, do_smem, k_smem, v_smem, st_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready,
                              do_ready, stage_empty, ds_ready, dk_ptr, dv_ptr, stride_dkb, stride_dkn, stride_dkh,
                              stride_dvb, stride_dvn, stride_dvh, batch, head_k, head0, group, seqlen_k,
                              start_n, m_lo, n_steps, n_masked, qk_scale, softmax_scale, rot, counters, n_blk, n_kblk,
                              n_m, diag_k, kv_empty, seqlen_q, num_heads, num_heads_k, num_tiles, BLOCK_M, HEAD_DIM,
                              NUM_STAGES, 1, CAUSAL, SPLIT_MASK, ACC_INIT, DQ_BUFS, NUM_WG, DQ_OWN, DQ_EARLY,
-                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT)),
+                             DETERMINISTIC, SPLIT_D, ROTATE, NO_DQ, COOP, PERSISTENT, LPT, TRIM)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, st_smem,
                              kv_ready, q_ready, do_ready, stage_empty, ds_ready, batch, head0, num_heads, kv_col,
                              start_n, m_lo, n_steps, n_total, rot, kv_empty, seqlen_q, seqlen_k, num_heads_k,
@@ -1168,7 +1224,10 @@ class Config(NamedTuple):
     first key block before any second one), the Q / dO ring and its barriers running on across tiles: the
     next tile's first Q / dO load under this tile's last steps, its K / V under this tile's dK / dV epilogue
     (aimed at short sequences, where a CTA's prologue and epilogue are a large part of its time; measured
-    slower on an H100, benchmarks/RESULTS.md, twelfth session)."""
+    slower on an H100, benchmarks/RESULTS.md, twelfth session);
+    trim (causal, two warpgroups sharing dS or without dQ; ignored by deterministic calls): at the query blocks
+    that see none of warpgroup 1's keys (the first of each key block's walk under square causal masking),
+    warpgroup 1 runs no GEMM (_trim_skip_step) and dQ is taken over warpgroup 0's keys alone."""
 
     block_m: int = 64
     num_stages: int = 2
@@ -1184,6 +1243,7 @@ class Config(NamedTuple):
     with_dq: bool = True
     coop: int = 0
     persistent: bool = False
+    trim: bool = False
 
 
 def kv_box_rows(cfg: Config) -> int:
@@ -1210,6 +1270,9 @@ def launch_shape(cfg: Config):
         raise ValueError(f"unsupported Config {cfg}: coop needs split_d, with_dq=False and no split_mask")
     if cfg.persistent and (cfg.split_mask or wgs != 2):
         raise ValueError(f"unsupported Config {cfg}: persistent needs wgs=2, no split_mask")
+    if cfg.trim and (wgs != 2 or cfg.split_d or cfg.dq_own or cfg.dq_early or cfg.split_mask or cfg.coop):
+        raise ValueError(f"unsupported Config {cfg}: trim needs wgs=2 sharing dS (no dq_own, dq_early, split_d), "
+                         "no split_mask, no coop")
     if cfg.split_d:
         if wgs != 2 or cfg.dq_own or cfg.dq_early:
             raise ValueError(f"unsupported Config {cfg}: split_d needs wgs=2, no dq_own, no dq_early")
@@ -1249,7 +1312,8 @@ def default_config(head_dim: int, causal: bool, fp16: bool = False) -> Config:
 def tuning_candidates(head_dim: int, causal: bool):
     """{label: Config} worth timing against default_config (scripts/gluon_backward_check.py --sweep);
     each compiles within Hopper's shared memory without spills (scripts/gluon_backward_compile.py --sweep),
-    but the persistent ones at d=128 (68-96 B: tests/test_gluon_backward_compile.py)."""
+    but the persistent ones at d=128 (68-96 B) and the trimmed ones at d=128 bf16 (8-36 B:
+    tests/test_gluon_backward_compile.py)."""
     if head_dim == 256:
         # split_d only (the other layouts do not fit registers / shared memory at d=256).
         cands = {"sd": Config(split_d=True), "acc-sd": Config(acc_init=True, split_d=True)}
@@ -1285,6 +1349,9 @@ def tuning_candidates(head_dim: int, causal: bool):
                       "acc-dq2-lpt": Config(acc_init=True, dq_bufs=2, lpt=True)})
         if head_dim <= 64:
             cands.update({"split": Config(split_mask=True), "acc-split": Config(acc_init=True, split_mask=True)})
+        # Warpgroup 1 idle at the query blocks that see none of its keys (not yet run on a GPU; at d=128 bf16
+        # 24-36 B of warpgroup 1's loop values spill: tests/test_gluon_backward_compile.py).
+        cands.update({"trim": Config(trim=True), "acc-trim": Config(acc_init=True, trim=True)})
     # The persistent grid (aimed at short sequences); under causal masking heaviest key blocks first (lpt),
     # measured 0.65-0.70x of the default at d=128 s=512 / 1024 (H100), or (-nolpt) a head's key blocks next
     # to each other, sharing its Q / dO in L2 (lpt runs one key block of 132 different heads at once).
@@ -1425,6 +1492,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
         DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
         ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=int(cfg.coop),
+        TRIM=bool(cfg.trim and causal and not mode),
         **(dict(PERSISTENT=True, num_tiles=num_tiles) if cfg.persistent else {}), num_warps=4, maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     if with_dq:
@@ -1593,7 +1661,8 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
                       PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
                       DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
                       SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal),
-                      NO_DQ=not cfg.with_dq, COOP=int(cfg.coop), PERSISTENT=bool(cfg.persistent))
+                      NO_DQ=not cfg.with_dq, COOP=int(cfg.coop), PERSISTENT=bool(cfg.persistent),
+                      TRIM=bool(cfg.trim and causal and not deterministic))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]

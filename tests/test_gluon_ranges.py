@@ -1,7 +1,9 @@
-"""The Gluon forward's key ranges checked on the CPU: a query tile's (gluon_forward._tile_range) and, with
-Config.trim, each consumer warpgroup's own (_wg_blocks), against brute force over every row.
+"""The Gluon kernels' index ranges checked on the CPU against brute force over every row: the forward's key
+ranges, a query tile's (gluon_forward._tile_range) and, with Config.trim, each consumer warpgroup's own
+(_wg_blocks); the backward's query blocks of a key block (gluon_backward._tile_info) and, with its
+Config.trim, those that see none of warpgroup 1's keys (_trim_steps).
 
-The interpreter cannot run Gluon, but these two functions are integer arithmetic: their own Python source
+The interpreter cannot run Gluon, but these functions are integer arithmetic: their own Python source
 runs here on ints, with ``gl`` standing for the three operations they use (Triton's integer division
 truncates toward zero: so does ``cdiv`` here). A wrong range is a wrong answer (keys a row sees left out)
 or lost speed (blocks no row sees computed), so both directions are asserted.
@@ -13,6 +15,7 @@ import types
 import pytest
 
 pytest.importorskip("triton.experimental.gluon")
+from pyflash.kernels import gluon_backward as gb  # noqa: E402
 from pyflash.kernels import gluon_forward as gf  # noqa: E402
 
 
@@ -37,6 +40,8 @@ def _on_ints(jit_function):
 
 tile_range = _on_ints(gf._tile_range)
 wg_blocks = _on_ints(gf._wg_blocks)
+backward_tile_info = _on_ints(gb._tile_info)
+trim_steps = _on_ints(gb._trim_steps)
 
 
 def visible_keys(rows, seqlen_q, seqlen_k, left, right):
@@ -117,3 +122,33 @@ def test_causal_trim_saves_what_it_should(head_dim, block_n, num_wg):
     if expected is not None:
         assert trimmed == expected, (computed, trimmed)
     assert trimmed < computed
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_backward_trim_skips_exactly_the_blocks_warpgroup_1_does_not_see(block_m):
+    """Causal backward, a CTA of 128 keys (warpgroup 1: the second 64): the query blocks _trim_steps skips for
+    warpgroup 1 hold no query that sees one of its keys, the next one does (by its last row), and there is at
+    most one (its _consumer_tile loop relies on that)."""
+    block_n, wg_rows = gb.BLOCK_N, gb.WG_N
+    skipped = 0
+    for seqlen_q, seqlen_k, _, _ in _cases(200, seed=1):
+        diag = seqlen_k - seqlen_q
+        for n_blk in range(-(-seqlen_k // block_n)):
+            start_n, _, _, _, _, m_lo, n_steps, _, _ = backward_tile_info(n_blk, 0, seqlen_q, seqlen_k, 1, 1, block_m,
+                                                                          block_n, 64, True)
+            n_skip = trim_steps(start_n, diag, m_lo, n_steps, block_m, wg_rows)
+            where = f"sq={seqlen_q} sk={seqlen_k} key block {n_blk}"
+            assert 0 <= n_skip <= min(1, n_steps), where
+            first_key = start_n + wg_rows  # warpgroup 1's first key
+            for m in range(m_lo, m_lo + n_skip):
+                rows = range(m * block_m, min((m + 1) * block_m, seqlen_q))
+                assert all(i + diag < first_key for i in rows), f"{where}: block {m} skipped but seen"
+            if n_skip < n_steps:
+                m = m_lo + n_skip
+                assert (m + 1) * block_m - 1 + diag >= first_key, f"{where}: block {m} not skipped"
+            skipped += n_skip
+    assert skipped > 0
+    # Square causal: every key block's first query block is skipped.
+    for n_blk in range(4):
+        start_n, _, _, _, _, m_lo, n_steps, _, _ = backward_tile_info(n_blk, 0, 512, 512, 1, 1, 64, block_n, 64, True)
+        assert trim_steps(start_n, 0, m_lo, n_steps, 64, wg_rows) == 1
