@@ -298,6 +298,22 @@ if _IMPORT_ERROR is None:
         return o, p, m_i, l_i, turn_count
 
     @gluon.jit
+    def _attend_blocks(t_lo, t_hi, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready,
+                       v_empty, turn, lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out,
+                       alibi_coef, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, WG: gl.constexpr,
+                       NUM_WG: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr, HAS_LEFT: gl.constexpr,
+                       HAS_SOFTCAP: gl.constexpr, HAS_ALIBI: gl.constexpr):
+        """Key blocks t_lo .. t_hi - 1 of the tile (_attend each), all through the mask or none."""
+        for t in range(t_lo, t_hi):
+            o, p, m_i, l_i, turn_count = _attend(
+                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, MASKED,
+                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
+        return o, p, m_i, l_i, turn_count
+
+    @gluon.jit
     def _wg_blocks(start_m, seqlen_q, seqlen_k, window_right, lo_blk, n_blocks, BLOCK_N: gl.constexpr,
                    WG: gl.constexpr, WG_ROWS: gl.constexpr, HAS_RIGHT: gl.constexpr):
         """TRIM: of the tile's key blocks [0, n_blocks), those the rows of warpgroup WG see: (n_wg, half),
@@ -420,24 +436,21 @@ if _IMPORT_ERROR is None:
             left_end = gl.minimum(n_left, n_full)
             mid_end = gl.minimum(n_mid, n_full)
         if HAS_LEFT:
-            for t in range(1, left_end):
-                o, p, m_i, l_i, turn_count = _attend(
-                    t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                    lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                    s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
-                    HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
-        for t in range(gl.maximum(n_left, 1), mid_end):
-            o, p, m_i, l_i, turn_count = _attend(
-                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False,
-                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
-        for t in range(gl.maximum(n_mid, 1), n_full):
-            o, p, m_i, l_i, turn_count = _attend(
-                t, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
-                lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
-                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
-                HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI, False)
+            o, p, m_i, l_i, turn_count = _attend_blocks(
+                1, left_end, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                turn, lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out, alibi_coef,
+                s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True, HAS_LEFT,
+                HAS_SOFTCAP, HAS_ALIBI)
+        o, p, m_i, l_i, turn_count = _attend_blocks(
+            gl.maximum(n_left, 1), mid_end, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty,
+            v_ready, v_empty, turn, lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out,
+            alibi_coef, s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, False,
+            HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
+        o, p, m_i, l_i, turn_count = _attend_blocks(
+            gl.maximum(n_mid, 1), n_full, ring, o, p, m_i, l_i, turn_count, q, k_smem, v_smem, k_ready, k_empty,
+            v_ready, v_empty, turn, lo_blk, col_offs, row_lo, row_hi, row_pos, score_scale, softcap_in, softcap_out,
+            alibi_coef, s_layout, o_layout, p_layout, BLOCK_N, HEAD_DIM, NUM_STAGES, WG, NUM_WG, PINGPONG, True,
+            HAS_LEFT, HAS_SOFTCAP, HAS_ALIBI)
         if TRIM:
             if half:
                 # Block n_full: only its first half, S over those keys beside the previous block's PV GEMM.
