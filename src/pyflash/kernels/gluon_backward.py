@@ -1425,6 +1425,19 @@ def supported(dout, q, k, v, out, softmax_lse, dq, dk, dv, params, seqlens, dete
         return False
 
 
+def _kernel_constexprs(cfg: Config, head_dim: int, causal: bool, deterministic: int, consumer_regs: int) -> dict:
+    """The main kernel's constexpr arguments for cfg but PERSISTENT (backward() launches them, compile_sm90()
+    compiles them); deterministic: the DETERMINISTIC mode (0 off)."""
+    dq_own = bool(cfg.dq_own)
+    return dict(BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=bool(causal),
+                SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs),
+                LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS,
+                NUM_WG=int(cfg.wgs), DQ_OWN=dq_own, DQ_EARLY=bool(cfg.dq_early and not dq_own),
+                DETERMINISTIC=int(deterministic), SPLIT_D=bool(cfg.split_d),
+                ROTATE=bool((cfg.rotate or deterministic == 1) and not causal), NO_DQ=not cfg.with_dq,
+                COOP=int(cfg.coop), TRIM=bool(cfg.trim and causal and not deterministic))
+
+
 def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, config: Config = None,
              dq_accum=None, deterministic: bool = False, gluon_dq: bool = False):
     """Fill dq, dk, dv (b, s, h(k), d) and softmax_d (b, h, sq) for a call supported() accepts.
@@ -1487,12 +1500,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
     launch_into(launches, _backward_kernel, grid, (
         *descs.values(), dk, dv, counters, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
         dv.stride(2), seqlen_q, seqlen_k, num_heads, num_heads_k, scale * LOG2E, scale), dict(
-        BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=causal,
-        SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init), DQ_BUFS=int(cfg.dq_bufs), LPT=lpt,
-        CONSUMER_REGS=consumer_regs, PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-        DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=mode, SPLIT_D=bool(cfg.split_d),
-        ROTATE=bool((cfg.rotate or mode == 1) and not causal), NO_DQ=not with_dq, COOP=int(cfg.coop),
-        TRIM=bool(cfg.trim and causal and not mode),
+        **_kernel_constexprs(cfg, head_dim, causal, mode, consumer_regs),
         **(dict(PERSISTENT=True, num_tiles=num_tiles) if cfg.persistent else {}), num_warps=4, maxnreg=maxnreg),
         dict(enumerate((*(("desc", name, d.shape, d.strides) for name, d in descs.items()), "dk", "dv", "counters"))))
     if with_dq:
@@ -1654,15 +1662,8 @@ def compile_sm90(head_dim: int, causal: bool, config: Config = None, dtype: str 
 
     cfg = Config(*(config or default_config(head_dim, causal, dtype == "fp16")))
     block_n, maxnreg, consumer_regs = launch_shape(cfg)
-    dq_own = bool(cfg.dq_own)
-    constexprs = dict(BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, NUM_STAGES=cfg.num_stages, CAUSAL=bool(causal),
-                      SPLIT_MASK=bool(cfg.split_mask and causal), ACC_INIT=bool(cfg.acc_init),
-                      DQ_BUFS=int(cfg.dq_bufs), LPT=bool(cfg.lpt and causal), CONSUMER_REGS=consumer_regs,
-                      PRODUCER_REGS=PRODUCER_REGS, NUM_WG=int(cfg.wgs), DQ_OWN=dq_own,
-                      DQ_EARLY=bool(cfg.dq_early and not dq_own), DETERMINISTIC=int(deterministic),
-                      SPLIT_D=bool(cfg.split_d), ROTATE=bool((cfg.rotate or deterministic == 1) and not causal),
-                      NO_DQ=not cfg.with_dq, COOP=int(cfg.coop), PERSISTENT=bool(cfg.persistent),
-                      TRIM=bool(cfg.trim and causal and not deterministic))
+    constexprs = dict(_kernel_constexprs(cfg, head_dim, causal, deterministic, consumer_regs),
+                      PERSISTENT=bool(cfg.persistent))
     sig = kernel_signature(head_dim, cfg.block_m, dtype, kv_box_rows(cfg), dq_box_cols(cfg, head_dim))
     names = list(sig)
     attrs = {(names.index(n), ): [["tt.divisibility", 16]]
