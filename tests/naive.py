@@ -1,9 +1,10 @@
 """The independent oracle: naive attention with materialised scores, written from SPEC.md alone.
 
 Nothing here imports ``pyflash.reference`` or ``pyflash.masks``; only the Philox generator itself
-(``pyflash.philox.philox4x32`` / ``uint_to_uniform``, checked against ``tl.philox`` / ``tl.rand`` in
-``test_philox.py``) is borrowed to build a dropout keep mask, and the mask layout
-(counter ``(j // 4, i, bh, offset)``, output word ``j % 4``, key ``seed``) is written out again here.
+(``pyflash.philox.philox4x32``, checked against ``tl.philox`` and known-answer vectors in ``test_philox.py``)
+is borrowed to build a dropout keep mask, and the mask layout (counter ``(j // 8, i, bh, offset)``, output
+word ``(j % 8) // 2``, its low 16 bits for even ``j`` and high 16 for odd, key ``seed``) is written out again
+here.
 
 Run it in float64 (``compute_dtype=torch.float64``) for the reference, or in the input dtype for the
 "low-precision torch math" baseline of the error rule. Differentiable: autograd through it gives the
@@ -37,19 +38,21 @@ def keep_mask(seed: int, offset: int, p_dropout: float, batch_index: int, num_he
               seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """(num_heads, seqlen_q, seqlen_k) bool dropout keep mask of one sequence.
 
-    Philox4x32-10, key (seed lo, seed hi), counter (j // 4, i, bh, offset) with bh = batch * h + head;
-    kept iff uniform(output word j % 4) >= p (fp32 comparison).
+    Philox4x32-10, key (seed lo, seed hi), counter (j // 8, i, bh, offset) with bh = batch * h + head;
+    u = 16 bits of output word (j % 8) // 2 (the low ones for even j) divided by 2**16; kept iff u >= p
+    (fp32 comparison).
     """
-    from pyflash.philox import philox4x32, uint_to_uniform
+    from pyflash.philox import philox4x32
 
     head = torch.arange(num_heads, dtype=torch.int64)[:, None, None]
     i = torch.arange(seqlen_q, dtype=torch.int64)[None, :, None]
     j = torch.arange(seqlen_k, dtype=torch.int64)[None, None, :]
     bh = batch_index * num_heads + head
     shape = (num_heads, seqlen_q, seqlen_k)
-    words = torch.stack([w.expand(shape) for w in philox4x32(seed, j // 4, i, bh, offset)], dim=-1)
-    word = torch.gather(words, -1, (j % 4).expand(shape).unsqueeze(-1)).squeeze(-1)
-    return uint_to_uniform(word) >= torch.tensor(p_dropout, dtype=torch.float32)
+    words = torch.stack([w.expand(shape) for w in philox4x32(seed, j // 8, i, bh, offset)], dim=-1)
+    word = torch.gather(words, -1, ((j % 8) // 2).expand(shape).unsqueeze(-1)).squeeze(-1)
+    bits = torch.bitwise_right_shift(word, 16 * (j % 2)) % 65536
+    return bits.to(torch.float32) / 65536 >= torch.tensor(p_dropout, dtype=torch.float32)
 
 
 def attention_one(q, k, v, *, softmax_scale: float, causal=False, window_left=-1, window_right=-1,

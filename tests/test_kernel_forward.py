@@ -224,7 +224,8 @@ def test_matches_reference_backend():
 
 
 def test_dropout_mask_is_pyflash_philox():
-    """The kernel's mask is pyflash.philox's layout (counter (j // 4, i, bh, offset), word j % 4), 64-bit seed."""
+    """The kernel's mask is pyflash.philox's layout (counter (j // 8, i, bh, offset), 16 bits of word
+    (j % 8) // 2), 64-bit seed."""
     batch, seqlen_q, seqlen_k, heads = 2, 33, 70, 3
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(batch, n, heads, 16, generator=gen) for n in (seqlen_q, seqlen_k, seqlen_k))

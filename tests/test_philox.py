@@ -126,23 +126,52 @@ def test_dropout_layout_matches_kernel_helper():
         _dropout_kernel[(1,)](got, seed, offset, bh, seqlen_q, seqlen_k, BLOCK_M=64, BLOCK_N=64)
         ours = philox.dropout_uniform(seed, offset, bh, i, j)
         assert torch.equal(ours.view(torch.int32), got.view(torch.int32))
-        # and it is Philox on counter (j // 4, i, bh, offset), output word j % 4, as DEVELOPERS.md fixes it
-        words = philox.philox4x32(seed, j // 4, i, bh, offset)
+        # and it is Philox on counter (j // 8, i, bh, offset), output word (j % 8) // 2, its low 16 bits for
+        # even j and its high 16 for odd, over 2**16, as DEVELOPERS.md fixes it
+        words = philox.philox4x32(seed, j // 8, i, bh, offset)
         for w in range(4):
-            direct = philox.uint_to_uniform(words[w])
-            assert torch.equal(ours[:, w::4], direct[:, w::4]), f"word {w}"
-        keep = philox.dropout_keep(seed, offset, 0.3, bh, i, j)
-        assert torch.equal(keep, ours >= torch.tensor(0.3, dtype=torch.float32))
+            for half in range(2):
+                direct = ((words[w] >> (16 * half)) & 0xFFFF).to(torch.float32) / 65536
+                column = 2 * w + half
+                assert torch.equal(ours[:, column::8], direct[:, column::8]), f"word {w} half {half}"
+        for p_dropout in (0.3, 0.1, 1 - 2**-17, 2**-17, 0.5):
+            keep = philox.dropout_keep(seed, offset, p_dropout, bh, i, j)
+            assert torch.equal(keep, ours >= torch.tensor(p_dropout, dtype=torch.float32)), p_dropout
+
+
+@triton.jit
+def _threshold_kernel(p_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    idx = tl.arange(0, BLOCK)
+    p = tl.load(p_ptr + idx, mask=idx < n)
+    tl.store(out_ptr + idx, common.dropout_threshold(p), mask=idx < n)
+
+
+def test_dropout_threshold_is_the_fp32_comparison():
+    """16-bit values v are kept iff v >= dropout_threshold(p), which is v / 2**16 >= p in fp32: the kernels' and
+    pyflash.philox's thresholds agree on probabilities at, just above and just below multiples of 2**-16."""
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.tensor([1, 2, 6553, 6554, 19660, 19661, 32768, 65535], dtype=torch.float32) / 65536
+    above, below = torch.nextafter(grid, torch.ones_like(grid)), torch.nextafter(grid, torch.zeros_like(grid))
+    probs = torch.cat([grid, above, below, torch.rand(200, generator=gen),
+                       torch.tensor([0.1, 0.3, 0.5, 0.9, 1e-9, 1 - 1e-7])])
+    probs = probs.to(torch.float32)
+    got = torch.empty(probs.numel(), dtype=torch.int32)
+    _threshold_kernel[(1,)](probs, got, probs.numel(), BLOCK=512)
+    for p, threshold in zip(probs.tolist(), got.tolist()):
+        assert threshold == philox.dropout_threshold(p), p
+        p32 = torch.tensor(p, dtype=torch.float32)
+        assert torch.tensor(threshold / 65536, dtype=torch.float32) >= p32, p
+        assert torch.tensor((threshold - 1) / 65536, dtype=torch.float32) < p32, p
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 16), (64, 32), (32, 128), (128, 64)])
 def test_dropout_tile_helper_matches_layout(block_m, block_n):
-    """dropout_uniform_tile / dropout_keep_tile (one Philox call per 4 keys, words interleaved) and the
-    generic helpers equal pyflash.philox.dropout_uniform bit for bit, at aligned block starts."""
+    """dropout_uniform_tile / dropout_keep_tile (one Philox call per 8 keys, the words' halves interleaved)
+    and the generic helpers equal pyflash.philox.dropout_uniform bit for bit, at aligned block starts."""
     programs = 3
     width = programs * block_n
     cases = [(2**40 + 99, 12, 5, 0, 0, 0.3), (7, 2**31 - 5, 0, 100, 4 * block_n, 0.1),
-             (2**62 + 1, 123456, 1000, 2**20 + 3, 2**24 - 2 * block_n, 0.5), (0, 0, 2**31 - 1, 17, 4, 0.9)]
+             (2**62 + 1, 123456, 1000, 2**20 + 3, 2**24 - 2 * block_n, 0.5), (0, 0, 2**31 - 1, 17, 8, 0.9)]
     for seed, offset, bh, row_start, col_start, p_dropout in cases:
         uniform = torch.empty(2, block_m, width, dtype=torch.float32)
         keep = torch.empty(2, block_m, width, dtype=torch.int8)

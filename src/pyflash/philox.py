@@ -1,11 +1,13 @@
 """Philox4x32-10 in torch integer ops: the generator behind Triton's ``tl.rand``.
 
-The dropout mask is a pure function of (seed, offset, bh, i, j) -- see DEVELOPERS.md for the layout.
+The dropout mask is a pure function of (seed, offset, bh, i, j) -- see DEVELOPERS.md for the layout
+(16 random bits an element, 8 keys a Philox call).
 The reference path calls :func:`dropout_uniform`; the Triton kernels call the same generator through
 ``tl.philox`` (``kernels/common.py``), so both draw the same mask bit for bit.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -64,21 +66,32 @@ def rand(seed: int, offset) -> torch.Tensor:
     return uint_to_uniform(philox4x32(seed, offset)[0])
 
 
-def dropout_uniform(seed: int, offset: int, bh, i, j) -> torch.Tensor:
-    """The dropout uniform of element (bh, i, j): the one mask layout (DEVELOPERS.md).
-
-    One Philox call serves 4 consecutive keys: counter (j // 4, i, bh, offset), output word j % 4.
-    ``bh``, ``i``, ``j`` broadcast (ints or int tensors, j >= 0)."""
+def dropout_bits(seed: int, offset: int, bh, i, j) -> torch.Tensor:
+    """The 16 random bits of element (bh, i, j), an int64 tensor in [0, 65536): the one mask layout
+    (DEVELOPERS.md). One Philox call serves 8 consecutive keys: counter (j // 8, i, bh, offset), output word
+    (j % 8) // 2, its low half for even j and its high half for odd j. ``bh``, ``i``, ``j`` broadcast (ints
+    or int tensors, j >= 0)."""
     j = torch.as_tensor(j, dtype=torch.int64)
-    w0, w1, w2, w3 = philox4x32(seed, j // 4, i, bh, offset)
-    word = j % 4
+    w0, w1, w2, w3 = philox4x32(seed, j // 8, i, bh, offset)
+    word = (j % 8) // 2
     chosen = torch.where(word == 0, w0, torch.where(word == 1, w1, torch.where(word == 2, w2, w3)))
-    return uint_to_uniform(chosen)
+    return torch.where(j % 2 == 0, chosen & 0xFFFF, chosen >> 16)
+
+
+def dropout_uniform(seed: int, offset: int, bh, i, j) -> torch.Tensor:
+    """The dropout uniform of element (bh, i, j): dropout_bits / 65536 in fp32 (exact), in [0, 1)."""
+    return dropout_bits(seed, offset, bh, i, j).to(torch.float32) * 2.0**-16
+
+
+def dropout_threshold(p_dropout: float) -> int:
+    """The smallest 16-bit value that is kept: ceil(fp32(p_dropout) * 65536), so that bits >= threshold iff
+    uniform >= p_dropout in fp32 (the scale is a power of two: exact)."""
+    return math.ceil(float(torch.tensor(p_dropout, dtype=torch.float32)) * 65536)
 
 
 def dropout_keep(seed: int, offset: int, p_dropout: float, bh, i, j) -> torch.Tensor:
-    uniform = dropout_uniform(seed, offset, bh, i, j)
-    return uniform >= torch.tensor(p_dropout, dtype=torch.float32, device=uniform.device)
+    """Element (bh, i, j) kept: dropout_uniform >= p_dropout (fp32), as 16-bit integers."""
+    return dropout_bits(seed, offset, bh, i, j) >= dropout_threshold(p_dropout)
 
 
 def next_seed_offset(gen: Optional[torch.Generator], device: torch.device, increment: int = 1) -> Tuple[int, int]:

@@ -78,18 +78,19 @@ def naive_attention(q, k, v, scale: float, left: int, right: int, keep=None, p_d
 
 def keep_mask(seed: int, offset: int, p_dropout: float, batch_index: int, num_heads: int, seqlen_q: int,
               seqlen_k: int, device) -> torch.Tensor:
-    """Kept iff uniform >= p, uniform from Philox4x32-10 with counter (j // 4, i, b * h + head, offset),
-    output word j % 4 (one call serves 4 consecutive keys)."""
-    from pyflash.philox import philox4x32, uint_to_uniform
+    """Kept iff uniform >= p, uniform = 16 bits of Philox4x32-10 with counter (j // 8, i, b * h + head, offset)
+    over 2**16: output word (j % 8) // 2, its low half for even j, its high half for odd (one call serves 8
+    consecutive keys)."""
+    from pyflash.philox import philox4x32
 
     head = torch.arange(num_heads, dtype=torch.int64)[:, None, None]
     i = torch.arange(seqlen_q, dtype=torch.int64)[None, :, None]
     j = torch.arange(seqlen_k, dtype=torch.int64)[None, None, :]
     shape = (num_heads, seqlen_q, seqlen_k)
-    words = torch.stack([w.expand(shape) for w in philox4x32(seed, j // 4, i, batch_index * num_heads + head,
+    words = torch.stack([w.expand(shape) for w in philox4x32(seed, j // 8, i, batch_index * num_heads + head,
                                                               offset)])
-    word = torch.gather(words, 0, (j % 4).expand(shape).unsqueeze(0)).squeeze(0)
-    uniform = uint_to_uniform(word)
+    word = torch.gather(words, 0, ((j % 8) // 2).expand(shape).unsqueeze(0)).squeeze(0)
+    uniform = (torch.bitwise_right_shift(word, 16 * (j % 2)) % 65536).to(torch.float32) / 65536
     return (uniform >= torch.tensor(p_dropout, dtype=torch.float32)).to(device)
 
 
