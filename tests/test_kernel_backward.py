@@ -134,6 +134,30 @@ def _launched_kernels():
         yield kernels
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_dropout_calls_take_the_dropout_row(monkeypatch, dropout_p):
+    """configs.BACKWARD_DROPOUT's row (here a distinct one for the interpreter's key) runs calls with dropout,
+    correctly; calls without take configs.BACKWARD's."""
+    from pyflash.kernels import configs
+
+    key = (0, 4, 32, True)
+    row = ((32, 16, 4, 1), (16, 32, 4, 1), False)
+    assert configs.BACKWARD[key] != row
+    monkeypatch.setitem(configs.BACKWARD_DROPOUT, key, row)
+    launched = []
+    real_launch_into = backward_module.launch_into
+
+    def spy(launches, fn, grid, args, kwargs, sources):
+        launched.append((fn.__name__, kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")))
+        return real_launch_into(launches, fn, grid, args, kwargs, sources)
+
+    with mock.patch.object(backward_module, "launch_into", spy):
+        check_dense(seqlen_q=40, seqlen_k=33, num_heads=2, num_heads_k=1, window_right=0, dropout_p=dropout_p)
+    expected = row if dropout_p else configs.BACKWARD[key]
+    assert ("_dkdv_kernel", *expected[0][:2]) in launched, launched
+    assert ("_dq_kernel", *expected[1][:2]) in launched, launched
+
+
 @pytest.mark.parametrize("name", ["gqa_padded_d40", "causal_rows_without_keys", "window_empty_rows", "everything"])
 @pytest.mark.parametrize("fuse_delta", [False, True], ids=["delta_kernel", "fused"])
 def test_delta_from_its_own_kernel_or_the_dq_kernel(name, fuse_delta):

@@ -443,3 +443,20 @@ def test_direct_launch_passes_what_triton_passes(monkeypatch):
     finally:
         knobs.runtime.launch_enter_hook.remove(print)
     assert calls[-1][11] is knobs.runtime.launch_enter_hook
+
+
+def test_backward_config_takes_the_dropout_row_where_there_is_one(monkeypatch):
+    """Calls with dropout look up configs.BACKWARD_DROPOUT first and fall back to configs.BACKWARD's row
+    (tests/test_kernel_backward.py checks that backward() asks for it exactly when p_dropout > 0)."""
+    from pyflash.kernels import backward, configs
+
+    q = torch.zeros(1, 1, 1, 64)
+    key = (0, q.element_size(), 64, True)
+    plain = backward.backward_config(q, 64, True)
+    assert plain == backward.BackwardConfig(*configs.BACKWARD[key])
+    assert backward.backward_config(q, 64, True, dropout=True) == plain  # no dropout row: BACKWARD's
+    row = ((16, 16, 4, 1), (16, 16, 4, 1), False)
+    monkeypatch.setitem(configs.BACKWARD_DROPOUT, key, row)
+    assert backward.backward_config(q, 64, True, dropout=True) == backward.BackwardConfig(*row)
+    assert backward.backward_config(q, 64, True) == plain
+    assert backward.backward_config(q, 64, False, dropout=True) == backward.backward_config(q, 64, False)

@@ -442,13 +442,15 @@ class BackwardConfig(NamedTuple):
     tma: bool = True  # Hopper: the loops' tiles through TMA descriptors
 
 
-def backward_config(q: torch.Tensor, head_dim: int, causal: bool) -> BackwardConfig:
-    """The tuning row of configs.BACKWARD for q's device, dtype and head dim."""
+def backward_config(q: torch.Tensor, head_dim: int, causal: bool, dropout: bool = False) -> BackwardConfig:
+    """The tuning row of configs.BACKWARD (with dropout: configs.BACKWARD_DROPOUT's where it has one) for q's
+    device, dtype and head dim."""
     major = 0
     if q.is_cuda and not INTERPRET:
         major = device_capability(q.device)[0]
-    major = tuned_generation(major, _GENERATIONS)
-    return BackwardConfig(*configs.BACKWARD[(major, q.element_size(), _block_d(head_dim), causal)])
+    key = (tuned_generation(major, _GENERATIONS), q.element_size(), _block_d(head_dim), causal)
+    row = configs.BACKWARD_DROPOUT.get(key) if dropout else None
+    return BackwardConfig(*(row or configs.BACKWARD[key]))
 
 
 def _row_strides(t: torch.Tensor, varlen: bool):
@@ -553,7 +555,7 @@ def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seq
             return
         launches = []
     block_d = _block_d(head_dim)
-    cfg = BackwardConfig(*(config or backward_config(q, head_dim, params.is_causal)))
+    cfg = BackwardConfig(*(config or backward_config(q, head_dim, params.is_causal, params.dropout_p > 0)))
     dkdv_block_m, dkdv_block_n, dkdv_warps, dkdv_stages = cfg.dkdv
     dq_block_m, dq_block_n, dq_warps, dq_stages = cfg.dq
     atomic_dq = cfg.atomic_dq and not deterministic and not dq_only

@@ -73,3 +73,9 @@ BACKWARD = {
     **{(major, 4, 256, causal): ((16, 32, 4, 2), (32, 16, 4, 2), False)
        for major in (8, 9) for causal in (False, True)},
 }
+# BACKWARD_DROPOUT: rows like BACKWARD's for calls with dropout (a key missing here takes BACKWARD's row). With
+# the mask tile's registers BACKWARD's Hopper tiles spill at d=128 (benchmark specialisation, sm_90: dK/dV
+# 296 / 432 B non-causal / causal, the causal dQ tile 496 B), where (64, 64, 8, 2) or (64, 32, 4, 3) dK/dV and
+# (128, 64, 8, 2) dQ spill 0-88 B (scripts/tune_backward.py --resources --dropout 0.1; benchmarks/RESULTS.md,
+# fifteenth session); scripts/tune_backward.py --dropout 0.1 --sweep times them. Empty until measured on a GPU.
+BACKWARD_DROPOUT = {}
