@@ -30,7 +30,7 @@ def sides(mode, q, k, v, causal):
     head_dim = q.shape[-1]
     scale = head_dim ** -0.5
     result = pyflash.mha_fwd(q, k, v, None, None, 0.0, scale, causal, -1, -1, False, None)
-    out, lse = result[0], result[4]
+    out, lse, seed, offset = result[0], result[4], result[5], result[6]
     dout = torch.randn_like(out)
     qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_(True) for x in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -46,7 +46,7 @@ def sides(mode, q, k, v, causal):
     else:
         def ours():
             return pyflash.mha_bwd(dout, q, k, v, out, lse, None, None, None, None, 0.0, scale, causal, -1, -1,
-                                   False, None, None)
+                                   False, seed, offset)
 
         def cudnn():
             return torch.autograd.grad(out_t, (qt, kt, vt), dout_t, retain_graph=True)

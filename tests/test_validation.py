@@ -165,6 +165,9 @@ CASES = [
                                         "v": lambda a: torch.randn(B, SK, 3, D).to(DTYPE)},
      ["num_heads", "hk", "k"]),
     ("bwd_p_dropout", "bwd", {"p_dropout": lambda a: 1.0}, ["p_dropout"]),
+    ("bwd_dropout_without_seed", "bwd", {"p_dropout": lambda a: 0.1, "philox_seed": lambda a: None}, ["philox_seed"]),
+    ("varlen_bwd_dropout_without_offset", "varlen_bwd", {"p_dropout": lambda a: 0.1, "philox_offset": lambda a: None},
+     ["philox_offset"]),
     ("bwd_alibi_shape", "bwd", {"alibi_slopes_": lambda a: torch.rand(H, 1)}, ["alibi_slopes"]),
     ("bwd_window", "bwd", {"window_size_left": lambda a: -7}, ["window_size_left"]),
     ("varlen_bwd_cu_seqlens", "varlen_bwd", {"cu_seqlens_q": lambda a: a["cu_seqlens_q"].long()}, ["cu_seqlens_q"]),
@@ -217,6 +220,19 @@ def test_good_input_passes(api):
         if n in args:
             assert not torch.equal(args[n], _sentinel(args[n].shape)), f"{n} was not written"
     assert all(isinstance(t, torch.Tensor) for t in res)
+
+
+@pytest.mark.parametrize("api", ["bwd", "varlen_bwd"])
+def test_backward_without_rng_state_when_no_dropout(api):
+    """philox_seed / philox_offset may be None without dropout (flash_attn passes no rng state then): the same
+    gradients as with the forward's."""
+    torch.manual_seed(0)
+    fn, order, args = _call(api)
+    with_state = [t.clone() for t in fn(*[args[n] for n in order])[:3]]
+    args.update(philox_seed=None, philox_offset=None)
+    without = fn(*[args[n] for n in order])[:3]
+    for a, b in zip(with_state, without):
+        assert torch.equal(a, b)
 
 
 def test_unknown_keyword_rejected():

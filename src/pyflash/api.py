@@ -188,6 +188,16 @@ def _as_int(value) -> int:
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
+def _philox(name: str, value, p_dropout) -> int:
+    """A backward call's philox_seed / philox_offset (a tensor or an int) as an int; None is 0, and allowed only
+    without dropout (flash_attn passes no rng state then)."""
+    if value is None:
+        if p_dropout > 0:
+            raise ValueError(f"{name} is required when p_dropout > 0 (the forward's returned {name})")
+        return 0
+    return _as_int(value)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +363,8 @@ def mha_bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, alibi_slopes_, p_dro
     slopes = _alibi(alibi_slopes_, batch_size, num_heads, q.device)
     left, right = _normalize_window(window_size_left, window_size_right, is_causal, seqlen_k)
     params = AttentionParams(_scale(softmax_scale, head_dim), left, right, float(softcap), slopes, float(p_dropout),
-                             _as_int(philox_seed), _as_int(philox_offset))
+                             _philox("philox_seed", philox_seed, p_dropout),
+                             _philox("philox_offset", philox_offset, p_dropout))
     return _backward(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, params, Seqlens(batch_size, seqlen_q, seqlen_k),
                      deterministic)
 
@@ -371,5 +382,6 @@ def mha_varlen_bwd(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, cu_seqlens_q,
     slopes = _alibi(alibi_slopes_, batch_size, num_heads, q.device)
     left, right = _normalize_window(window_size_left, window_size_right, is_causal, int(max_seqlen_k))
     params = AttentionParams(_scale(softmax_scale, q.shape[-1]), left, right, float(softcap), slopes, float(p_dropout),
-                             _as_int(philox_seed), _as_int(philox_offset))
+                             _philox("philox_seed", philox_seed, p_dropout),
+                             _philox("philox_offset", philox_offset, p_dropout))
     return _backward(dout, q, k, v, out, softmax_lse, dq_, dk_, dv_, params, seqlens, deterministic)
