@@ -8,7 +8,8 @@
 #         rows as CUDA-graph replays, default_config vs the trimmed candidates vs cuDNN.
 #     bash scripts/trim_device_call.sh bwd   # the Gluon backward (gluon_backward.Config.trim: warpgroup 1 idle at
 #         the query blocks that see none of its keys): its candidates' checks, the causal sweep at d=128, and the
-#         two passes' first pass (deterministic calls) with trim=True, whose dK / dV must keep the default's bits.
+#         two passes' first pass (deterministic calls) with trim=True, whose dK / dV must keep the default's bits;
+#         then the dropout rows (the bench's extras at d=128 s=4096: the new dropout mask layout's speed).
 set -u
 PART=${1:-fwd}
 LOGS=${OUT:-$PWD/gluon_dq_logs}
@@ -40,4 +41,9 @@ else
     (cd scripts && timeout 120 python3 two_pass_check.py --head-dim 128 --causal 1 --dtypes bf16 \
         --seqlens 1024 4096 --first-configs trim=1 > "$LOGS/btrim_first_pass.txt" 2>&1)
     grep -E "^FIRST|rror" "$LOGS/btrim_first_pass.txt" | cut -c1-200
+    echo "== dropout rows (one Philox call per 8 keys since the fifteenth session) against FA2 and cuDNN"
+    mkdir -p "$LOGS/dropout_bench"
+    timeout 150 python3 -m pyflash.bench --mode fwd bwd --head-dims 128 --seqlens 4096 --dtypes bf16 \
+        --peers fa2 cudnn --no-plot --no-ceilings --out "$LOGS/dropout_bench" > "$LOGS/dropout_bench/stdout.txt" 2>&1
+    grep -v "it/s\|s/it\|\] [0-9]*/" "$LOGS/dropout_bench/stdout.txt" | tail -30
 fi

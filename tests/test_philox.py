@@ -235,3 +235,16 @@ def test_next_seed_offset_default_generator_advances():
         assert philox.next_seed_offset(None, torch.device("cpu")) == first
     finally:
         torch.set_rng_state(state)
+
+
+def test_dropout_bits_of_consecutive_keys_match_any_keys():
+    """pyflash.philox.dropout_bits evaluates consecutive keys (the reference path's tiles) one Philox call per 8;
+    any other key tensor per element: both give the same bits."""
+    i = torch.arange(5)[:, None]
+    for first, count in ((0, 37), (13, 64), (2**20 + 5, 9), (8, 1)):
+        j = torch.arange(first, first + count)
+        fast = philox.dropout_bits(2**40 + 3, 77, 6, i, j[None, :])
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(first))
+        slow = philox.dropout_bits(2**40 + 3, 77, 6, i, j[order][None, :])  # not consecutive: per element
+        assert torch.equal(fast[:, order], slow), (first, count)
+        assert torch.equal(philox.dropout_bits(2**40 + 3, 77, 6, 2, j), fast[2])  # 1-D keys, one row

@@ -72,10 +72,30 @@ def dropout_bits(seed: int, offset: int, bh, i, j) -> torch.Tensor:
     (j % 8) // 2, its low half for even j and its high half for odd j. ``bh``, ``i``, ``j`` broadcast (ints
     or int tensors, j >= 0)."""
     j = torch.as_tensor(j, dtype=torch.int64)
+    keys = _consecutive_keys(j)
+    if keys is not None:
+        # Consecutive keys along the last dim (the reference path's tiles): one Philox call per 8 keys.
+        first, count = keys
+        octets = torch.arange(first // 8, (first + count - 1) // 8 + 1, device=j.device).view(j.shape[:-1] + (-1, ))
+        words = philox4x32(seed, octets, i, bh, offset)
+        halves = torch.stack([half for w in words for half in (w & 0xFFFF, w >> 16)], dim=-1)  # column 2w + h
+        start = first - first // 8 * 8
+        return halves.flatten(-2)[..., start:start + count]
     w0, w1, w2, w3 = philox4x32(seed, j // 8, i, bh, offset)
     word = (j % 8) // 2
     chosen = torch.where(word == 0, w0, torch.where(word == 1, w1, torch.where(word == 2, w2, w3)))
     return torch.where(j % 2 == 0, chosen & 0xFFFF, chosen >> 16)
+
+
+def _consecutive_keys(j: torch.Tensor):
+    """(first, count) when j is first, first + 1, ... along its last dim and of size 1 in every other, else None."""
+    if j.dim() == 0 or j.numel() != j.shape[-1] or j.numel() == 0:
+        return None
+    flat = j.reshape(-1)
+    first = int(flat[0])
+    if first < 0 or not torch.equal(flat, torch.arange(first, first + flat.numel(), device=j.device)):
+        return None
+    return first, flat.numel()
 
 
 def dropout_uniform(seed: int, offset: int, bh, i, j) -> torch.Tensor:
