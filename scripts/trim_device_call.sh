@@ -4,7 +4,7 @@
 # root; logs to $OUT, else ./gluon_dq_logs.
 #     bash scripts/trim_device_call.sh fwd   # the Gluon forward (gluon_forward.Config.trim: each consumer warpgroup
 #         computes only the key blocks its rows see, half of the last where they see no more): every correctness
-#         case of scripts/gluon_check.py for each trimmed candidate (three head dims at once), then the causal
+#         case of scripts/gluon_check.py for each trimmed candidate (four processes at once), then the causal
 #         rows as CUDA-graph replays, default_config vs the trimmed candidates vs cuDNN.
 #     bash scripts/trim_device_call.sh bwd   # the Gluon backward (gluon_backward.Config.trim: warpgroup 1 idle at
 #         the query blocks that see none of its keys): its candidates' checks, the causal sweep at d=128, and the
@@ -18,10 +18,13 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$PART" = fwd ]; then
     echo "== forward: check the trimmed candidates"
-    for d in 64 128 256; do
-        timeout 250 python3 scripts/gluon_check.py --only check --candidates '*-tr' --head-dims $d --budget 235 \
-            > "$LOGS/trim_check_d$d.txt" 2>&1 &
+    set -f  # the candidate patterns are for gluon_check.py, not for the shell
+    for job in "64 bn128 bn128-*-tr" "64 bn64 bn64-*-tr" "128 all *-tr" "256 all *-tr"; do
+        set -- $job
+        timeout 250 python3 scripts/gluon_check.py --only check --candidates "$3" --head-dims "$1" --budget 235 \
+            > "$LOGS/trim_check_d$1_$2.txt" 2>&1 &
     done
+    set +f
     wait
     grep -hE "^== |FAIL|HANG" "$LOGS"/trim_check_d*.txt | cut -c1-200
     echo "== forward: causal rows, default vs trimmed vs cuDNN (CUDA graphs)"

@@ -843,8 +843,9 @@ def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: 
 
 def tuning_candidates(head_dim: int, short: bool = None):
     """Configs besides default_config worth timing (scripts/gluon_check.py --sweep ranks them; each
-    compiles without spills but the trimmed persistent ones at d=128 / 256, 24 B of kernel arguments
-    at the partitions' entry: scripts/gluon_compile.py --sweep). BLOCK_N is a power of two (TMA box).
+    compiles without spills but the trimmed persistent ones at d=128 / 256, 4-24 B of kernel arguments
+    at the partitions' entry: scripts/gluon_compile.py --sweep). With BLOCK_N 64 and trim the first
+    warpgroup of a 128-row causal tile skips a whole block rather than half of one. BLOCK_N is a power of two (TMA box).
     short: None every candidate, False those for long sequences, True the persistent ones (aimed at
     short sequences, where a CTA's prologue and epilogue are a large part of its time).
     Trimmed (Config.trim) copies of the defaults close each group: they change only causal and
@@ -853,11 +854,11 @@ def tuning_candidates(head_dim: int, short: bool = None):
         rows = ((128, 2, 2, True), (128, 4, 2, True), (128, 3, 2, False), (64, 3, 2, True),
                 (128, 2, 3, True), (128, 3, 3, True), (128, 2, 3, False), (64, 4, 3, True))
         persistent = ((128, 2, 2, True), (128, 3, 2, True), (64, 3, 2, True), (64, 4, 3, True))
-        trimmed, trimmed_persistent = ((128, 2, 2, True), (128, 3, 3, True)), ((128, 2, 2, True), )
+        trimmed, trimmed_persistent = ((128, 2, 2, True), (128, 3, 3, True)), ((128, 2, 2, True), (64, 3, 2, True))
     elif head_dim <= 128:
         rows = ((128, 3, 2, True), (128, 2, 2, False), (64, 3, 2, True), (64, 2, 3, True))
         persistent = ((128, 2, 2, True), (64, 3, 2, True), (64, 2, 3, True))
-        trimmed, trimmed_persistent = ((128, 2, 2, True), ), ((128, 2, 2, True), )
+        trimmed, trimmed_persistent = ((128, 2, 2, True), ), ((128, 2, 2, True), (64, 3, 2, True))
     else:
         rows = ((64, 2, 2, False), (64, 1, 2, True), (32, 3, 2, True))
         persistent = ((32, 3, 2, True), )
