@@ -1,7 +1,8 @@
-"""The Gluon kernels' index ranges checked on the CPU against brute force over every row: the forward's key
-ranges, a query tile's (gluon_forward._tile_range) and, with Config.trim, each consumer warpgroup's own
-(_wg_blocks); the backward's query blocks of a key block (gluon_backward._tile_info) and, with its
-Config.trim, those that see none of warpgroup 1's keys (_trim_steps).
+"""The Gluon kernels' index arithmetic checked on the CPU against brute force: the forward's key ranges, a query
+tile's (gluon_forward._tile_range) and, with Config.trim, each consumer warpgroup's own (_wg_blocks), and the
+persistent schedule (_tile_coords); the backward's query blocks of a key block (gluon_backward._tile_info), with
+its Config.trim those that see none of warpgroup 1's keys (_trim_steps), and the deterministic order of dQ adds
+(_turn_params, _turn_rank, _step_block).
 
 The interpreter cannot run Gluon, but these functions are integer arithmetic: their own Python source
 runs here on ints, with ``gl`` standing for the three operations they use (Triton's integer division
@@ -29,6 +30,10 @@ class _IntOps:
     maximum = staticmethod(max)
 
     @staticmethod
+    def where(condition, a, b):
+        return a if condition else b
+
+    @staticmethod
     def cdiv(a, b):
         return _truncating_div(a + b - 1, b)
 
@@ -42,6 +47,10 @@ tile_range = _on_ints(gf._tile_range)
 wg_blocks = _on_ints(gf._wg_blocks)
 backward_tile_info = _on_ints(gb._tile_info)
 trim_steps = _on_ints(gb._trim_steps)
+step_block = _on_ints(gb._step_block)
+turn_params = _on_ints(gb._turn_params)
+turn_rank = _on_ints(gb._turn_rank)
+tile_coords = _on_ints(gf._tile_coords)
 
 
 def visible_keys(rows, seqlen_q, seqlen_k, left, right):
@@ -152,3 +161,51 @@ def test_backward_trim_skips_exactly_the_blocks_warpgroup_1_does_not_see(block_m
     for n_blk in range(4):
         start_n, _, _, _, _, m_lo, n_steps, _, _ = backward_tile_info(n_blk, 0, 512, 512, 1, 1, 64, block_n, 64, True)
         assert trim_steps(start_n, 0, m_lo, n_steps, 64, wg_rows) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_deterministic_dq_turns_are_a_permutation_in_arrival_order(causal, mode):
+    """The deterministic backward's order of dQ adds (_turn_params, _turn_rank over _tile_info's walks and
+    _step_block's rotation): for every query block, the key blocks whose walk reaches it hold the ranks
+    0 .. count - 1 once each (a repeated or missing rank would deadlock or race), and in mode 1 the ranks
+    follow the step at which each key block reaches the block (so that nobody waits in the steady state)."""
+    block_m, block_n = 64, gb.BLOCK_N
+    for seqlen_q, seqlen_k, _, _ in _cases(120, seed=2):
+        diag, n_m, n_kblk = seqlen_k - seqlen_q, -(-seqlen_q // block_m), -(-seqlen_k // block_n)
+        rotate = mode == 1 and not causal
+        arrivals = {}  # query block -> [(rank, step at which the key block reaches it)]
+        for kblk in range(n_kblk):
+            _, _, _, _, _, m_lo, n_steps, _, rot = backward_tile_info(kblk, 0, seqlen_q, seqlen_k, 1, 1, block_m,
+                                                                      block_n, 64, causal)
+            rank_a, rank_b = turn_params(kblk, n_kblk, diag, block_m, block_n, causal, mode)
+            for t in range(n_steps):
+                m = m_lo + step_block(t, n_steps, rot, rotate)
+                rank = turn_rank(m, rank_a, rank_b, n_m, block_m, block_n, causal, mode)
+                arrivals.setdefault(m, []).append((rank, t))
+        where = f"sq={seqlen_q} sk={seqlen_k}"
+        for m, seen in arrivals.items():
+            assert sorted(rank for rank, _ in seen) == list(range(len(seen))), f"{where} query block {m}: {seen}"
+            if mode == 1:
+                steps = [t for _, t in sorted(seen)]
+                assert steps == sorted(steps), f"{where} query block {m}: ranks against arrival steps {seen}"
+
+
+@pytest.mark.parametrize("num_m_blocks, batch_heads, section_heads", [(4, 6, 6), (7, 5, 2), (1, 9, 4), (3, 10, 3)])
+def test_persistent_forward_tiles_cover_each_tile_once(num_m_blocks, batch_heads, section_heads):
+    """gluon_forward._tile_coords: tile ids 0 .. num_tiles - 1 map onto every (batch, head, query tile) once, in
+    sections of section_heads heads, the heaviest query tiles (the last) first within a section."""
+    num_heads, head_group, tile_m, head_dim = 3, 1, 128, 64
+    num_tiles = num_m_blocks * batch_heads
+    seen = []
+    for tile in range(num_tiles):
+        batch, head, start_m, q_col, kv_col = tile_coords(tile, num_m_blocks, section_heads, batch_heads, num_heads,
+                                                          head_group, tile_m, head_dim)
+        assert q_col == head * head_dim and kv_col == head * head_dim
+        seen.append((batch * num_heads + head, start_m // tile_m))
+    assert sorted(seen) == [(bh, m) for bh in range(batch_heads) for m in range(num_m_blocks)]
+    for first in range(0, num_tiles, section_heads * num_m_blocks):
+        section = seen[first:first + section_heads * num_m_blocks]
+        blocks = [m for _, m in section]
+        assert blocks == sorted(blocks, reverse=True), section  # heaviest first
+        assert len({bh for bh, _ in section}) == len(section) // num_m_blocks  # whole heads in a section
