@@ -39,8 +39,13 @@ class _IntOps:
 
 
 def _on_ints(jit_function):
+    """The jit function's Python source as a function of ints (the jit functions it calls likewise)."""
     fn = jit_function.fn
-    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _IntOps}, fn.__name__, fn.__defaults__)
+    scope = {**fn.__globals__, "gl": _IntOps}
+    for name in fn.__code__.co_names:
+        if hasattr(scope.get(name), "fn"):
+            scope[name] = _on_ints(scope[name])
+    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__)
 
 
 tile_range = _on_ints(gf._tile_range)
@@ -209,3 +214,25 @@ def test_persistent_forward_tiles_cover_each_tile_once(num_m_blocks, batch_heads
         blocks = [m for _, m in section]
         assert blocks == sorted(blocks, reverse=True), section  # heaviest first
         assert len({bh for bh, _ in section}) == len(section) // num_m_blocks  # whole heads in a section
+
+
+@pytest.mark.parametrize("lpt", [False, True])
+def test_persistent_backward_tiles_cover_each_key_block_once(lpt):
+    """gluon_backward._tile: tile ids map onto every (key block, batch * kv head) once; with lpt every head's
+    first (under causal masking the heaviest) key block comes before any second one, else a head's key blocks
+    are next to each other."""
+    tile_fn = _on_ints(gb._tile)
+    batch, num_heads, num_heads_k, seqlen = 3, 4, 2, 700
+    n_kblk = -(-seqlen // gb.BLOCK_N)
+    num_tiles = n_kblk * batch * num_heads_k
+    seen = [tile_fn(tile, num_tiles, n_kblk, seqlen, seqlen, num_heads, num_heads_k, 64, gb.BLOCK_N, 64, True, lpt)
+            for tile in range(num_tiles)]
+    pairs = [(n_blk, b * num_heads_k + h) for n_blk, _, b, h, *_ in seen]
+    assert sorted(pairs) == [(j, bh) for j in range(n_kblk) for bh in range(batch * num_heads_k)]
+    blocks = [j for j, _ in pairs]
+    if lpt:
+        assert blocks == sorted(blocks)
+    else:
+        assert [bh for _, bh in pairs] == sorted(bh for _, bh in pairs)
+    for n_blk, start_n, _, head_k, head0, *_ in seen:
+        assert start_n == n_blk * gb.BLOCK_N and head0 == head_k * (num_heads // num_heads_k)
