@@ -6,7 +6,6 @@ Rules (visibility, softcap, ALiBi, dropout mask) come from ``pyflash.masks`` and
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
