@@ -278,3 +278,19 @@ def test_trim_adds_only_the_half_dq_gemm(reports):
                                   ("d128-causal-two-pass-trim", "d128-causal-two-pass-fp16", 0)):
         assert trimmed in found and plain in found, f"no report for {trimmed} / {plain}: {errors}"
         assert found[trimmed]["wgmma"] == found[plain]["wgmma"] + extra > extra, (trimmed, plain)
+
+
+def test_trim_switch_reaches_causal_defaults_below_256_only(monkeypatch):
+    """gluon_backward.TRIM_CAUSAL (PYFLASH_TRIM=bwd) gives the causal one-pass and first-pass configs below d=256
+    trim, and nothing else (d=256's split_d cannot take it)."""
+    from pyflash.kernels import gluon_backward as gb
+
+    for switch in (False, True):
+        monkeypatch.setattr(gb, "TRIM_CAUSAL", switch)
+        for head_dim in (64, 128, 256):
+            for causal in (False, True):
+                expected = switch and causal and head_dim < 256
+                for fp16 in (False, True):
+                    assert gb.default_config(head_dim, causal, fp16).trim == expected
+                assert bool(gb.two_pass_config(head_dim, causal).trim) == expected
+                gb.launch_shape(gb.default_config(head_dim, causal))  # a layout trim allows

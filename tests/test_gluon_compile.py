@@ -72,3 +72,14 @@ def test_gluon_forward_compiles_for_sm90(reports, case_id):
     report = reports.get(case_id)
     assert report is not None, f"no report for {case_id}"
     assert_clean(report, case_id, MAX_SPILL_BYTES.get(case_id, 0))
+
+
+def test_trim_switch_reaches_causal_defaults_only(monkeypatch):
+    """gluon_forward.TRIM_CAUSAL (PYFLASH_TRIM=fwd) gives causal calls' default configs trim, and nothing else."""
+    shapes = [(d, s) for d in (64, 128, 256) for s in (512, 4096, 16384)]
+    monkeypatch.setattr(gf, "TRIM_CAUSAL", False)
+    assert not any(gf.default_config(d, causal, s, s).trim for d, s in shapes for causal in (False, True))
+    monkeypatch.setattr(gf, "TRIM_CAUSAL", True)
+    for d, s in shapes:
+        assert gf.default_config(d, True, s, s) == gf._untrimmed_config(d, True, s, s)._replace(trim=True)
+        assert not gf.default_config(d, False, s, s).trim

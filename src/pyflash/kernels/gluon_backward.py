@@ -1184,6 +1184,10 @@ DETERMINISTIC_TWO_PASS_HEAD_DIMS = (128, 256)
 # the two passes measured 0.96x the one pass's time at d=128 causal s=1024 and 1.03x non-causal (H100, eleventh
 # session), one row each; scripts/short_rows_device_call.sh times s=512-2048 (benchmarks/RESULTS.md).
 TWO_PASS_MAX_SEQLEN_K = {}
+# Whether causal calls below d=256 take Config.trim (warpgroup 1 idle at the query blocks that see none of its
+# keys), in the one pass and in the two passes' first: PYFLASH_TRIM=bwd (or fwd,bwd, or 1: both kernels) sets it.
+# Off until timed on a GPU (scripts/trim_device_call.sh bwd; benchmarks/RESULTS.md, fifteenth session).
+TRIM_CAUSAL = bool({"bwd", "1"} & set(os.environ.get("PYFLASH_TRIM", "").split(",")))
 GLUON_DQ_HEAD_DIMS = (128, 256)
 GLUON_DQ = {"1": GLUON_DQ_HEAD_DIMS, "0": ()}.get(os.environ.get("PYFLASH_GLUON_DQ", ""), (128,))
 MAX_GRID_Y = 65535
@@ -1306,7 +1310,7 @@ def default_config(head_dim: int, causal: bool, fp16: bool = False) -> Config:
         return Config(64, 2, split_d=True)
     if not causal:
         return Config(64, 2, acc_init=True)
-    return Config(64, 2)
+    return Config(64, 2, trim=TRIM_CAUSAL)
 
 
 def tuning_candidates(head_dim: int, causal: bool):
@@ -1570,7 +1574,7 @@ def two_pass_config(head_dim: int, causal: bool) -> Config:
     twelfth session; coop=2 and the persistent grid lost to it)."""
     if head_dim > 128:
         return Config(64, 2, acc_init=True, split_d=True, rotate=not causal, with_dq=False, coop=1)
-    return Config(64, 2, acc_init=True, rotate=not causal, with_dq=False)
+    return Config(64, 2, acc_init=True, rotate=not causal, with_dq=False, trim=causal and TRIM_CAUSAL)
 
 
 def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params, seqlens, deterministic) -> bool:
@@ -1584,7 +1588,7 @@ def try_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_d, params,
     named = dict(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dq=dq, dk=dk, dv=dv, softmax_d=softmax_d)
     key = call_key(named.values(), params, seqlens, deterministic, current_device() if q.is_cuda else None,
                    TWO_PASS_HEAD_DIMS, TWO_PASS_CAUSAL, TWO_PASS_NONCAUSAL, DETERMINISTIC_TWO_PASS_HEAD_DIMS, GLUON_DQ,
-                   tuple(sorted(TWO_PASS_MAX_SEQLEN_K.items())))
+                   tuple(sorted(TWO_PASS_MAX_SEQLEN_K.items())), TRIM_CAUSAL)
     causal = _is_causal(params)
     split_dq = two_pass(q.shape[-1], causal, deterministic, k.shape[1])
     config = two_pass_config(q.shape[-1], causal) if split_dq else None

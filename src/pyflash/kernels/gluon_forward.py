@@ -813,8 +813,21 @@ PERSISTENT_MAX_SEQLEN_K = {(64, False): 1024, (64, True): 4096, (128, False): 10
 THREE_WG_MIN_CAUSAL_SEQLEN_K = 8192
 
 
+# Whether causal calls take Config.trim (each consumer warpgroup computes only the key blocks its rows see):
+# PYFLASH_TRIM=fwd (or fwd,bwd, or 1: both kernels) sets it. Off until timed on a GPU
+# (scripts/trim_device_call.sh; benchmarks/RESULTS.md, fifteenth session).
+TRIM_CAUSAL = bool({"fwd", "1"} & set(os.environ.get("PYFLASH_TRIM", "").split(",")))
+
+
 def default_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None,
                    two_sided_window: bool = False, softcap_or_alibi: bool = False) -> Config:
+    """_untrimmed_config's pick, with trim for causal calls where TRIM_CAUSAL says so."""
+    cfg = _untrimmed_config(head_dim, causal, seqlen_q, seqlen_k, two_sided_window, softcap_or_alibi)
+    return cfg._replace(trim=True) if causal and TRIM_CAUSAL else cfg
+
+
+def _untrimmed_config(head_dim: int, causal: bool, seqlen_q: int = None, seqlen_k: int = None,
+                      two_sided_window: bool = False, softcap_or_alibi: bool = False) -> Config:
     """Tiles bounded by registers (S is 64 x BLOCK_N fp32 per warpgroup, O 64 x head_dim) and shared
     memory, ranked on an H100 by scripts/gluon_check.py --sweep (benchmarks/RESULTS.md). d=64: three
     consumer warpgroups (192-row tiles) win without a mask (481 vs 424 TFLOP/s at s=4096) but lose
@@ -1049,7 +1062,7 @@ def try_forward(q, k, v, out, softmax_lse, params, seqlens, return_softmax: bool
         return False
     alibi = params.alibi_slopes
     tensors = (q, k, v, out, softmax_lse) if alibi is None else (q, k, v, out, softmax_lse, alibi)
-    key = call_key(tensors, params, seqlens, current_device() if q.is_cuda else None)
+    key = call_key(tensors, params, seqlens, current_device() if q.is_cuda else None, TRIM_CAUSAL)
     named = dict(q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, alibi=softmax_lse if alibi is None else alibi)
     return replay_or_record(_PLANS, key, named,
                             lambda: supported(q, k, v, out, softmax_lse, params, seqlens, return_softmax),
